@@ -1,0 +1,797 @@
+"""jora.py: tensor-parallel LoRA fine-tuning of Llama-2-family models in JAX, in one file.
+
+SPDX-License-Identifier: MIT.  Last checked with Python 3.12 and jax 0.11.2.
+
+Read it top to bottom: config -> parameters (and how each is split) -> checkpoint I/O -> model
+-> loss -> AdamW -> sharded step -> data -> training loop -> generation. Nothing calls anything
+defined further down. Copy this file alone into a project: it needs jax, numpy, safetensors and
+sentencepiece (the last two are imported inside the functions that read and write files).
+
+Letters used in every shape comment and einsum:
+  B batch            T positions (query)   S positions (key)   V vocab
+  D d_model          F mlp hidden          L layers            R LoRA rank
+  N query heads      K kv heads            G = N // K          H head_dim
+  I, O  a projection's input and output features (e.g. D -> N*H for q)
+
+LoRA (Hu et al. 2021, eq. 3). A frozen projection y = x @ W, W (I, O), gains two small trained
+factors A (I, R) and B (R, O):
+    y = x @ W + (alpha / R) * dropout(x) @ A @ B
+A starts kaiming-uniform (as PEFT), B at zero, so step 0 is exactly the base model. W + A @ B is
+never formed while training (it would cost a full-size weight and its gradient per layer); it is
+formed only when exporting a merged model.
+
+Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) over the mesh axis "model"; the batch is
+split over the mesh axis "data". One `jax.shard_map` wraps forward + loss; gradients are taken
+outside it. Inside, shapes in comments are per device (N/tp means this device's heads):
+  weight              split on                 LoRA A        LoRA B        communication
+  wq, wk, wv          output heads (N or K)    replicated    split (O)     none
+  w_gate, w_up        output columns (F)       replicated    split (O)     none
+  wo                  input heads (N*H)        split (I)     replicated    psum after
+  w_down              input rows (F)           split (I)     replicated    psum after
+  lm_head             vocab (V)                -             -             psum inside the loss
+  embed, norms        replicated
+Row-parallel layers need only the one psum the frozen layer needs anyway, because
+sum_i (x_i W_i + s x_i A_i B) = x W + s x A B.
+
+Dtypes: frozen weights and activations in `dtype` (bf16 by default); LoRA factors and AdamW
+moments fp32; RMSNorm statistics, RoPE angles, softmax, logits and the loss in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA, MODEL = "data", "model"   # the two mesh axes
+PROJ = ("q", "k", "v", "o", "gate", "up", "down")   # the seven projections LoRA may target
+COLUMN = ("q", "k", "v", "gate", "up")               # split on output; "o", "down" on input
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Architecture of a Llama-2-family model. Frozen, hence hashable: a static jit argument."""
+    vocab_size: int = 32_000      # V
+    d_model: int = 4096           # D
+    d_ff: int = 11_008            # F
+    n_layers: int = 32            # L
+    n_heads: int = 32             # N
+    n_kv_heads: int = 32          # K (Llama-2 70B: 8, grouped-query attention)
+    head_dim: int = 128           # H
+    rope_theta: float = 10_000.0
+    rope_scale: float = 1.0       # linear RoPE scaling: positions are divided by this
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # lm_head = embed^T (small models)
+    max_positions: int = 4096
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @classmethod
+    def from_hf(cls, config) -> "Config":
+        """Read an HF `LlamaForCausalLM` config.json (a path, a folder or a dict), as written by
+        transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`, `head_dim`)."""
+        src = "config"
+        if not isinstance(config, dict):
+            src = os.path.join(config, "config.json") if os.path.isdir(config) else config
+            with open(src) as f:
+                config = json.load(f)
+
+        def get(key, default=...):
+            if key not in config or config[key] is None:
+                if default is ...:
+                    raise ValueError(f"{src}: missing field '{key}'")
+                return default
+            return config[key]
+
+        def refuse(key, value, why):
+            raise ValueError(f"{src}: unsupported {key}={value!r} ({why})")
+
+        if get("model_type", "llama") != "llama":
+            refuse("model_type", config["model_type"], "only Llama is supported")
+        if get("hidden_act", "silu") != "silu":
+            refuse("hidden_act", config["hidden_act"], "Llama uses silu")
+        for key in ("attention_bias", "mlp_bias"):
+            if get(key, False):
+                refuse(key, True, "Llama-2 projections have no bias")
+        # transformers 5 keeps theta and scaling together in rope_parameters.
+        rope = dict(get("rope_scaling", None) or {})
+        rope.update(get("rope_parameters", None) or {})
+        theta = rope.get("rope_theta", get("rope_theta", 10_000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear"):
+            refuse("rope_scaling.rope_type", kind, "only default and linear RoPE are implemented")
+        scale = float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
+        d, n = int(get("hidden_size")), int(get("num_attention_heads"))
+        cfg = cls(vocab_size=int(get("vocab_size")), d_model=d,
+                  d_ff=int(get("intermediate_size")), n_layers=int(get("num_hidden_layers")),
+                  n_heads=n, n_kv_heads=int(get("num_key_value_heads", n)),
+                  head_dim=int(get("head_dim", d // n)), rope_theta=float(theta),
+                  rope_scale=scale, norm_eps=float(get("rms_norm_eps", 1e-6)),
+                  tie_embeddings=bool(get("tie_word_embeddings", False)),
+                  max_positions=int(get("max_position_embeddings", 4096)),
+                  bos_id=int(get("bos_token_id", 1)), eos_id=_first(get("eos_token_id", 2)))
+        if cfg.n_heads % cfg.n_kv_heads:
+            refuse("num_key_value_heads", cfg.n_kv_heads,
+                   f"must divide num_attention_heads={cfg.n_heads}")
+        return cfg
+
+    def to_hf(self) -> dict:
+        """The config.json that transformers needs to load an exported model."""
+        return dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                    vocab_size=self.vocab_size, hidden_size=self.d_model,
+                    intermediate_size=self.d_ff, num_hidden_layers=self.n_layers,
+                    num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                    head_dim=self.head_dim, rope_theta=self.rope_theta,
+                    rope_scaling=None if self.rope_scale == 1.0 else
+                    {"type": "linear", "rope_type": "linear", "factor": self.rope_scale},
+                    rms_norm_eps=self.norm_eps, tie_word_embeddings=self.tie_embeddings,
+                    max_position_embeddings=self.max_positions, hidden_act="silu",
+                    bos_token_id=self.bos_id, eos_token_id=self.eos_id,
+                    attention_bias=False, mlp_bias=False, torch_dtype="bfloat16")
+
+
+def _first(x):   # eos_token_id may be a list in HF configs
+    return int(x[0] if isinstance(x, (list, tuple)) else x)
+
+
+LLAMA2_7B = Config()
+LLAMA2_13B = Config(d_model=5120, d_ff=13_824, n_layers=40, n_heads=40, n_kv_heads=40)
+LLAMA2_70B = Config(d_model=8192, d_ff=28_672, n_layers=80, n_heads=64, n_kv_heads=8)
+TINY = Config(vocab_size=256, d_model=64, d_ff=160, n_layers=2, n_heads=4, n_kv_heads=2,
+              head_dim=16, max_positions=512)   # tests and the built-in demo
+PRESETS = {"7b": LLAMA2_7B, "13b": LLAMA2_13B, "70b": LLAMA2_70B, "tiny": TINY}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which projections get adapters, and their rank, scale and dropout (PEFT's defaults)."""
+    r: int = 16                   # R
+    alpha: float = 16.0           # the update is scaled by alpha / r
+    dropout: float = 0.0          # on the adapter's input only, during training
+    targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self):
+        bad = [t for t in self.targets if t not in PROJ]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA targets {bad or '()'} not among {PROJ}")
+        if self.r < 1 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"need r >= 1 and 0 <= dropout < 1, got r={self.r} "
+                             f"dropout={self.dropout}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to run the model (never what it computes)."""
+    remat: str = "none"       # none | dots (keep matmul outputs) | full (keep only layer inputs)
+    attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
+    loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Parameters, and how each is split over the mesh
+# ---------------------------------------------------------------------------------------------
+
+class Layer(NamedTuple):      # every leaf has a leading L axis; lax.scan peels it off
+    attn_norm: jax.Array      # (L, D)
+    wq: jax.Array             # (L, D, N*H)   stored (in, out): HF's weight transposed
+    wk: jax.Array             # (L, D, K*H)
+    wv: jax.Array             # (L, D, K*H)
+    wo: jax.Array             # (L, N*H, D)
+    mlp_norm: jax.Array       # (L, D)
+    w_gate: jax.Array         # (L, D, F)
+    w_up: jax.Array           # (L, D, F)
+    w_down: jax.Array         # (L, F, D)
+
+
+class Params(NamedTuple):
+    embed: jax.Array          # (V, D)
+    layers: Layer
+    final_norm: jax.Array     # (D,)
+    lm_head: jax.Array        # (D, V); a copy of embed^T when the model ties them
+
+
+class LoraAB(NamedTuple):
+    a: jax.Array              # (L, I, R) fp32
+    b: jax.Array              # (L, R, O) fp32
+
+
+class Lora(NamedTuple):       # None = no adapter on that projection (an empty pytree)
+    q: LoraAB | None = None
+    k: LoraAB | None = None
+    v: LoraAB | None = None
+    o: LoraAB | None = None
+    gate: LoraAB | None = None
+    up: LoraAB | None = None
+    down: LoraAB | None = None
+
+
+WEIGHT = dict(q="wq", k="wk", v="wv", o="wo", gate="w_gate", up="w_up", down="w_down")
+
+
+def param_specs() -> Params:
+    """Params-shaped tree of PartitionSpecs: how each weight is laid out on the "model" axis."""
+    col, row = P(None, None, MODEL), P(None, MODEL, None)
+    return Params(embed=P(), final_norm=P(), lm_head=P(None, MODEL),
+                  layers=Layer(attn_norm=P(), mlp_norm=P(), wq=col, wk=col, wv=col, wo=row,
+                               w_gate=col, w_up=col, w_down=row))
+
+
+def lora_specs(lcfg: LoraConfig) -> Lora:
+    col = LoraAB(a=P(), b=P(None, None, MODEL))   # A replicated, B split like W's output
+    row = LoraAB(a=P(None, MODEL, None), b=P())   # A split like W's input, B replicated
+    return Lora(**{t: (col if t in COLUMN else row) for t in lcfg.targets})
+
+
+def proj_shape(cfg: Config, target: str) -> tuple[int, int]:
+    """(I, O) of one projection."""
+    D, F, NH, KH = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return dict(q=(D, NH), k=(D, KH), v=(D, KH), o=(NH, D), gate=(D, F), up=(D, F),
+                down=(F, D))[target]
+
+
+def param_shapes(cfg: Config) -> Params:
+    L, D, V = cfg.n_layers, cfg.d_model, cfg.vocab_size
+    w = {WEIGHT[t]: (L, *proj_shape(cfg, t)) for t in PROJ}
+    return Params(embed=(V, D), final_norm=(D,), lm_head=(D, V),
+                  layers=Layer(attn_norm=(L, D), mlp_norm=(L, D), **w))
+
+
+def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
+    """Random weights (normal, std 0.02; norms 1) for tests and benchmarks."""
+    shapes = param_shapes(cfg)
+    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(leaves))
+    out = [jnp.ones(s, dtype) if len(s) <= 2 and s[-1] == cfg.d_model and s != (cfg.vocab_size,
+           cfg.d_model) else (0.02 * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+           for k, s in zip(keys, leaves)]
+    return jax.tree.unflatten(tree, out)
+
+
+def init_lora(key, cfg: Config, lcfg: LoraConfig) -> Lora:
+    """A ~ U(-1/sqrt(I), 1/sqrt(I)) (PEFT's kaiming_uniform_ with a=sqrt(5)), B = 0: fp32."""
+    keys = jax.random.split(key, len(lcfg.targets))
+    out = {}
+    for k, t in zip(keys, lcfg.targets):
+        (i, o), L = proj_shape(cfg, t), cfg.n_layers
+        a = jax.random.uniform(k, (L, i, lcfg.r), jnp.float32, -1.0, 1.0) / math.sqrt(i)
+        out[t] = LoraAB(a=a, b=jnp.zeros((L, lcfg.r, o), jnp.float32))
+    return Lora(**out)
+
+
+def make_mesh(tp: int = 1, devices=None) -> jax.sharding.Mesh:
+    """A ("data", "model") mesh: tp devices per model group, the rest data-parallel."""
+    devices = list(jax.devices() if devices is None else devices)
+    if tp < 1 or len(devices) % tp:
+        raise ValueError(f"--tp {tp} must divide the number of devices ({len(devices)})")
+    # Auto axes: jit may reshard a misplaced input instead of refusing it.
+    return jax.make_mesh((len(devices) // tp, tp), (DATA, MODEL),
+                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def check_tp(cfg: Config, tp: int):
+    """Refuse layouts the Megatron split cannot express, naming the numbers."""
+    for name, n in (("num_key_value_heads", cfg.n_kv_heads), ("num_attention_heads",
+                    cfg.n_heads), ("intermediate_size", cfg.d_ff), ("vocab_size",
+                    cfg.vocab_size)):
+        if n % tp:
+            raise ValueError(f"{name}={n} is not divisible by tp={tp}: each device must hold "
+                             f"whole heads (KV heads are not replicated); choose a tp dividing it")
+
+
+def shard(tree, specs, mesh):
+    """Place every array of `tree` on `mesh`, split as the congruent `specs` tree says."""
+    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Checkpoint I/O: HF safetensors in, merged HF and PEFT adapters out
+# ---------------------------------------------------------------------------------------------
+
+HF_NAME = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_proj",
+               wo="self_attn.o_proj", w_gate="mlp.gate_proj", w_up="mlp.up_proj",
+               w_down="mlp.down_proj", attn_norm="input_layernorm",
+               mlp_norm="post_attention_layernorm")
+
+
+def _hf_tensor_index(folder: str) -> dict[str, str]:
+    """tensor name -> safetensors file, for a single file or an index + shards."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    try:
+        with safe_open(single, "numpy") as f:
+            return {k: single for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{single}: not a readable safetensors file ({e})") from None
+
+
+class _Reader:
+    """Open safetensors files lazily and read slices of HF tensors, checking their shapes."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files, self.open = files, {}
+
+    def slice(self, name, want_shape, index=None):
+        from safetensors import safe_open
+        if name not in self.files:
+            raise KeyError(f"checkpoint has no tensor '{name}' (expected shape {want_shape})")
+        path = self.files[name]
+        if path not in self.open:
+            self.open[path] = safe_open(path, "numpy").__enter__()
+        try:
+            sl = self.open[path].get_slice(name)
+            shape = tuple(sl.get_shape())
+            if shape != tuple(want_shape):
+                raise ValueError(f"{path}: tensor '{name}' has shape {shape}, "
+                                 f"the config needs {tuple(want_shape)}")
+            return sl[index] if index is not None else sl[:]
+        except (ValueError, KeyError):
+            raise
+        except Exception as e:   # truncated or corrupt file: safetensors' own message is terse
+            raise ValueError(f"{path}: cannot read tensor '{name}' ({e})") from None
+
+
+def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]:
+    """Load an HF Llama folder -> (Config, Params) placed on `mesh` (default: one device).
+
+    Each device reads only its slice of each tensor, straight from the safetensors files, so
+    host memory holds at most one (layer-stacked) slice at a time, never the model.
+    """
+    cfg = Config.from_hf(folder)
+    mesh = make_mesh(1, jax.devices()[:1]) if mesh is None else mesh
+    check_tp(cfg, mesh.shape[MODEL])
+    reader = _Reader(_hf_tensor_index(folder))
+    shapes, specs = param_shapes(cfg), param_specs()
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in HF_NAME.values()}
+    if not cfg.tie_embeddings:
+        expected.add("lm_head.weight")
+    unexpected = sorted(set(reader.files) - expected - {"lm_head.weight"}
+                        - {k for k in reader.files if "rotary_emb" in k})
+    if unexpected:
+        raise ValueError(f"{folder}: unexpected tensor '{unexpected[0]}' "
+                         f"({len(unexpected)} in all) for config {cfg}")
+
+    def np_dtype(x):   # convert on the host, in the reading pass (bf16 via ml_dtypes)
+        return x.astype(jnp.dtype(dtype))
+
+    def load(name, shape, spec, hf_name, transpose):
+        def read(index):   # index: this device's slice of the (stacked, transposed) array
+            if hf_name is None:   # a layer-stacked tensor: read each layer's slice
+                field = name
+                stacked = []
+                for i in range(*index[0].indices(shape[0])):
+                    full = f"model.layers.{i}.{HF_NAME[field]}.weight"
+                    hf_shape = shape[1:][::-1]
+                    sub = index[1:][::-1]
+                    stacked.append(np_dtype(reader.slice(full, hf_shape, sub)).T)
+                return np.stack(stacked)
+            hf_shape = shape[::-1] if transpose else shape
+            sub = index[::-1] if transpose else index
+            x = np_dtype(reader.slice(hf_name, hf_shape, sub))
+            return x.T if transpose else x
+
+        return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), read)
+
+    head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+    layers = Layer(**{f: load(f, getattr(shapes.layers, f), getattr(specs.layers, f), None,
+                              True) for f in Layer._fields})
+    params = Params(embed=load("embed", shapes.embed, specs.embed, "model.embed_tokens.weight",
+                               False),
+                    layers=layers,
+                    final_norm=load("final_norm", shapes.final_norm, specs.final_norm,
+                                    "model.norm.weight", False),
+                    lm_head=load("lm_head", shapes.lm_head, specs.lm_head, head, True))
+    return cfg, params
+
+
+def merge_lora(w, ab: LoraAB | None, lcfg: LoraConfig):
+    """W (L, I, O) + scale * A @ B, in fp32, back in W's dtype. For export only."""
+    if ab is None:
+        return w
+    delta = jnp.einsum("LIR,LRO->LIO", ab.a, ab.b, precision="highest")
+    return (w.astype(jnp.float32) + lcfg.scale * delta).astype(w.dtype)
+
+
+def _atomic_dir(folder: str, write):
+    """Run write(tmp_folder), then swap it into place: a crash never leaves half a folder."""
+    folder = os.path.abspath(folder)
+    tmp, old = folder + ".tmp", folder + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    if os.path.exists(folder):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _host(x, dtype):   # gather one (possibly sharded) array to host memory
+    return np.asarray(jax.device_get(x)).astype(jnp.dtype(dtype))
+
+
+def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = None,
+                  lcfg: LoraConfig | None = None, source: str | None = None,
+                  dtype=jnp.bfloat16, shard_bytes: int = 5 * 2**30):
+    """Write an HF Llama folder (W + scale*A@B merged) that transformers loads.
+
+    Shards of about `shard_bytes` with model.safetensors.index.json when larger; config.json
+    from `cfg`; tokenizer files copied from `source` (the folder the model came from).
+    """
+    from safetensors.numpy import save_file
+
+    def tensors():   # one HF tensor at a time, layer by layer: host holds ~one shard's worth
+        yield "model.embed_tokens.weight", _host(params.embed, dtype)
+        for i in range(cfg.n_layers):
+            for field, hf in HF_NAME.items():
+                w = getattr(params.layers, field)[i:i + 1]
+                t = next((t for t, f in WEIGHT.items() if f == field), None)
+                if t is not None and lora is not None:
+                    w = merge_lora(w, getattr(lora, t), lcfg)
+                yield f"model.layers.{i}.{hf}.weight", _host(w[0], dtype).T
+        yield "model.norm.weight", _host(params.final_norm, dtype)
+        if not cfg.tie_embeddings:
+            yield "lm_head.weight", _host(params.lm_head, dtype).T
+
+    def write(tmp):
+        shards, current, size = [], {}, 0
+        for name, x in tensors():
+            if current and size + x.nbytes > shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[name], size = np.ascontiguousarray(x), size + x.nbytes
+        shards.append(current)
+        names = (["model.safetensors"] if len(shards) == 1 else
+                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                  for i in range(len(shards))])
+        weight_map = {}
+        for fname, tensors_ in zip(names, shards):
+            save_file(tensors_, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in tensors_})
+        if len(shards) > 1:
+            total = sum(x.nbytes for s in shards for x in s.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                          indent=2)
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = jnp.dtype(dtype).name
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                     "tokenizer.json", "generation_config.json"):
+            if source and os.path.exists(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), tmp)
+
+    _atomic_dir(folder, write)
+
+
+PEFT_NAME = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+                 o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
+                 down="mlp.down_proj")
+
+
+def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,
+                   base_model: str = ""):
+    """Write a PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors.
+
+    Keys base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (R, I) and
+    ...lora_B.weight (O, R): torch.nn.Linear's (out, in) layout.
+    """
+    from safetensors.numpy import save_file
+    tensors = {}
+    for t in lcfg.targets:
+        ab = getattr(lora, t)
+        a, b = _host(ab.a, jnp.float32), _host(ab.b, jnp.float32)   # (L, I, R), (L, R, O)
+        for i in range(cfg.n_layers):
+            key = f"base_model.model.model.layers.{i}.{PEFT_NAME[t]}"
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=lcfg.r, lora_alpha=lcfg.alpha,
+                  lora_dropout=lcfg.dropout, bias="none", fan_in_fan_out=False,
+                  target_modules=[PEFT_NAME[t].split(".")[1] for t in lcfg.targets],
+                  base_model_name_or_path=base_model, inference_mode=True,
+                  init_lora_weights=True, use_rslora=False, use_dora=False,
+                  modules_to_save=None, layers_to_transform=None)
+
+    def write(tmp):
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+    _atomic_dir(folder, write)
+
+
+def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
+    """Read a PEFT LoRA adapter folder (as export_adapter writes) -> (Lora, LoraConfig)."""
+    from safetensors.numpy import load_file
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        c = json.load(f)
+    if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("use_rslora"):
+        raise ValueError(f"{folder}: only plain LoRA adapters are supported")
+    hf = {v.split(".")[1]: k for k, v in PEFT_NAME.items()}
+    targets = tuple(t for t in PROJ if PEFT_NAME[t].split(".")[1] in c["target_modules"])
+    lcfg = LoraConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]),
+                      dropout=float(c.get("lora_dropout", 0.0)), targets=targets)
+    del hf
+    w = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    out = {}
+    for t in targets:
+        i_, o_ = proj_shape(cfg, t)
+        a, b = [], []
+        for i in range(cfg.n_layers):
+            key = f"base_model.model.model.layers.{i}.{PEFT_NAME[t]}"
+            for part, want, dst in (("lora_A", (lcfg.r, i_), a), ("lora_B", (o_, lcfg.r), b)):
+                name = f"{key}.{part}.weight"
+                if name not in w:
+                    raise ValueError(f"{folder}: adapter has no tensor '{name}'")
+                if w[name].shape != want:
+                    raise ValueError(f"{folder}: '{name}' has shape {w[name].shape}, "
+                                     f"expected {want}")
+                dst.append(w[name].astype(np.float32).T)
+        out[t] = LoraAB(a=jnp.asarray(np.stack(a)), b=jnp.asarray(np.stack(b)))
+    return Lora(**out), lcfg
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Model (the body runs inside shard_map: shapes are per device)
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm(x, w, eps):
+    """x (..., D) -> same dtype; statistics in fp32 (Zhang & Sennrich 2019)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)   # HF multiplies in the activation dtype
+
+
+def rope(x, positions, cfg: Config):
+    """Rotary embedding in HF's rotate-half layout: pairs (x[i], x[i + H/2]) are rotated.
+
+    x (B, T, X, H), positions (B, T) -> (B, T, X, H). HF checkpoints store q/k rows in this
+    layout, so their weights load unpermuted.
+    """
+    H = x.shape[-1]
+    inv_freq = cfg.rope_theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)    # (H/2,)
+    angle = (positions.astype(jnp.float32) / cfg.rope_scale)[..., None] * inv_freq  # (B, T, H/2)
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None):
+    """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B."""
+    y = jnp.einsum("BTI,IO->BTO", x, w)
+    if ab is None:
+        return y
+    if key is not None and lcfg.dropout > 0:
+        keep = jax.random.bernoulli(key, 1.0 - lcfg.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lcfg.dropout), 0).astype(x.dtype)
+    # x @ A in the activation dtype with fp32 accumulation; (B, T, R) is the only extra tensor.
+    xa = jnp.einsum("BTI,IR->BTR", x, ab.a.astype(x.dtype), preferred_element_type=jnp.float32)
+    xab = jnp.einsum("BTR,RO->BTO", xa.astype(x.dtype), ab.b.astype(x.dtype),
+                     preferred_element_type=jnp.float32)
+    return (y + lcfg.scale * xab).astype(y.dtype)
+
+
+def attend(q, k, v, segment_ids, impl: str):
+    """Causal grouped-query attention. q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H).
+
+    segment_ids (B, T) or None: a position attends only within its own segment (packing).
+    """
+    if impl == "auto":
+        impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # (B, 1, T, S)
+    if impl == "cudnn":   # flash attention; fp32 softmax statistics inside the kernel
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                            implementation="cudnn")
+    qg = q.reshape(B, T, K, N // K, H)                                            # (B,T,K,G,H)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * H ** -0.5
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None, None, None]                  # s <= t
+    if mask is not None:
+        allowed = allowed & mask[:, :, None]
+    p = jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", p, v).reshape(B, T, N, H)
+
+
+def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
+    return [None] * n if key is None else list(jax.random.split(key, n))
+
+
+def decoder_layer(x, w: Layer, ab: Lora, positions, segment_ids, cfg: Config,
+                  lcfg: LoraConfig | None, opts: Options, key=None):
+    """One pre-norm Llama block. x (B, T, D), replicated over "model" -> (B, T, D)."""
+    B, T, _ = x.shape
+    kq, kk, kv, ko, kg, ku, kd = _layer_keys(key, 7)
+    if key is not None:   # row-parallel inputs differ per device: so must their dropout masks
+        ko, kd = (jax.random.fold_in(k, jax.lax.axis_index(MODEL)) for k in (ko, kd))
+    h = rms_norm(x, w.attn_norm, cfg.norm_eps)
+    q = project(h, w.wq, ab.q, lcfg, kq).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
+    k = project(h, w.wk, ab.k, lcfg, kk).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
+    v = project(h, w.wv, ab.v, lcfg, kv).reshape(B, T, -1, cfg.head_dim)
+    q, k = rope(q, positions, cfg), rope(k, positions, cfg)
+    o = attend(q, k, v, segment_ids, opts.attention).reshape(B, T, -1)     # (B, T, N*H/tp)
+    x = x + jax.lax.psum(project(o, w.wo, ab.o, lcfg, ko), MODEL)          # row-parallel
+    h = rms_norm(x, w.mlp_norm, cfg.norm_eps)
+    g = jax.nn.silu(project(h, w.w_gate, ab.gate, lcfg, kg))               # (B, T, F/tp)
+    u = project(h, w.w_up, ab.up, lcfg, ku)
+    return x + jax.lax.psum(project(g * u, w.w_down, ab.down, lcfg, kd), MODEL)
+
+
+REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_ids,
+                  cfg: Config, lcfg: LoraConfig | None, opts: Options, key=None):
+    """tokens (B, T) -> final-normed hidden states (B, T, D). Inside shard_map."""
+    lora = Lora() if lora is None else lora
+    if key is not None:   # each data shard draws its own dropout masks
+        key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
+    x = params.embed[tokens]                                                # (B, T, D)
+
+    def body(x, xs):
+        w, ab, i = xs
+        k = None if key is None else jax.random.fold_in(key, i)
+        return decoder_layer(x, w, ab, positions, segment_ids, cfg, lcfg, opts, k), None
+
+    if opts.remat not in REMAT:
+        raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
+    if opts.remat != "none":   # keep only what the policy saves; recompute the rest backward
+        body = jax.checkpoint(body, policy=REMAT[opts.remat])
+    x, _ = jax.lax.scan(body, x, (params.layers, lora, jnp.arange(cfg.n_layers)))
+    return rms_norm(x, params.final_norm, cfg.norm_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Loss: vocab-parallel, chunked cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+class Batch(NamedTuple):
+    tokens: jax.Array         # (B, T) int32 model input
+    targets: jax.Array        # (B, T) int32 the next token at each position
+    weights: jax.Array        # (B, T) fp32 1 where the loss counts (answer tokens + EOS), else 0
+    positions: jax.Array      # (B, T) int32 RoPE positions; restart at 0 in each packed example
+    segment_ids: jax.Array    # (B, T) int32 packed example id (attention stays inside), 0 = pad
+
+
+def batch_specs() -> Batch:
+    return Batch(*([P(DATA, None)] * len(Batch._fields)))
+
+
+def _token_nll(h, lm_head, targets):
+    """h (B, C, D), lm_head (D, V/tp) this device's vocab slice, targets (B, C) -> nll (B, C).
+
+    The softmax normaliser and the target's logit are each assembled with one psum over the
+    vocab slices, so the full (B, C, V) logits never exist on any device.
+    """
+    logits = jnp.einsum("BCD,DV->BCV", h, lm_head, preferred_element_type=jnp.float32)
+    v_local = logits.shape[-1]
+    m = jax.lax.stop_gradient(jax.lax.pmax(jnp.max(logits, -1), MODEL))    # (B, C), for stability
+    lse = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), -1), MODEL))
+    local = targets - jax.lax.axis_index(MODEL) * v_local                   # target in my slice?
+    mine = (local >= 0) & (local < v_local)
+    hit = jnp.take_along_axis(logits, jnp.clip(local, 0, v_local - 1)[..., None], -1)[..., 0]
+    return lse - jax.lax.psum(jnp.where(mine, hit, 0.0), MODEL)
+
+
+def _local_loss_sums(params, lora, batch: Batch, key, cfg, lcfg, opts):
+    """Inside shard_map: (sum of weighted nll, sum of weights) over the whole global batch."""
+    h = hidden_states(params, lora, batch.tokens, batch.positions, batch.segment_ids, cfg,
+                      lcfg, opts, key)                                       # (B, T, D)
+    B, T, D = h.shape
+    C = min(opts.loss_chunk, T)
+    pad = -T % C
+    pad2 = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    # (T/C, B, C, ...): scan over chunks; checkpoint so backward recomputes each chunk's logits.
+    chunks = [pad2(a).reshape(B, -1, C, *a.shape[2:]).swapaxes(0, 1)
+              for a in (h, batch.targets, batch.weights)]
+
+    @jax.checkpoint
+    def chunk_loss(_, xs):
+        hc, tc, wc = xs
+        return None, jnp.sum(_token_nll(hc, params.lm_head, tc) * wc)
+
+    _, nll = jax.lax.scan(chunk_loss, None, chunks)                          # (T/C,)
+    return jax.lax.psum(jnp.sum(nll), DATA), jax.lax.psum(jnp.sum(batch.weights), DATA)
+
+
+def _mesh_of(params: Params):
+    s = getattr(params.embed, "sharding", None)
+    return s.mesh if isinstance(s, NamedSharding) else make_mesh(1, jax.devices()[:1])
+
+
+def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
+              lcfg: LoraConfig | None, opts: Options = Options(), key=None, mesh=None):
+    """-> (sum of token nll over weighted positions, number of weighted positions), fp32.
+
+    Differentiable in `lora` from the outside: jax.grad of this is correct for every mesh.
+    """
+    mesh = _mesh_of(params) if mesh is None else mesh
+    fn = jax.shard_map(
+        lambda p, l, b, k: _local_loss_sums(p, l, b, k, cfg, lcfg, opts), mesh=mesh,
+        in_specs=(param_specs(), lora_specs(lcfg) if lora is not None else None, batch_specs(),
+                  P()),
+        out_specs=(P(), P()))
+    return fn(params, lora, batch, key)
+
+
+def loss(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
+         lcfg: LoraConfig | None = None, opts: Options = Options(), key=None, mesh=None):
+    """Mean next-token cross-entropy (nats) over the positions where batch.weights is 1."""
+    nll, n = loss_sums(params, lora, batch, cfg, lcfg, opts, key, mesh)
+    return nll / jnp.maximum(n, 1.0)
+
+
+def make_batch(tokens, weights=None, segment_ids=None) -> Batch:
+    """Next-token batch from rows of tokens (B, T+1) (numpy): input = [:-1], target = [1:].
+
+    weights (B, T+1) marks which *target* tokens count (default: all); segment_ids (B, T+1)
+    gives packed examples (0 = padding) and restarts positions at each new segment.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    w = np.ones_like(tokens, np.float32) if weights is None else np.asarray(weights, np.float32)
+    seg = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids, np.int32)
+    starts = np.concatenate([np.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+    idx = np.arange(seg.shape[1])[None].repeat(seg.shape[0], 0)
+    pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    # A target counts only inside the same example as its input (never across a boundary).
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+    return Batch(tokens=tokens[:, :-1], targets=tokens[:, 1:], weights=w[:, 1:] * same,
+                 positions=pos[:, :-1].astype(np.int32), segment_ids=seg[:, :-1])
+
+
+def forward(params: Params, tokens, cfg: Config, lora: Lora | None = None,
+            lcfg: LoraConfig | None = None, opts: Options = Options(), segment_ids=None,
+            positions=None, mesh=None):
+    """tokens (B, T) int -> logits (B, T, V) fp32, with LoRA adapters when `lora` is given.
+
+    For inspection and tests: it materialises all logits (training uses the chunked loss).
+    """
+    mesh = _mesh_of(params) if mesh is None else mesh
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions is None else positions
+    return _forward_jit(params, lora, tokens, jnp.asarray(positions, jnp.int32),
+                        None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+                        cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
+
+
+@jax.jit(static_argnames=("cfg", "lcfg", "opts", "mesh"))
+def _forward_jit(params, lora, tokens, positions, segment_ids, *, cfg, lcfg, opts, mesh):
+    def local(p, l, t, pos, seg):
+        h = hidden_states(p, l, t, pos, seg, cfg, lcfg, opts)
+        return jnp.einsum("BTD,DV->BTV", h, p.lm_head, preferred_element_type=jnp.float32)
+    row = P(DATA, None)
+    return jax.shard_map(local, mesh=mesh,
+                         in_specs=(param_specs(), None if lora is None else lora_specs(lcfg),
+                                   row, row, None if segment_ids is None else row),
+                         out_specs=P(DATA, None, MODEL))(params, lora, tokens, positions,
+                                                         segment_ids)
