@@ -694,7 +694,7 @@ def _token_nll(h, lm_head, targets):
     """
     logits = jnp.einsum("BCD,DV->BCV", h, lm_head, preferred_element_type=jnp.float32)
     v_local = logits.shape[-1]
-    m = jax.lax.stop_gradient(jax.lax.pmax(jnp.max(logits, -1), MODEL))    # (B, C), for stability
+    m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)), MODEL)    # (B, C), for stability
     lse = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), -1), MODEL))
     local = targets - jax.lax.axis_index(MODEL) * v_local                   # target in my slice?
     mine = (local >= 0) & (local < v_local)
@@ -795,3 +795,502 @@ def _forward_jit(params, lora, tokens, positions, segment_ids, *, cfg, lcfg, opt
                                    row, row, None if segment_ids is None else row),
                          out_specs=P(DATA, None, MODEL))(params, lora, tokens, positions,
                                                          segment_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Optimizer: AdamW over the LoRA factors only, warmup + cosine schedule
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100              # optimizer steps in the whole run
+    batch_size: int = 8           # rows per micro-batch (split over the "data" axis)
+    grad_accum: int = 1           # micro-batches per optimizer step
+    seq_len: int = 512            # longest row in tokens
+    lr: float = 2e-4              # peak learning rate
+    warmup: int = 10              # linear warmup steps, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0     # decoupled (Loshchilov & Hutter 2019)
+    clip: float = 1.0             # global gradient-norm clip; 0 = off
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    seed: int = 0
+
+
+class AdamW(NamedTuple):
+    step: jax.Array           # () int32, optimizer steps taken
+    mu: Lora                  # first moments, fp32, the same tree (and split) as the LoRA factors
+    nu: Lora                  # second moments
+
+
+def adamw_init(lora: Lora) -> AdamW:
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), lora)
+    return AdamW(step=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
+
+
+def learning_rate(step, tcfg: TrainConfig):
+    """Linear warmup over tcfg.warmup steps, then cosine decay to min_lr_ratio * lr at the end.
+    `step` counts from 0 (the first update uses lr/warmup)."""
+    step = jnp.asarray(step, jnp.float32)
+    warm = tcfg.lr * (step + 1) / max(tcfg.warmup, 1)
+    frac = jnp.clip((step - tcfg.warmup) / max(tcfg.steps - tcfg.warmup, 1), 0.0, 1.0)
+    lo = tcfg.lr * tcfg.min_lr_ratio
+    cos = lo + 0.5 * (tcfg.lr - lo) * (1 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < tcfg.warmup, warm, cos)
+
+
+def global_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def adamw_update(lora: Lora, grads: Lora, opt: AdamW, lr, tcfg: TrainConfig):
+    """One AdamW step with bias correction; weight decay acts on the weights, not the gradient."""
+    step = opt.step + 1
+    mu = jax.tree.map(lambda m, g: tcfg.b1 * m + (1 - tcfg.b1) * g, opt.mu, grads)
+    nu = jax.tree.map(lambda n, g: tcfg.b2 * n + (1 - tcfg.b2) * g * g, opt.nu, grads)
+    c1, c2 = 1 - tcfg.b1 ** step, 1 - tcfg.b2 ** step   # moments start at 0: undo that bias
+
+    def new(p, m, n):
+        return p - lr * ((m / c1) / (jnp.sqrt(n / c2) + tcfg.eps) + tcfg.weight_decay * p)
+
+    return jax.tree.map(new, lora, mu, nu), AdamW(step, mu, nu)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. The sharded training step
+# ---------------------------------------------------------------------------------------------
+
+class TrainState(NamedTuple):
+    lora: Lora
+    opt: AdamW
+    bad_step: jax.Array       # () int32: first step whose loss or gradient was not finite, or 0
+
+
+def state_specs(lcfg: LoraConfig) -> TrainState:
+    s = lora_specs(lcfg)
+    return TrainState(lora=s, opt=AdamW(step=P(), mu=s, nu=s), bad_step=P())
+
+
+def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh,
+                    opts: Options = Options()):
+    """-> step(state, params, batches, key) -> (state, metrics), jitted once, state donated.
+
+    batches: a Batch whose leaves are (A, B, T) for A = grad_accum micro-batches. The loss is
+    normalised by the answer tokens of all A micro-batches together (not a mean of means).
+    A step whose loss or gradient is not finite leaves the state unchanged and is recorded.
+    """
+    def grad_sums(lora, params, batch, key):
+        # Gradient of the *sum* of token losses, taken outside loss_sums' shard_map.
+        f = lambda l: loss_sums(params, l, batch, cfg, lcfg, opts, key, mesh)
+        (nll, n), g = jax.value_and_grad(f, has_aux=True)(lora)
+        return nll, n, g
+
+    def step(state: TrainState, params: Params, batches: Batch, key):
+        keys = jax.random.split(jax.random.fold_in(key, state.opt.step), tcfg.grad_accum)
+        if lcfg.dropout == 0:
+            keys = None
+
+        def accumulate(carry, xs):
+            nll, n, g = carry
+            batch, k = xs
+            nll_i, n_i, g_i = grad_sums(state.lora, params, batch, k)
+            return (nll + nll_i, n + n_i, jax.tree.map(jnp.add, g, g_i)), None
+
+        zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.lora))
+        (nll, n, grads), _ = jax.lax.scan(accumulate, zero, (batches, keys))
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / n, grads)
+        norm = global_norm(grads)
+        if tcfg.clip > 0:
+            grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tcfg.clip / (norm + 1e-6)), grads)
+        lr = learning_rate(state.opt.step, tcfg)
+        lora, opt = adamw_update(state.lora, grads, state.opt, lr, tcfg)
+        ok = jnp.isfinite(nll) & jnp.isfinite(norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        bad = jnp.where(ok | (state.bad_step > 0), state.bad_step, state.opt.step + 1)
+        new = TrainState(lora=keep(lora, state.lora), opt=keep(opt, state.opt), bad_step=bad)
+        return new, dict(loss=nll / n, grad_norm=norm, lr=lr, tokens=n)
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Data: tokenizer, Alpaca / RAFT / completion records, packing, deterministic order
+# ---------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """A sentencepiece `tokenizer.model` (Llama-2's, or any other); BOS/EOS ids from the model."""
+
+    def __init__(self, path: str):
+        import sentencepiece
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.model")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.path = path
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+ALPACA = ("Below is an instruction that describes a task{}. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{}\n\n{}### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input_: str = "") -> str:
+    """The Stanford Alpaca prompt template (with or without an input)."""
+    if input_:
+        return ALPACA.format(", paired with an input that provides further context",
+                             instruction, f"### Input:\n{input_}\n\n")
+    return ALPACA.format("", instruction, "")
+
+
+FORMAT_KEYS = {"alpaca": ("instruction", "output"), "raft": ("instruction", "cot_answer"),
+               "completion": ("prompt", "completion")}
+
+
+def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
+    """Read a JSON list or JSONL file -> (records, format). Errors name the file and record."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    records = []
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: record {len(records) + 1} (line {n}) is "
+                                     f"malformed JSON ({e.msg})") from None
+    if not records:
+        raise ValueError(f"{path}: no records")
+    if fmt == "auto":
+        first = records[0] if isinstance(records[0], dict) else {}
+        fmt = next((f for f in ("raft", "alpaca", "completion")
+                    if all(k in first for k in FORMAT_KEYS[f])), None)
+        if fmt is None:
+            raise ValueError(f"{path}: record 1 has keys {sorted(first)}; cannot tell the format "
+                             f"(alpaca needs instruction/output, raft instruction/cot_answer, "
+                             f"completion prompt/completion)")
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: record {i} is not a JSON object")
+        for k in FORMAT_KEYS[fmt] + (("input",) if fmt == "alpaca" and "input" in r else ()):
+            if k not in r:
+                raise ValueError(f"{path}: record {i} has no '{k}' (format {fmt})")
+            if not isinstance(r[k], str):
+                raise ValueError(f"{path}: record {i} field '{k}' is {type(r[k]).__name__}, "
+                                 f"not a string")
+    return records, fmt
+
+
+def _raft_prompt(docs: list[str], question: str) -> str:   # gorilla raft.py's layout
+    return "".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + question
+
+
+class Example(NamedTuple):
+    tokens: np.ndarray        # (n,) int32: BOS, prompt, answer, EOS
+    weights: np.ndarray       # (n,) fp32: 1 on answer tokens and EOS (the tokens to predict)
+
+
+def tokenize_records(records, fmt: str, tok: Tokenizer, seq_len: int, path: str = "data"):
+    """-> (examples, report). An example is at most seq_len + 1 tokens (one row's inputs and
+    targets). RAFT examples that are too long lose distractor documents first (longest first;
+    never the oracle, never the answer); what still does not fit is skipped; other formats
+    are truncated at the end of the answer if the prompt fits, else skipped. Nothing silent:
+    `report` counts every such case."""
+    report = dict(examples=0, dropped_distractors=0, shortened_raft=0, truncated=0, skipped=0)
+    out, limit = [], seq_len + 1
+    for r in records:
+        answer = tok.encode(r[FORMAT_KEYS[fmt][1]]) + [tok.eos_id]
+        if fmt == "alpaca":
+            prompt = tok.encode(alpaca_prompt(r["instruction"], r.get("input", "")), bos=True)
+        elif fmt == "completion":
+            prompt = tok.encode(r["prompt"], bos=True)
+        else:
+            prompt = tok.encode(r["instruction"], bos=True)
+            docs = list(r.get("context", {}).get("sentences", [[]])[0])
+            oracle = r.get("oracle_context")
+            dropped = 0
+            while len(prompt) + len(answer) > limit and any(d != oracle for d in docs):
+                docs.remove(max((d for d in docs if d != oracle), key=len))
+                prompt = tok.encode(_raft_prompt(docs, r["question"]), bos=True)
+                dropped += 1
+            report["dropped_distractors"] += dropped
+            report["shortened_raft"] += dropped > 0
+            if len(prompt) + len(answer) > limit:
+                report["skipped"] += 1
+                continue
+        if len(prompt) + len(answer) > limit:
+            if len(prompt) >= limit:
+                report["skipped"] += 1
+                continue
+            answer = answer[:limit - len(prompt)]
+            report["truncated"] += 1
+        ids = np.asarray(prompt + answer, np.int32)
+        w = np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(answer), np.float32)])
+        out.append(Example(ids, w))
+    report["examples"] = len(out)
+    if not out:
+        raise ValueError(f"{path}: no usable examples: all {len(records)} records are longer "
+                         f"than --seq-len {seq_len} ({report})")
+    return out, report
+
+
+def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
+            position: tuple[int, int] = (0, 0), bucket: int = 64):
+    """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
+
+    Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
+    `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
+    examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...); otherwise one example a
+    row, padded to the batch's longest, rounded up to `bucket` (few distinct shapes to compile).
+    """
+    epoch, cursor = position
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+        yielded = False
+        while cursor < len(order):
+            group, lens = [], []
+            while cursor < len(order) and len(group) < rows:
+                row, used = [], 0
+                while cursor < len(order):
+                    n = len(examples[order[cursor]].tokens)
+                    if row and (not pack or used + n > seq_len + 1):
+                        break
+                    row.append(examples[order[cursor]])
+                    used, cursor = used + n, cursor + 1
+                group.append(row)
+                lens.append(used)
+            if len(group) < rows:           # the epoch's tail: start the next epoch instead
+                break
+            T1 = seq_len + 1 if pack else min(seq_len + 1, -(-max(lens) // bucket) * bucket)
+            tokens = np.zeros((rows, T1), np.int32)
+            weights = np.zeros((rows, T1), np.float32)
+            segs = np.zeros((rows, T1), np.int32)
+            for i, row in enumerate(group):
+                at = 0
+                for j, ex in enumerate(row, 1):
+                    n = len(ex.tokens)
+                    tokens[i, at:at + n], weights[i, at:at + n], segs[i, at:at + n] = (
+                        ex.tokens, ex.weights, j)
+                    at += n
+            yielded = True
+            yield tokens, weights, segs, (epoch, cursor)
+        if not yielded and cursor == 0:
+            raise ValueError(f"{len(examples)} examples cannot fill one batch of {rows} rows")
+        epoch, cursor = epoch + 1, 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Training loop: checkpoints, resume, logging, evaluation
+# ---------------------------------------------------------------------------------------------
+
+PEAK_FLOPS = {"gpu": 800e12}   # measured bf16 matmul rate of one H200; MFU is reported against it
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+    """Model FLOPs per token of LoRA training with frozen weights: forward 2N + input-gradients
+    2N over the N matmul parameters (lm_head included; no weight gradients), plus causal
+    attention 6*T*D*L (forward 2TDL, backward twice that). Recomputation is not counted."""
+    n = sum(math.prod(proj_shape(cfg, t)) for t in PROJ) * cfg.n_layers
+    n += cfg.d_model * cfg.vocab_size
+    return 4 * n + 6 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers
+
+
+def _flat(lora: Lora, prefix: str) -> dict:
+    return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
+            if ab is not None for part in ("a", "b")}
+
+
+def save_checkpoint(folder: str, state: TrainState, meta: dict):
+    """LoRA factors, AdamW moments and counters (safetensors) + run metadata (JSON); atomic."""
+    from safetensors.numpy import save_file
+    tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
+               **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
+    tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in tensors.items()}
+
+    def write(tmp):
+        save_file(tensors, os.path.join(tmp, "state.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"format": "jora-train/1", **meta}, f, indent=2)
+
+    _atomic_dir(folder, write)
+
+
+def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[TrainState, dict]:
+    """Inverse of save_checkpoint; refuses a checkpoint of another model or LoRA shape."""
+    from safetensors.numpy import load_file
+    with open(os.path.join(folder, "state.json")) as f:
+        meta = json.load(f)
+    for key, want in (("config", dataclasses.asdict(cfg)), ("lora", dataclasses.asdict(lcfg))):
+        have = meta.get(key, {})
+        diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items()
+                if have.get(k) != v}
+        if diff:
+            k, (a, b) = next(iter(diff.items()))
+            raise ValueError(f"{folder}: checkpoint was made with {key}.{k}={a!r}, this run has "
+                             f"{b!r} ({len(diff)} difference(s)); use another --out or the same "
+                             f"model and LoRA settings")
+    t = load_file(os.path.join(folder, "state.safetensors"))
+
+    def tree(prefix):
+        return Lora(**{x: LoraAB(a=t[f"{prefix}.{x}.a"], b=t[f"{prefix}.{x}.b"])
+                       for x in lcfg.targets})
+
+    state = TrainState(lora=tree("lora"), opt=AdamW(step=t["step"], mu=tree("mu"),
+                                                    nu=tree("nu")), bad_step=t["bad_step"])
+    return shard(state, state_specs(lcfg), mesh), meta
+
+
+def latest_checkpoint(out: str) -> str | None:
+    root = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and
+                   not n.endswith((".tmp", ".old"))) if os.path.isdir(root) else []
+    return os.path.join(root, names[-1]) if names else None
+
+
+def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, opts=Options()):
+    """Mean answer-token loss over `examples`, one pass in a fixed order."""
+    fn = jax.jit(lambda p, l, b: loss_sums(p, l, b, cfg, lcfg, opts, None, mesh))
+    nll = n = 0.0
+    for i in range(0, len(examples), rows):
+        chunk = examples[i:i + rows]
+        chunk = chunk + [Example(chunk[0].tokens[:1], chunk[0].weights[:1] * 0)] * (rows - len(chunk))
+        tokens, weights, segs, _ = next(batches(chunk, rows, seq_len, False, 0))
+        b = shard(make_batch(tokens, weights, segs), batch_specs(), mesh)
+        a, c = fn(params, lora, b)
+        nll, n = nll + float(a), n + float(c)
+    return nll / max(n, 1.0)
+
+
+def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, examples,
+          out: str, mesh, eval_examples=(), opts: Options = Options(), pack: bool = False,
+          log_every: int = 10, eval_every: int = 0, save_every: int = 0, keep: int = 3,
+          resume: bool = False, overwrite: bool = False, run_info: dict | None = None,
+          log=print) -> tuple[Lora, dict]:
+    """Fine-tune LoRA adapters on `examples`; -> (trained Lora, summary).
+
+    Writes OUT/metrics.jsonl (one JSON object per log or eval row) and OUT/checkpoints/step_N
+    every save_every steps, on SIGINT/SIGTERM and at the end. resume=True continues from the
+    latest checkpoint exactly (same data order, same dropout masks, same optimizer state).
+    """
+    import signal
+    import time
+    if os.path.isdir(out) and os.listdir(out) and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} already holds files (another run?); pass --resume to "
+                              f"continue it or --overwrite to start again there")
+    if resume and not latest_checkpoint(out):
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
+    if overwrite and not resume:
+        for name in ("checkpoints", "metrics.jsonl"):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and
+                                                             os.remove(path))
+    os.makedirs(out, exist_ok=True)
+    check_tp(cfg, mesh.shape[MODEL])
+    rows = tcfg.batch_size * tcfg.grad_accum
+    if tcfg.batch_size % mesh.shape[DATA]:
+        raise ValueError(f"--batch-size {tcfg.batch_size} must be a multiple of the data-parallel "
+                         f"size {mesh.shape[DATA]}")
+    meta = dict(config=dataclasses.asdict(cfg), lora=dataclasses.asdict(lcfg),
+                train=dataclasses.asdict(tcfg), opts=dataclasses.asdict(opts), pack=pack,
+                run=run_info or {})
+    position, start = (0, 0), 0
+    if resume:
+        path = latest_checkpoint(out)
+        state, saved = load_checkpoint(path, cfg, lcfg, mesh)
+        position, start = tuple(saved["data_position"]), int(saved["step"])
+        log(f"resumed from {path} at step {start}")
+    else:
+        lora = init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
+        state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
+                      state_specs(lcfg), mesh)
+    step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
+    key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
+    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position)
+    specs = Batch(*([P(None, DATA, None)] * len(Batch._fields)))
+    interrupted = []
+    handlers = {}
+    try:   # a signal asks for a checkpoint after the step in flight, then a clean stop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda s, f: interrupted.append(s))
+    except ValueError:   # not the main thread: no handlers, no graceful stop
+        pass
+
+    def checkpoint(step):
+        bad = int(state.bad_step)
+        if bad:
+            raise FloatingPointError(f"non-finite loss or gradient at step {bad}; stopped, the "
+                                     f"last good checkpoint {latest_checkpoint(out)} is intact")
+        save_checkpoint(os.path.join(out, "checkpoints", f"step_{step:08d}"), state,
+                        dict(meta, step=step, data_position=list(position)))
+        old = sorted(n for n in os.listdir(os.path.join(out, "checkpoints"))
+                     if n.startswith("step_") and "." not in n)
+        for n in old[:-keep]:
+            shutil.rmtree(os.path.join(out, "checkpoints", n))
+
+    def record(row):
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    peak = PEAK_FLOPS.get(jax.default_backend())
+    pending, tokens_seen, t0, t_start, summary = [], 0, time.time(), time.time(), {}
+    try:
+        for step in range(start, tcfg.steps):
+            tokens, weights, segs, position = next(data)
+            b = make_batch(tokens, weights, segs)
+            b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
+            state, m = step_fn(state, params, shard(b, specs, mesh), key)
+            pending.append(m)
+            tokens_seen += int((segs > 0).sum())
+            done = step + 1
+            if done % log_every == 0 or done == tcfg.steps or interrupted:
+                ms = jax.device_get(pending)   # the only host sync: once per log interval
+                if int(state.bad_step):
+                    checkpoint(done)           # raises, naming the step
+                dt = time.time() - t0
+                row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
+                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
+                           tokens_per_s=tokens_seen / dt)
+                line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
+                        f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
+                if peak:
+                    row["mfu"] = (row["tokens_per_s"] * flops_per_token(cfg, tcfg.seq_len)
+                                  / (peak * mesh.size))
+                    line += f"  MFU {row['mfu']:.1%}"
+                eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
+                log(line + f"  ETA {eta / 60:.1f} min")
+                record(row)
+                summary.update(row)
+                pending, tokens_seen, t0 = [], 0, time.time()
+            if eval_every and eval_examples and (done % eval_every == 0 or done == tcfg.steps):
+                ev = evaluate(params, state.lora, eval_examples, cfg, lcfg, mesh,
+                              tcfg.batch_size, tcfg.seq_len, opts)
+                log(f"step {done}/{tcfg.steps}  eval_loss {ev:.4f}")
+                record(dict(step=done, eval_loss=ev))
+                summary["eval_loss"] = ev
+            if interrupted:
+                checkpoint(done)
+                log(f"interrupted at step {done}: checkpoint saved; continue with --resume")
+                summary["interrupted"] = done
+                return state.lora, summary
+            if save_every and done % save_every == 0 and done < tcfg.steps:
+                checkpoint(done)
+        checkpoint(tcfg.steps)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    return state.lora, summary
