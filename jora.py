@@ -254,14 +254,14 @@ def param_shapes(cfg: Config) -> Params:
 
 
 def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
-    """Random weights (normal, std 0.02; norms 1) for tests and benchmarks."""
-    shapes = param_shapes(cfg)
-    leaves, tree = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    keys = jax.random.split(key, len(leaves))
-    out = [jnp.ones(s, dtype) if len(s) <= 2 and s[-1] == cfg.d_model and s != (cfg.vocab_size,
-           cfg.d_model) else (0.02 * jax.random.normal(k, s, jnp.float32)).astype(dtype)
-           for k, s in zip(keys, leaves)]
-    return jax.tree.unflatten(tree, out)
+    """Random weights (normal, std 0.02; norms 1) for tests and benchmarks. Jit it with
+    out_shardings to create a large model directly in its sharded layout."""
+    shapes, keys = param_shapes(cfg), iter(jax.random.split(key, 4 + len(Layer._fields)))
+    init = lambda name, shape: (jnp.ones(shape, dtype) if name.endswith("norm") else
+                                0.02 * jax.random.normal(next(keys), shape, dtype))
+    return Params(embed=init("embed", shapes.embed), final_norm=init("norm", shapes.final_norm),
+                  lm_head=init("lm_head", shapes.lm_head),
+                  layers=Layer(**{f: init(f, s) for f, s in shapes.layers._asdict().items()}))
 
 
 def init_lora(key, cfg: Config, lcfg: LoraConfig) -> Lora:
@@ -597,37 +597,45 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None):
     return (y + lcfg.scale * xab).astype(y.dtype)
 
 
+def attend_masked(q, k, v, allowed):
+    """Grouped-query attention. q (B, T, N, H), k/v (B, S, K, H), allowed (B, T, S) bool
+    -> (B, T, N, H). Query head n reads KV head n // G, so no KV head is ever copied."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)                                            # (B,T,K,G,H)
+    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * H ** -0.5
+    p = jax.nn.softmax(jnp.where(allowed[:, None, None], s, -jnp.inf), axis=-1)   # fp32
+    return jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v).reshape(B, T, N, H)
+
+
 def attend(q, k, v, segment_ids, impl: str):
-    """Causal grouped-query attention. q (B, T, N, H), k/v (B, S, K, H) -> (B, T, N, H).
+    """Causal self-attention over one sequence. q (B, T, N, H), k/v (B, T, K, H) -> like q.
 
     segment_ids (B, T) or None: a position attends only within its own segment (packing).
     """
     if impl == "auto":
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    mask = None
-    if segment_ids is not None:
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]   # (B, 1, T, S)
-    if impl == "cudnn":   # flash attention; fp32 softmax statistics inside the kernel
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+    T = q.shape[1]
+    same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
+    if impl == "cudnn":   # flash attention: (T, T) scores are never stored
+        return jax.nn.dot_product_attention(q, k, v, mask=None if same is None else
+                                            same[:, None], is_causal=True,
                                             implementation="cudnn")
-    qg = q.reshape(B, T, K, N // K, H)                                            # (B,T,K,G,H)
-    s = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * H ** -0.5
-    allowed = jnp.tril(jnp.ones((T, T), bool))[None, None, None]                  # s <= t
-    if mask is not None:
-        allowed = allowed & mask[:, :, None]
-    p = jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), axis=-1).astype(v.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", p, v).reshape(B, T, N, H)
+    allowed = jnp.tril(jnp.ones((T, T), bool))[None]                               # s <= t
+    return attend_masked(q, k, v, allowed if same is None else allowed & same)
 
 
 def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
     return [None] * n if key is None else list(jax.random.split(key, n))
 
 
-def decoder_layer(x, w: Layer, ab: Lora, positions, segment_ids, cfg: Config,
-                  lcfg: LoraConfig | None, opts: Options, key=None):
-    """One pre-norm Llama block. x (B, T, D), replicated over "model" -> (B, T, D)."""
+def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
+                  lcfg: LoraConfig | None, key=None):
+    """One pre-norm Llama block. x (B, T, D), replicated over "model" -> ((B, T, D), aux).
+
+    attn(q, k, v) -> (o, aux) does the attention proper: plain causal attention when training,
+    attention over a KV cache (aux = the updated cache) when generating.
+    """
     B, T, _ = x.shape
     kq, kk, kv, ko, kg, ku, kd = _layer_keys(key, 7)
     if key is not None:   # row-parallel inputs differ per device: so must their dropout masks
@@ -636,13 +644,12 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, segment_ids, cfg: Config,
     q = project(h, w.wq, ab.q, lcfg, kq).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
     k = project(h, w.wk, ab.k, lcfg, kk).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
     v = project(h, w.wv, ab.v, lcfg, kv).reshape(B, T, -1, cfg.head_dim)
-    q, k = rope(q, positions, cfg), rope(k, positions, cfg)
-    o = attend(q, k, v, segment_ids, opts.attention).reshape(B, T, -1)     # (B, T, N*H/tp)
-    x = x + jax.lax.psum(project(o, w.wo, ab.o, lcfg, ko), MODEL)          # row-parallel
+    o, aux = attn(rope(q, positions, cfg), rope(k, positions, cfg), v)     # (B, T, N/tp, H)
+    x = x + jax.lax.psum(project(o.reshape(B, T, -1), w.wo, ab.o, lcfg, ko), MODEL)  # row-par.
     h = rms_norm(x, w.mlp_norm, cfg.norm_eps)
     g = jax.nn.silu(project(h, w.w_gate, ab.gate, lcfg, kg))               # (B, T, F/tp)
     u = project(h, w.w_up, ab.up, lcfg, ku)
-    return x + jax.lax.psum(project(g * u, w.w_down, ab.down, lcfg, kd), MODEL)
+    return x + jax.lax.psum(project(g * u, w.w_down, ab.down, lcfg, kd), MODEL), aux
 
 
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
@@ -660,7 +667,8 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
     def body(x, xs):
         w, ab, i = xs
         k = None if key is None else jax.random.fold_in(key, i)
-        return decoder_layer(x, w, ab, positions, segment_ids, cfg, lcfg, opts, k), None
+        attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
+        return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k)
 
     if opts.remat not in REMAT:
         raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
@@ -936,8 +944,8 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+    def decode(self, ids) -> str:   # ids past the tokenizer (a padded model vocab) are dropped
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
 ALPACA = ("Below is an instruction that describes a task{}. Write a response that appropriately "
@@ -1189,9 +1197,10 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     """
     import signal
     import time
-    if os.path.isdir(out) and os.listdir(out) and not (resume or overwrite):
-        raise FileExistsError(f"--out {out} already holds files (another run?); pass --resume to "
-                              f"continue it or --overwrite to start again there")
+    has_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or latest_checkpoint(out)
+    if has_run and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
+                              f"--overwrite to start again there")
     if resume and not latest_checkpoint(out):
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
     if overwrite and not resume:
@@ -1294,3 +1303,150 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         for sig, h in handlers.items():
             signal.signal(sig, h)
     return state.lora, summary
+
+
+def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Options(),
+              steps: int = 5, warmup: int = 2, dtype=jnp.bfloat16) -> dict:
+    """Time training steps of a random-initialised model on random tokens -> a dict with
+    tokens/s, step seconds, MFU, per-device peak memory (GiB) and compile seconds."""
+    import time
+    check_tp(cfg, mesh.shape[MODEL])
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs())
+    params = jax.jit(lambda k: init_params(k, cfg, dtype), out_shardings=shardings)(
+        jax.random.key(0))    # created already split: no device ever holds the whole model
+    lora = init_lora(jax.random.key(1), cfg, lcfg)
+    state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
+                  state_specs(lcfg), mesh)
+    rows = tcfg.batch_size * tcfg.grad_accum
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, tcfg.seq_len + 1))
+    b = make_batch(tokens)
+    b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
+    b = shard(b, Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
+    key = jax.random.key(2)
+    t = time.time()
+    step = make_train_step(cfg, lcfg, tcfg, mesh, opts).lower(state, params, b, key).compile()
+    compile_s = time.time() - t
+    for _ in range(warmup):
+        state, m = step(state, params, b, key)
+    jax.block_until_ready(m)
+    t = time.time()
+    for _ in range(steps):
+        state, m = step(state, params, b, key)
+    jax.block_until_ready(m)
+    dt = (time.time() - t) / steps
+    tok_s = rows * tcfg.seq_len / dt
+    peak = PEAK_FLOPS.get(jax.default_backend())
+    stats = [d.memory_stats() or {} for d in mesh.devices.flat]
+    mem = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30
+    return dict(tokens_per_s=round(tok_s), step_s=round(dt, 4), compile_s=round(compile_s, 1),
+                mfu=round(tok_s * flops_per_token(cfg, tcfg.seq_len) / (peak * mesh.size), 4)
+                if peak else None, peak_gib=round(mem, 2), loss=float(m["loss"]),
+                devices=mesh.size, tp=mesh.shape[MODEL], seq=tcfg.seq_len,
+                batch=tcfg.batch_size, remat=opts.remat, targets=",".join(lcfg.targets),
+                r=lcfg.r)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Generation: prefill + KV-cache decoding in one jitted loop
+# ---------------------------------------------------------------------------------------------
+
+def _sample(logits, key, temperature, top_k: int, top_p):
+    """logits (B, V) fp32 -> token ids (B,). temperature 0 = greedy."""
+    if top_k > 0:   # keep the k largest
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_ = jnp.sort(logits, axis=-1)[:, ::-1]          # nucleus: smallest set with mass >= p
+    mass = jnp.cumsum(jax.nn.softmax(sorted_ / jnp.maximum(temperature, 1e-6), -1), -1)
+    keep = jnp.minimum(jnp.sum(mass < top_p, -1, keepdims=True), logits.shape[-1] - 1)
+    cutoff = jnp.take_along_axis(sorted_, keep, -1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, -1)).astype(jnp.int32)
+
+
+def _generate_local(params, lora, tokens, pad, key, temperature, top_p, *, cfg, lcfg,
+                    max_new, top_k):
+    """Inside shard_map. tokens (B, T0) left-padded prompts, pad (B,) pad lengths
+    -> (B, max_new) new tokens (EOS repeated once a row has finished)."""
+    lora = Lora() if lora is None else lora
+    B, T0 = tokens.shape
+    S = T0 + max_new                                                       # cache length
+    K_local = params.layers.wk.shape[-1] // cfg.head_dim
+    cache = jnp.zeros((cfg.n_layers, 2, B, S, K_local, cfg.head_dim), params.embed.dtype)
+    slot = jnp.arange(S)
+    valid = slot[None] >= pad[:, None]                                     # (B, S) not padding
+
+    def run(tokens, start, cache):   # tokens (B, t) at cache slots [start, start + t)
+        t = tokens.shape[1]
+        positions = jnp.maximum(start + jnp.arange(t)[None] - pad[:, None], 0)   # (B, t)
+        here = start + jnp.arange(t)[None, :, None]                             # (1, t, 1)
+        # Padding queries see only themselves: finite garbage that no real query reads.
+        allowed = (valid[:, None] & (slot[None, None] <= here)) | (slot[None, None] == here)
+
+        def body(x, xs):
+            w, ab, c = xs                                                  # c (2, B, S, K/tp, H)
+
+            def attn(q, k, v):
+                c2 = jax.lax.dynamic_update_slice(c, jnp.stack([k, v]).astype(c.dtype),
+                                                  (0, 0, start, 0, 0))
+                return attend_masked(q, c2[0], c2[1], allowed), c2
+
+            return decoder_layer(x, w, ab, positions, attn, cfg, lcfg)
+
+        x, cache = jax.lax.scan(body, params.embed[tokens], (params.layers, lora, cache))
+        h = rms_norm(x[:, -1], params.final_norm, cfg.norm_eps)               # (B, D)
+        local = jnp.einsum("BD,DV->BV", h, params.lm_head, preferred_element_type=jnp.float32)
+        # Gather the vocab slices with a psum (an all_gather would leave the value "varying").
+        v0 = jax.lax.axis_index(MODEL) * local.shape[-1]
+        full = jnp.zeros((B, cfg.vocab_size), jnp.float32)
+        return jax.lax.psum(jax.lax.dynamic_update_slice(full, local, (0, v0)), MODEL), cache
+
+    logits, cache = run(tokens, 0, cache)
+    out = jnp.full((B, max_new), cfg.eos_id, jnp.int32)
+
+    def cond(c):
+        i, _, _, done, _ = c
+        return (i < max_new) & ~jnp.all(done)
+
+    def step(c):
+        i, logits, cache, done, out = c
+        nxt = jnp.where(done, cfg.eos_id, _sample(logits, jax.random.fold_in(key, i),
+                                                   temperature, top_k, top_p))
+        out = out.at[:, i].set(nxt)
+        logits, cache = run(nxt[:, None], T0 + i, cache)
+        return i + 1, logits, cache, done | (nxt == cfg.eos_id), out
+
+    init = (jnp.int32(0), logits, cache, jnp.zeros((B,), bool), out)
+    return jax.lax.while_loop(cond, step, init)[-1]
+
+
+@jax.jit(static_argnames=("cfg", "lcfg", "max_new", "top_k", "mesh"))
+def _generate_jit(params, lora, tokens, pad, key, temperature, top_p, *, cfg, lcfg, max_new,
+                  top_k, mesh):
+    fn = lambda *a: _generate_local(*a, cfg=cfg, lcfg=lcfg, max_new=max_new, top_k=top_k)
+    return jax.shard_map(fn, mesh=mesh,
+                         in_specs=(param_specs(), None if lora is None else lora_specs(lcfg),
+                                   P(), P(), P(), P(), P()),
+                         out_specs=P())(params, lora, tokens, pad, key, temperature, top_p)
+
+
+def generate(params: Params, prompts: list[list[int]], cfg: Config, max_new_tokens: int = 128,
+             lora: Lora | None = None, lcfg: LoraConfig | None = None,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             mesh=None) -> list[list[int]]:
+    """Complete a batch of token-id prompts of any lengths -> new token ids per prompt (ending
+    at EOS, which is included, or at max_new_tokens). Greedy when temperature is 0."""
+    mesh = _mesh_of(params) if mesh is None else mesh
+    T0 = max(len(p) for p in prompts)
+    T0 = -(-T0 // 16) * 16                       # round up: fewer distinct shapes to compile
+    tokens = np.zeros((len(prompts), T0), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, T0 - len(p):] = p
+    pad = np.asarray([T0 - len(p) for p in prompts], np.int32)
+    out = np.asarray(_generate_jit(params, lora, tokens, pad, jax.random.key(seed),
+                                   jnp.float32(temperature), jnp.float32(top_p), cfg=cfg,
+                                   lcfg=lcfg, max_new=max_new_tokens, top_k=top_k, mesh=mesh))
+    result = []
+    for row in out.tolist():
+        result.append(row[:row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row)
+    return result

@@ -1,0 +1,56 @@
+"""Shared fixtures. Eight fake CPU devices for the sharding tests: this must run before any
+backend starts, and pytest imports conftest.py before the test modules."""
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jora  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+STORIES = os.path.join(DATA, "stories260K")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent")
+
+# A GQA config small enough for CPU, with heads and F divisible by 8 for tp up to 8.
+SMALL = jora.Config(vocab_size=128, d_model=64, d_ff=128, n_layers=2, n_heads=8, n_kv_heads=8,
+                    head_dim=8, max_positions=256)
+GQA = jora.Config(vocab_size=128, d_model=64, d_ff=128, n_layers=2, n_heads=8, n_kv_heads=4,
+                  head_dim=8, max_positions=256)
+
+
+def random_lora(key, cfg, lcfg, b_std=0.05):
+    """init_lora, but with a random nonzero B: B = 0 would hide every adapter bug."""
+    lora = jora.init_lora(key, cfg, lcfg)
+    out = {}
+    for i, (t, ab) in enumerate(lora._asdict().items()):
+        if ab is not None:
+            b = b_std * jax.random.normal(jax.random.fold_in(key, 100 + i), ab.b.shape)
+            out[t] = jora.LoraAB(a=ab.a, b=b)
+    return jora.Lora(**out)
+
+
+def random_params(key, cfg, dtype=np.float32):
+    """Random weights with non-trivial norms (init_params sets them to 1)."""
+    p = jora.init_params(key, cfg, dtype)
+    k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 7), 3)
+    layers = p.layers._replace(
+        attn_norm=1 + 0.1 * jax.random.normal(k1, p.layers.attn_norm.shape, dtype),
+        mlp_norm=1 + 0.1 * jax.random.normal(k2, p.layers.mlp_norm.shape, dtype))
+    return p._replace(layers=layers,
+                      final_norm=1 + 0.1 * jax.random.normal(k3, p.final_norm.shape, dtype),
+                      embed=p.embed * 20)   # std 0.4: activations large enough to matter
+
+
+@pytest.fixture(scope="session")
+def stories():
+    """The real trained stories260K model in fp32: (cfg, params)."""
+    if not os.path.isdir(STORIES):
+        pytest.skip("../shared/data is absent")
+    return jora.load_hf(os.path.join(STORIES, "hf"), dtype=np.float32)

@@ -1,0 +1,234 @@
+"""The model against independent references: a real trained Llama's logits, a NumPy
+transcription of the forward pass, and the properties a causal LM must have."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import DATA, GQA, SMALL, STORIES, needs_data, random_lora, random_params
+
+import jora
+
+
+# ---- the real trained model -----------------------------------------------------------------
+
+@needs_data
+def test_stories260k_reproduces_reference_logits(stories):
+    from safetensors.numpy import load_file
+    cfg, params = stories
+    ref = load_file(os.path.join(STORIES, "reference_logits.safetensors"))
+    logits = jora.forward(params, ref["input_ids"][None], cfg)
+    np.testing.assert_allclose(np.asarray(logits[0]), ref["logits"], atol=1e-4, rtol=0)
+
+
+@needs_data
+def test_stories260k_greedy_200_tokens(stories):
+    from safetensors.numpy import load_file
+    cfg, params = stories
+    greedy = load_file(os.path.join(STORIES, "reference_logits.safetensors"))["greedy_ids"]
+    out = jora.generate(params, [[cfg.bos_id]], cfg, max_new_tokens=200)[0]
+    assert out == greedy[1:].tolist()
+
+
+@needs_data
+def test_stories260k_cross_entropy_on_tinystories(stories):
+    cfg, params = stories
+    tok = jora.Tokenizer(os.path.join(STORIES, "hf"))
+    text = open(os.path.join(DATA, "text", "tinystories_sample.txt")).read()
+    stories_ = [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+    nll = n = 0.0
+    for s in stories_:
+        b = jora.make_batch([tok.encode(s, bos=True)])
+        a, c = jora.loss_sums(params, None, b, cfg, None)
+        nll, n = nll + float(a), n + float(c)
+    assert len(stories_) == 5 and n == 1804
+    assert abs(nll / n - 1.266) < 0.005, nll / n
+
+
+@needs_data
+def test_llama2_tokenizer():
+    tok = jora.Tokenizer(os.path.join(DATA, "llama2", "tokenizer.model"))
+    assert tok.vocab_size == 32000 and (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.encode("Hello world") == [15043, 3186]
+    assert tok.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
+    text = "Retrieval-augmented fine-tuning: 3 documents, 1 question.\nÜnïcödé ✓"
+    assert tok.decode(tok.encode(text)) == text
+
+
+# ---- an independent NumPy transcription ----------------------------------------------------
+
+def numpy_forward(params, lora, lcfg, cfg, tokens):
+    """Loop-heavy float64 Llama forward, written from the HF formulas, LoRA merged into W."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    T, H, G = len(tokens), cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+
+    def w(name, t, i):
+        W = getattr(p.layers, name)[i]
+        ab = None if lora is None else getattr(lora, t)
+        if ab is not None:
+            W = W + lcfg.scale * np.asarray(ab.a[i], np.float64) @ np.asarray(ab.b[i], np.float64)
+        return W
+
+    def norm(x, g):
+        return g * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps)
+
+    def rot(x, pos):   # x (H,): rotate (x[j], x[j + H/2]) by pos * theta^(-2j/H)
+        out = np.empty_like(x)
+        for j in range(H // 2):
+            a = pos * cfg.rope_theta ** (-2 * j / H)
+            out[j] = x[j] * np.cos(a) - x[j + H // 2] * np.sin(a)
+            out[j + H // 2] = x[j + H // 2] * np.cos(a) + x[j] * np.sin(a)
+        return out
+
+    x = p.embed[tokens]
+    for i in range(cfg.n_layers):
+        h = norm(x, p.layers.attn_norm[i])
+        q = (h @ w("wq", "q", i)).reshape(T, cfg.n_heads, H)
+        k = (h @ w("wk", "k", i)).reshape(T, cfg.n_kv_heads, H)
+        v = (h @ w("wv", "v", i)).reshape(T, cfg.n_kv_heads, H)
+        o = np.zeros((T, cfg.n_heads, H))
+        for n in range(cfg.n_heads):
+            for t in range(T):
+                qt = rot(q[t, n], t)
+                s = np.array([qt @ rot(k[u, n // G], u) for u in range(t + 1)]) / np.sqrt(H)
+                e = np.exp(s - s.max())
+                o[t, n] = (e / e.sum()) @ v[:t + 1, n // G]
+        x = x + o.reshape(T, -1) @ w("wo", "o", i)
+        h = norm(x, p.layers.mlp_norm[i])
+        g, u = h @ w("w_gate", "gate", i), h @ w("w_up", "up", i)
+        x = x + (g / (1 + np.exp(-g)) * u) @ w("w_down", "down", i)
+    return norm(x, p.final_norm) @ p.lm_head
+
+
+def test_forward_matches_numpy_transcription_with_lora():
+    key = jax.random.key(11)
+    params = random_params(key, GQA)
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ)
+    lora = random_lora(jax.random.fold_in(key, 1), GQA, lcfg)
+    tokens = np.asarray(jax.random.randint(jax.random.fold_in(key, 2), (12,), 0, GQA.vocab_size))
+    want = numpy_forward(params, lora, lcfg, GQA, tokens)
+    got = jora.forward(params, tokens[None], GQA, lora, lcfg)[0]
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)
+    base = jora.forward(params, tokens[None], GQA)[0]
+    assert np.abs(np.asarray(base) - want).max() > 1e-2   # the adapters really changed things
+
+
+# ---- properties ----------------------------------------------------------------------------
+
+def _setup(cfg=GQA, targets=("q", "v"), seed=0):
+    key = jax.random.key(seed)
+    params = random_params(key, cfg)
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=targets)
+    return params, lcfg, random_lora(jax.random.fold_in(key, 1), cfg, lcfg)
+
+
+def test_causality():
+    params, lcfg, lora = _setup(targets=jora.PROJ)
+    t = np.asarray(jax.random.randint(jax.random.key(3), (2, 16), 0, GQA.vocab_size))
+    t2 = t.copy()
+    t2[:, 10] = (t2[:, 10] + 1) % GQA.vocab_size
+    a = np.asarray(jora.forward(params, t, GQA, lora, lcfg))
+    b = np.asarray(jora.forward(params, t2, GQA, lora, lcfg))
+    np.testing.assert_array_equal(a[:, :10], b[:, :10])
+    assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-3
+
+
+def test_packed_segments_equal_separate_examples():
+    params, lcfg, lora = _setup(targets=jora.PROJ)
+    rng = np.random.default_rng(4)
+    x, y = rng.integers(0, GQA.vocab_size, 7), rng.integers(0, GQA.vocab_size, 9)
+    seg = np.array([[1] * 7 + [2] * 9])
+    pos = np.array([list(range(7)) + list(range(9))])
+    packed = np.asarray(jora.forward(params, np.concatenate([x, y])[None], GQA, lora, lcfg,
+                                     segment_ids=seg, positions=pos))[0]
+    alone_x = np.asarray(jora.forward(params, x[None], GQA, lora, lcfg))[0]
+    alone_y = np.asarray(jora.forward(params, y[None], GQA, lora, lcfg))[0]
+    np.testing.assert_allclose(packed[:7], alone_x, atol=1e-5)
+    np.testing.assert_allclose(packed[7:], alone_y, atol=1e-5)
+    # make_batch derives the same positions and masks the cross-boundary target.
+    b = jora.make_batch(np.concatenate([x, y, [0]])[None],
+                        segment_ids=np.concatenate([seg, [[0]]], 1))
+    np.testing.assert_array_equal(b.positions[0], pos[0])
+    assert b.weights[0, 6] == 0 and b.weights[0, :6].all() and b.weights[0, 7:15].all()
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    params, _, _ = _setup(GQA)
+    G, H = GQA.n_heads // GQA.n_kv_heads, GQA.head_dim
+    rep = lambda w: np.repeat(np.asarray(w).reshape(*w.shape[:-1], -1, H), G, -2).reshape(
+        *w.shape[:-1], -1)
+    mha_cfg = jora.Config(**{**GQA.__dict__, "n_kv_heads": GQA.n_heads})
+    mha = params._replace(layers=params.layers._replace(wk=rep(params.layers.wk),
+                                                        wv=rep(params.layers.wv)))
+    t = np.asarray(jax.random.randint(jax.random.key(5), (2, 12), 0, GQA.vocab_size))
+    np.testing.assert_allclose(np.asarray(jora.forward(params, t, GQA)),
+                               np.asarray(jora.forward(mha, t, mha_cfg)), atol=1e-5)
+
+
+def test_zero_b_equals_base_and_merge_equals_factored():
+    params, lcfg, lora = _setup(targets=jora.PROJ)
+    t = np.asarray(jax.random.randint(jax.random.key(6), (2, 12), 0, GQA.vocab_size))
+    fresh = jora.init_lora(jax.random.key(9), GQA, lcfg)               # B = 0
+    np.testing.assert_array_equal(np.asarray(jora.forward(params, t, GQA, fresh, lcfg)),
+                                  np.asarray(jora.forward(params, t, GQA)))
+    merged = params._replace(layers=params.layers._replace(**{
+        jora.WEIGHT[k]: jora.merge_lora(getattr(params.layers, jora.WEIGHT[k]), ab, lcfg)
+        for k, ab in lora._asdict().items()}))
+    np.testing.assert_allclose(np.asarray(jora.forward(merged, t, GQA)),
+                               np.asarray(jora.forward(params, t, GQA, lora, lcfg)), atol=1e-5)
+
+
+def test_lora_dropout_is_applied_only_with_a_key():
+    params, _, _ = _setup()
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, dropout=0.5, targets=jora.PROJ)
+    lora = random_lora(jax.random.key(1), GQA, lcfg, b_std=0.5)
+    b = jora.make_batch(np.asarray(jax.random.randint(jax.random.key(2), (2, 13), 0, 128)))
+    plain = float(jora.loss(params, lora, b, GQA, lcfg))
+    assert plain == float(jora.loss(params, lora, b, GQA, lcfg))
+    k1 = float(jora.loss(params, lora, b, GQA, lcfg, key=jax.random.key(0)))
+    k2 = float(jora.loss(params, lora, b, GQA, lcfg, key=jax.random.key(1)))
+    assert k1 != plain and k1 != k2
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+def test_config_from_hf_transformers_4_and_5():
+    v4 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+              num_key_value_heads=2, vocab_size=100, rms_norm_eps=1e-6, rope_theta=500000.0,
+              rope_scaling={"type": "linear", "factor": 4.0}, tie_word_embeddings=True,
+              max_position_embeddings=8192)
+    c = jora.Config.from_hf(v4)
+    assert (c.n_kv_heads, c.head_dim, c.rope_theta, c.rope_scale, c.tie_embeddings) == (
+        2, 8, 500000.0, 4.0, True)
+    v5 = {k: v for k, v in v4.items() if k not in ("rope_theta", "rope_scaling")}
+    v5.update(head_dim=16, rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 10000.0})
+    c = jora.Config.from_hf(v5)
+    assert (c.head_dim, c.rope_theta, c.rope_scale) == (16, 10000.0, 2.0)
+    assert jora.Config.from_hf(c.to_hf()) == c
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling.rope_type='yarn'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), "'llama3'"),
+    (dict(hidden_size=None), "missing field 'hidden_size'"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    (dict(num_key_value_heads=3), "num_key_value_heads=3"),
+    (dict(attention_bias=True), "attention_bias"),
+])
+def test_config_refuses_what_it_cannot_run(change, message):
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=8, vocab_size=100)
+    cfg.update(change)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        jora.Config.from_hf(cfg)
+
+
+def test_presets_have_llama2_parameter_counts():
+    count = lambda c: sum(np.prod(s) for s in jax.tree.leaves(
+        jora.param_shapes(c), is_leaf=lambda s: isinstance(s, tuple) and
+        all(isinstance(i, int) for i in s)))
+    assert abs(count(jora.LLAMA2_7B) / 6.738e9 - 1) < 1e-3
+    assert abs(count(jora.LLAMA2_13B) / 13.016e9 - 1) < 1e-3
+    assert abs(count(jora.LLAMA2_70B) / 68.977e9 - 1) < 1e-3

@@ -1,0 +1,196 @@
+"""Fine-tune a Llama-2-family model with LoRA: a thin command line over jora.py.
+
+  python train.py                                          # built-in demo, ~1 minute on a CPU
+  python train.py --model llama-2-7b-hf --data alpaca.json --out run1 --tp 4 --steps 1000
+  python train.py --model llama-2-7b-hf --data raft.jsonl --seq-len 4096 --pack --remat full
+  python train.py --resume --out run1                      # continue after a crash or Ctrl-C
+  python train.py --generate --model llama-2-7b-hf --adapter run1/adapter --prompt "..."
+  python train.py --benchmark --size 7b --seq-len 2048     # speed and memory, random weights
+
+Leaves OUT/adapter (PEFT), OUT/merged (HF), OUT/metrics.jsonl and OUT/checkpoints/.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jora
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--model", help="HF Llama folder (config.json, safetensors, tokenizer.model); "
+                      "omitted = the built-in demo")
+    a("--data", help="Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL")
+    a("--format", default="auto", choices=["auto", "alpaca", "raft", "completion"])
+    a("--tokenizer", help="sentencepiece tokenizer.model (default: the model's)")
+    a("--out", default="out", help="run folder: checkpoints, metrics, exports")
+    a("--steps", type=int, help="optimizer steps (default: --epochs)")
+    a("--epochs", type=float, default=1.0)
+    a("--batch-size", type=int, default=8)
+    a("--grad-accum", type=int, default=1)
+    a("--seq-len", type=int, default=1024)
+    a("--pack", action="store_true", help="pack several examples into each row")
+    a("--lora-r", type=int, default=16)
+    a("--lora-alpha", type=float, default=16.0)
+    a("--lora-dropout", type=float, default=0.05)
+    a("--targets", default="q,v", help="any of q,k,v,o,gate,up,down, or 'all'")
+    a("--lr", type=float, default=2e-4)
+    a("--warmup", type=int, default=10)
+    a("--weight-decay", type=float, default=0.0)
+    a("--clip", type=float, default=1.0)
+    a("--remat", default="none", choices=list(jora.REMAT))
+    a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a("--tp", type=int, default=1, help="devices per tensor-parallel group")
+    a("--seed", type=int, default=0)
+    a("--eval-split", type=float, default=0.0, help="fraction of examples held out")
+    a("--save-every", type=int, default=0)
+    a("--eval-every", type=int, default=0)
+    a("--log-every", type=int, default=10)
+    a("--keep", type=int, default=3, help="checkpoints to keep")
+    a("--resume", nargs="?", const="", help="continue the run in --out (or in RESUME)")
+    a("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
+    a("--benchmark", action="store_true", help="time training of a random --size model")
+    a("--size", default="7b", choices=list(jora.PRESETS))
+    a("--bench-steps", type=int, default=5)
+    a("--generate", action="store_true", help="complete --prompt / --prompts and exit")
+    a("--adapter", help="PEFT adapter folder to apply when generating")
+    a("--prompt", action="append", default=[])
+    a("--prompts", help="file with one prompt per line")
+    a("--max-new-tokens", type=int, default=256)
+    a("--temperature", type=float, default=0.0)
+    a("--top-k", type=int, default=0)
+    a("--top-p", type=float, default=1.0)
+    a("--coordinator", help="host:port of process 0, for several hosts (or JAX_COORDINATOR_ADDRESS)")
+    a("--num-processes", type=int)
+    a("--process-id", type=int)
+    return p.parse_args(argv)
+
+
+def lora_config(args) -> jora.LoraConfig:
+    targets = jora.PROJ if args.targets == "all" else tuple(args.targets.split(","))
+    return jora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                           targets=targets)
+
+
+def demo_setup(out: str) -> tuple[str, str]:
+    """Build the demo: a small random Llama (saved in HF layout) and a task it must learn,
+    spelling out digits ("4 0 7" -> "four zero seven"). Returns (model folder, data file)."""
+    import io
+    import random
+
+    import sentencepiece
+    words = "zero one two three four five six seven eight nine".split()
+    rng = random.Random(0)
+    records = []
+    for _ in range(2000):
+        digits = [rng.randrange(10) for _ in range(rng.randint(1, 3))]
+        records.append(dict(prompt=f"Spell {' '.join(map(str, digits))}:",
+                            completion=" " + " ".join(words[d] for d in digits)))
+    base, data = os.path.join(out, "demo_base"), os.path.join(out, "demo_data.jsonl")
+    os.makedirs(out, exist_ok=True)
+    with open(data, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    texts = [r["prompt"] + r["completion"] for r in records]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, model_type="char", vocab_size=40,
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, hard_vocab_limit=False)
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue()).vocab_size()
+    cfg = jora.Config(vocab_size=vocab, d_model=128, d_ff=256, n_layers=2, n_heads=4,
+                      n_kv_heads=2, head_dim=32, max_positions=256)
+    params = jora.init_params(jax.random.key(0), cfg, jnp.float32)
+    params = params._replace(embed=params.embed * 25)   # std 0.5: tokens start distinguishable
+    jora.export_merged(base, cfg, params, dtype=jnp.float32)
+    with open(os.path.join(base, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    return base, data
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    lcfg = lora_config(args)
+    mesh = jora.make_mesh(args.tp)
+    opts = jora.Options(remat=args.remat, attention=args.attention)
+    dtype = jnp.dtype(args.dtype)
+    if args.benchmark:
+        tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                seq_len=args.seq_len)
+        result = jora.benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts,
+                                steps=args.bench_steps, dtype=dtype)
+        print(json.dumps(dict(size=args.size, **result)))
+        return result
+    demo = args.model is None and not args.generate
+    if demo:
+        if args.resume is None and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+            args.overwrite = True   # the demo may always be re-run in place
+        args.model, args.data = demo_setup(args.out)
+        args.format, args.lr, args.warmup, args.lora_dropout = "completion", 5e-3, 20, 0.0
+        args.targets, args.seq_len, args.batch_size, args.log_every = "all", 64, 16, 25
+        args.steps = args.steps or 250
+        lcfg = lora_config(args)
+    cfg, params = jora.load_hf(args.model, dtype, mesh)
+    tok = jora.Tokenizer(args.tokenizer or args.model)
+    if tok.vocab_size > cfg.vocab_size:
+        sys.exit(f"error: tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
+                 f"vocabulary is {cfg.vocab_size}: they do not belong together")
+    if args.generate:
+        lora, lc = jora.load_adapter(args.adapter, cfg) if args.adapter else (None, None)
+        if lora is not None:
+            lora = jora.shard(lora, jora.lora_specs(lc), mesh)
+        prompts = args.prompt + (open(args.prompts).read().splitlines() if args.prompts else [])
+        t = time.time()
+        outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg,
+                             args.max_new_tokens, lora, lc, args.temperature, args.top_k,
+                             args.top_p, args.seed)
+        n = sum(len(o) for o in outs)
+        for p, o in zip(prompts, outs):
+            print(f"### {p}\n{tok.decode(o)}\n")
+        print(f"{n} tokens in {time.time() - t:.1f}s (compile included)")
+        return dict(outputs=outs)
+
+    records, fmt = jora.read_records(args.data, args.format)
+    examples, report = jora.tokenize_records(records, fmt, tok, args.seq_len, args.data)
+    print(f"data: {args.data} ({fmt}) {len(records)} records -> {report}")
+    n_eval = int(len(examples) * args.eval_split)
+    split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()
+    eval_ex, train_ex = [examples[i] for i in split[:n_eval]], [examples[i] for i in split[n_eval:]]
+    rows = args.batch_size * args.grad_accum
+    steps = args.steps or max(1, int(args.epochs * len(train_ex) / rows))
+    tcfg = jora.TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
+                            weight_decay=args.weight_decay, clip=args.clip, seed=args.seed)
+    out = args.out if not args.resume else args.resume
+    sample = None
+    if demo:
+        sample = [tok.encode("Spell 3 1 4:", bos=True)]
+        print("before:", tok.decode(jora.generate(params, sample, cfg, 40)[0]))
+    lora, summary = jora.train(
+        cfg, params, lcfg, tcfg, train_ex, out, mesh, eval_ex, opts, args.pack, args.log_every,
+        args.eval_every, args.save_every, args.keep, args.resume is not None, args.overwrite,
+        dict(vars(args)))
+    if "interrupted" in summary:
+        return summary
+    jora.export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=args.model)
+    jora.export_merged(os.path.join(out, "merged"), cfg, params, lora, lcfg, source=args.model,
+                       dtype=jnp.bfloat16 if not demo else jnp.float32)
+    print(f"wrote {out}/adapter (PEFT) and {out}/merged (HF)")
+    if demo:
+        print("after: ", tok.decode(jora.generate(params, sample, cfg, 40, lora, lcfg)[0]))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows_ = [json.loads(line) for line in f if '"loss"' in line]
+    summary["first_loss"] = rows_[0]["loss"] if rows_ else None
+    return summary
+
+
+if __name__ == "__main__":
+    main()
