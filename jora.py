@@ -223,6 +223,7 @@ class Lora(NamedTuple):       # None = no adapter on that projection (an empty p
 
 
 WEIGHT = dict(q="wq", k="wk", v="wv", o="wo", gate="w_gate", up="w_up", down="w_down")
+TARGET = {w: t for t, w in WEIGHT.items()}
 
 
 def param_specs() -> Params:
@@ -337,7 +338,7 @@ class _Reader:
     def slice(self, name, want_shape, index=None):
         from safetensors import safe_open
         if name not in self.files:
-            raise KeyError(f"checkpoint has no tensor '{name}' (expected shape {want_shape})")
+            raise ValueError(f"checkpoint has no tensor '{name}' (expected shape {want_shape})")
         path = self.files[name]
         if path not in self.open:
             self.open[path] = safe_open(path, "numpy").__enter__()
@@ -348,7 +349,7 @@ class _Reader:
                 raise ValueError(f"{path}: tensor '{name}' has shape {shape}, "
                                  f"the config needs {tuple(want_shape)}")
             return sl[index] if index is not None else sl[:]
-        except (ValueError, KeyError):
+        except ValueError:
             raise
         except Exception as e:   # truncated or corrupt file: safetensors' own message is terse
             raise ValueError(f"{path}: cannot read tensor '{name}' ({e})") from None
@@ -374,6 +375,10 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensor '{unexpected[0]}' "
                          f"({len(unexpected)} in all) for config {cfg}")
+    missing = sorted(expected - set(reader.files))
+    if missing:
+        raise ValueError(f"{folder}: checkpoint has no tensor '{missing[0]}' "
+                         f"({len(missing)} missing in all)")
 
     def np_dtype(x):   # convert on the host, in the reading pass (bf16 via ml_dtypes)
         return x.astype(jnp.dtype(dtype))
@@ -408,12 +413,14 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     return cfg, params
 
 
-def merge_lora(w, ab: LoraAB | None, lcfg: LoraConfig):
-    """W (L, I, O) + scale * A @ B, in fp32, back in W's dtype. For export only."""
+def merge_lora(w, ab: LoraAB | None, lcfg: LoraConfig) -> np.ndarray:
+    """W (L, I, O) + scale * A @ B on the host in float64, returned in W's dtype. For export
+    only; on the host so that every mesh layout writes bit-identical files."""
+    w_host = np.asarray(jax.device_get(w))
     if ab is None:
-        return w
-    delta = jnp.einsum("LIR,LRO->LIO", ab.a, ab.b, precision="highest")
-    return (w.astype(jnp.float32) + lcfg.scale * delta).astype(w.dtype)
+        return w_host
+    a, b = (np.asarray(jax.device_get(x), np.float64) for x in (ab.a, ab.b))
+    return (w_host.astype(np.float64) + lcfg.scale * (a @ b)).astype(w_host.dtype)
 
 
 def _atomic_dir(folder: str, write):
@@ -449,9 +456,9 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
         for i in range(cfg.n_layers):
             for field, hf in HF_NAME.items():
                 w = getattr(params.layers, field)[i:i + 1]
-                t = next((t for t, f in WEIGHT.items() if f == field), None)
-                if t is not None and lora is not None:
-                    w = merge_lora(w, getattr(lora, t), lcfg)
+                ab = getattr(lora, TARGET.get(field, ""), None) if lora is not None else None
+                if ab is not None:
+                    w = merge_lora(w, LoraAB(a=ab.a[i:i + 1], b=ab.b[i:i + 1]), lcfg)
                 yield f"model.layers.{i}.{hf}.weight", _host(w[0], dtype).T
         yield "model.norm.weight", _host(params.final_norm, dtype)
         if not cfg.tie_embeddings:

@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         args.model, args.data = demo_setup(args.out)
         args.format, args.lr, args.warmup, args.lora_dropout = "completion", 5e-3, 20, 0.0
         args.targets, args.seq_len, args.batch_size, args.log_every = "all", 64, 16, 25
-        args.steps = args.steps or 250
+        args.steps, args.lora_r = args.steps or 600, 32
         lcfg = lora_config(args)
     cfg, params = jora.load_hf(args.model, dtype, mesh)
     tok = jora.Tokenizer(args.tokenizer or args.model)
@@ -193,4 +193,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, FloatingPointError) as e:   # bad input: one line, no traceback
+        sys.exit(f"error: {e}")

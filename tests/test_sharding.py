@@ -1,0 +1,122 @@
+"""Tensor and data parallelism on 8 fake CPU devices: every mesh gives the unsharded numbers."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_lora, random_params
+
+import jora
+
+# GQA (G = 2) with 8 KV heads, so that tp = 8 still holds whole KV heads.
+CFG = jora.Config(vocab_size=128, d_model=64, d_ff=128, n_layers=2, n_heads=16, n_kv_heads=8,
+                  head_dim=8, max_positions=256)
+LCFG = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ)
+MESHES = [(1, 1), (1, 2), (1, 4), (2, 2), (2, 4), (1, 8)]
+
+
+def mesh_of(data, tp):
+    return jora.make_mesh(tp, jax.devices()[:data * tp])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    key = jax.random.key(0)
+    params = random_params(key, CFG)
+    lora = random_lora(jax.random.fold_in(key, 1), CFG, LCFG)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, (4, 33))
+    weights = (rng.random((4, 33)) < 0.7).astype(np.float32)
+    segs = np.where(np.arange(33) < 20, 1, 2)[None].repeat(4, 0)   # two packed examples a row
+    return params, lora, jora.make_batch(tokens, weights, segs)
+
+
+def on(mesh, params, lora, batch):
+    return (jora.shard(params, jora.param_specs(), mesh),
+            jora.shard(lora, jora.lora_specs(LCFG), mesh),
+            jora.shard(batch, jora.batch_specs(), mesh))
+
+
+def loss_and_grads(mesh, params, lora, batch):
+    p, l, b = on(mesh, params, lora, batch)
+    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(p, l, b, CFG, LCFG, mesh=mesh)))
+    return jax.device_get(f(l))
+
+
+def five_steps(mesh, params, lora, batch):
+    tcfg = jora.TrainConfig(steps=5, batch_size=2, grad_accum=2, lr=1e-2, warmup=2,
+                            weight_decay=0.1)
+    p, l, _ = on(mesh, params, jax.device_get(lora), batch)   # a copy: the step donates it
+    state = jora.shard(jora.TrainState(l, jora.adamw_init(l), np.int32(0)),
+                       jora.state_specs(LCFG), mesh)
+    spec = jora.Batch(*([jora.P(None, jora.DATA, None)] * 5))
+    b = jora.shard(jora.Batch(*(x.reshape(2, 2, -1) for x in batch)), spec, mesh)
+    step = jora.make_train_step(CFG, LCFG, tcfg, mesh)
+    losses = []
+    for _ in range(5):
+        state, m = step(state, p, b, jax.random.key(0))
+        losses.append(float(m["loss"]))
+    return losses, jax.device_get(state.lora)
+
+
+@pytest.mark.parametrize("data,tp", MESHES)
+def test_loss_and_lora_grads_match_unsharded(setup, data, tp):
+    params, lora, batch = setup
+    want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
+    loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for t in LCFG.targets:
+        for part in "ab":
+            got, want = getattr(getattr(g, t), part), getattr(getattr(want_g, t), part)
+            assert np.abs(want).max() > 0
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=f"{t}.{part}")
+
+
+@pytest.mark.parametrize("data,tp", MESHES[1:])
+def test_five_training_steps_match_unsharded(setup, data, tp):
+    params, lora, batch = setup
+    want_losses, want = five_steps(mesh_of(1, 1), params, lora, batch)
+    losses, got = five_steps(mesh_of(data, tp), params, lora, batch)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    assert want_losses[-1] < want_losses[0]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), got, want)
+
+
+def test_kv_heads_fewer_than_tp_are_refused():
+    cfg = jora.Config(**{**CFG.__dict__, "n_kv_heads": 4})
+    with pytest.raises(ValueError, match="num_key_value_heads=4 is not divisible by tp=8"):
+        jora.check_tp(cfg, 8)
+    with pytest.raises(ValueError, match="--tp 3 must divide the number of devices"):
+        jora.make_mesh(3)
+
+
+def test_export_from_sharded_run_equals_tp1(setup, tmp_path):
+    from safetensors.numpy import load_file
+    params, lora, _ = setup
+    files = []
+    for data, tp in [(1, 1), (2, 4)]:
+        mesh = mesh_of(data, tp)
+        p, l, _ = on(mesh, params, lora, _)
+        out = tmp_path / f"tp{tp}"
+        jora.export_merged(str(out / "merged"), CFG, p, l, LCFG, dtype=np.float32)
+        jora.export_adapter(str(out / "adapter"), CFG, l, LCFG)
+        files.append(out)
+    for rel in ["merged/model.safetensors", "adapter/adapter_model.safetensors"]:
+        a, b = load_file(files[0] / rel), load_file(files[1] / rel)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for rel in ["merged/config.json", "adapter/adapter_config.json"]:
+        assert (files[0] / rel).read_text() == (files[1] / rel).read_text()
+
+
+def test_sharded_loading_matches_and_splits(setup, tmp_path):
+    params, _, _ = setup
+    jora.export_merged(str(tmp_path / "m"), CFG, params, dtype=np.float32)
+    mesh = mesh_of(2, 4)
+    cfg, p = jora.load_hf(str(tmp_path / "m"), np.float32, mesh)
+    assert cfg == CFG
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 p, params)
+    wq = p.layers.wq   # each device holds a quarter of the heads, not the whole weight
+    assert {s.data.shape for s in wq.addressable_shards} == {(2, 64, 16 * 8 // 4)}
