@@ -1165,8 +1165,9 @@ def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[T
         return Lora(**{x: LoraAB(a=t[f"{prefix}.{x}.a"], b=t[f"{prefix}.{x}.b"])
                        for x in lcfg.targets})
 
-    state = TrainState(lora=tree("lora"), opt=AdamW(step=t["step"], mu=tree("mu"),
-                                                    nu=tree("nu")), bad_step=t["bad_step"])
+    scalar = lambda name: t[name].reshape(())   # safetensors stores a scalar as shape (1,)
+    state = TrainState(lora=tree("lora"), opt=AdamW(step=scalar("step"), mu=tree("mu"),
+                                                    nu=tree("nu")), bad_step=scalar("bad_step"))
     return shard(state, state_specs(lcfg), mesh), meta
 
 
@@ -1262,8 +1263,17 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
+    def run_eval(step):
+        ev = evaluate(params, state.lora, eval_examples, cfg, lcfg, mesh, tcfg.batch_size,
+                      tcfg.seq_len, opts)
+        log(f"step {step}/{tcfg.steps}  eval_loss {ev:.4f}")
+        record(dict(step=step, eval_loss=ev))
+        summary["eval_loss"] = ev
+
     peak = PEAK_FLOPS.get(jax.default_backend())
     pending, tokens_seen, t0, t_start, summary = [], 0, time.time(), time.time(), {}
+    if eval_every and eval_examples and start == 0:
+        run_eval(0)   # the baseline that later evaluations are compared with
     try:
         for step in range(start, tcfg.steps):
             tokens, weights, segs, position = next(data)
@@ -1293,11 +1303,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                 summary.update(row)
                 pending, tokens_seen, t0 = [], 0, time.time()
             if eval_every and eval_examples and (done % eval_every == 0 or done == tcfg.steps):
-                ev = evaluate(params, state.lora, eval_examples, cfg, lcfg, mesh,
-                              tcfg.batch_size, tcfg.seq_len, opts)
-                log(f"step {done}/{tcfg.steps}  eval_loss {ev:.4f}")
-                record(dict(step=done, eval_loss=ev))
-                summary["eval_loss"] = ev
+                run_eval(done)
             if interrupted:
                 checkpoint(done)
                 log(f"interrupted at step {done}: checkpoint saved; continue with --resume")

@@ -1,0 +1,318 @@
+"""Training end to end: data, AdamW, accumulation, checkpoints, resume, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import DATA, GQA, STORIES, needs_data, random_lora, random_params
+
+import jora
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- optimizer ------------------------------------------------------------------------------
+
+def test_adamw_matches_numpy_formula():
+    tcfg = jora.TrainConfig(b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    p = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    lora = jora.Lora(q=jora.LoraAB(p["a"], p["b"]))
+    opt = jora.adamw_init(lora)
+    m = {k: np.zeros_like(v, np.float64) for k, v in p.items()}
+    v = {k: np.zeros_like(x, np.float64) for k, x in p.items()}
+    w = {k: x.astype(np.float64) for k, x in p.items()}
+    for t in range(1, 5):
+        g = {k: rng.normal(size=x.shape) for k, x in p.items()}
+        lr = 0.01 * t
+        lora, opt = jora.adamw_update(lora, jora.Lora(q=jora.LoraAB(g["a"], g["b"])), opt, lr, tcfg)
+        for k in p:
+            m[k] = 0.8 * m[k] + 0.2 * g[k]
+            v[k] = 0.95 * v[k] + 0.05 * g[k] ** 2
+            mhat, vhat = m[k] / (1 - 0.8 ** t), v[k] / (1 - 0.95 ** t)
+            w[k] = w[k] - lr * (mhat / (np.sqrt(vhat) + 1e-6) + 0.1 * w[k])
+    np.testing.assert_allclose(lora.q.a, w["a"], rtol=1e-5)
+    np.testing.assert_allclose(lora.q.b, w["b"], rtol=1e-5)
+    assert int(opt.step) == 4
+
+
+def test_schedule_warmup_then_cosine():
+    tcfg = jora.TrainConfig(steps=110, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    lr = lambda s: float(jora.learning_rate(s, tcfg))
+    assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1)
+    assert lr(10) == pytest.approx(1.0)
+    assert lr(60) == pytest.approx(0.55)            # half way: (1 + 0.1) / 2
+    assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 110))
+
+
+def test_accumulation_equals_one_big_batch():
+    params = random_params(jax.random.key(0), GQA)
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=("q", "v", "down"))
+    lora = random_lora(jax.random.key(1), GQA, lcfg)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, GQA.vocab_size, (4, 17))
+    weights = np.zeros((4, 17), np.float32)
+    for i, n in enumerate([3, 16, 7, 1]):          # rows with very different answer lengths
+        weights[i, -n:] = 1
+    b = jora.make_batch(tokens, weights)
+    mesh = jora.make_mesh(1, jax.devices()[:1])
+    results = []
+    for accum, rows in [(4, 1), (1, 4)]:
+        tcfg = jora.TrainConfig(steps=1, batch_size=rows, grad_accum=accum, lr=1e-2, warmup=1)
+        step = jora.make_train_step(GQA, lcfg, tcfg, mesh)
+        l = jax.device_get(lora)
+        state = jora.TrainState(l, jora.adamw_init(l), np.int32(0))
+        bb = jora.Batch(*(x.reshape(accum, rows, -1) for x in b))
+        state, m = step(state, params, bb, jax.random.key(0))
+        results.append((float(m["loss"]), float(m["grad_norm"]), jax.device_get(state.lora)))
+    (l1, g1, s1), (l2, g2, s2) = results
+    assert l1 == pytest.approx(l2, rel=1e-6) and g1 == pytest.approx(g2, rel=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1, s2)
+    # and the loss is the token-weighted mean, not a mean of per-row means
+    nll, n = jora.loss_sums(params, lora, b, GQA, lcfg)
+    assert float(n) == 27 and l2 == pytest.approx(float(nll) / 27, rel=1e-6)
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def test_batches_are_deterministic_resumable_and_packed():
+    rng = np.random.default_rng(0)
+    ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
+          for n in rng.integers(5, 30, 40)]
+    a = jora.batches(ex, 2, 63, pack=True, seed=3)
+    first = [next(a) for _ in range(6)]
+    again = jora.batches(ex, 2, 63, pack=True, seed=3)
+    for x, y in zip(first, [next(again) for _ in range(6)]):
+        np.testing.assert_array_equal(x[0], y[0])
+    resumed = jora.batches(ex, 2, 63, pack=True, seed=3, position=first[2][3])
+    np.testing.assert_array_equal(next(resumed)[0], first[3][0])
+    tokens, weights, segs, _ = first[0]
+    assert tokens.shape == (2, 64) and segs.max() >= 2            # several examples a row
+    other = next(jora.batches(ex, 2, 63, pack=True, seed=4))[0]
+    assert not np.array_equal(other, tokens)
+    t, _, s, _ = next(jora.batches(ex, 3, 255, pack=False, seed=0, bucket=16))
+    assert t.shape[1] % 16 == 0 and t.shape[1] < 64 and s.max() == 1   # padded to the longest
+
+
+def test_alpaca_template_and_answer_only_loss(tmp_path):
+    base, _ = train.demo_setup(str(tmp_path))
+    tok = jora.Tokenizer(base)
+    records = [{"instruction": "Say 1", "input": "", "output": "1 2"}]
+    (ex,), report = jora.tokenize_records(records, "alpaca", tok, 512)
+    prompt = tok.encode(jora.alpaca_prompt("Say 1"), bos=True)
+    assert ex.tokens.tolist() == prompt + tok.encode("1 2") + [tok.eos_id]
+    assert ex.weights.tolist() == [0] * len(prompt) + [1] * (len(ex.tokens) - len(prompt))
+    assert "### Instruction:\nSay 1\n\n### Response:\n" in jora.alpaca_prompt("Say 1")
+    assert "### Input:\nx\n\n" in jora.alpaca_prompt("Say 1", "x")
+
+
+@needs_data
+def test_raft_keeps_oracle_and_answer_at_2048_with_llama2_tokenizer():
+    tok = jora.Tokenizer(os.path.join(DATA, "llama2", "tokenizer.model"))
+    path = os.path.join(DATA, "raft", "raft_en_test.jsonl")
+    records, fmt = jora.read_records(path)
+    assert fmt == "raft"
+    examples, report = jora.tokenize_records(records, fmt, tok, 2048, path)
+    assert len(examples) == len(records) == 20 and report["skipped"] == 0
+    docs_kept = 0
+    for r, ex in zip(records, examples):
+        answer = tok.encode(r["cot_answer"]) + [tok.eos_id]
+        n = int(ex.weights.sum())
+        assert ex.tokens[-n:].tolist() == answer and len(ex.tokens) <= 2049
+        prompt = tok.decode(ex.tokens[:-n])
+        assert r["oracle_context"].strip() in prompt
+        assert prompt.rstrip().endswith(r["question"].strip())
+        docs_kept += prompt.count("<DOCUMENT>")
+    assert report["dropped_distractors"] == 80 - docs_kept > 0     # reported, and exact
+    short, report = jora.tokenize_records(records, fmt, tok, 8192, path)
+    assert report["dropped_distractors"] == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "c" "output": "d"}]',
+     r"data.json: malformed JSON at line 2"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": }\n',
+     r"data.json: record 2 \(line 2\) is malformed JSON"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n',
+     r"data.json: record 2 has no 'output' \(format alpaca\)"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": 3}\n',
+     r"data.json: record 2 field 'output' is int, not a string"),
+    ('', r"data.json: no records"),
+    ('{"text": "a"}\n', r"data.json: record 1 has keys \['text'\]; cannot tell the format"),
+])
+def test_bad_data_files_name_file_and_record(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        jora.read_records(str(path))
+
+
+def test_every_record_too_long_is_an_error(tmp_path):
+    base, _ = train.demo_setup(str(tmp_path))
+    records = [{"prompt": "Spell 1 2 3 4 5 6 7 8 9:", "completion": " one"}] * 3
+    with pytest.raises(ValueError, match=r"d.jsonl: no usable examples: all 3 records are longer "
+                                         r"than --seq-len 8"):
+        jora.tokenize_records(records, "completion", jora.Tokenizer(base), 8, "d.jsonl")
+
+
+# ---- the loop: checkpoints, resume, signals, crashes ----------------------------------------
+
+@pytest.fixture
+def demo(tmp_path):
+    base, data = train.demo_setup(str(tmp_path / "demo"))
+    return ["--model", base, "--data", data, "--seq-len", "48", "--batch-size", "8",
+            "--lora-r", "4", "--targets", "q,v,o", "--lr", "3e-3", "--warmup", "2",
+            "--log-every", "1", "--lora-dropout", "0.1"]
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_resume_after_interrupt_is_bit_identical(demo, tmp_path):
+    full = str(tmp_path / "full")
+    train.main(demo + ["--out", full, "--steps", "8"])
+
+    def interrupt_at_4(line):   # a SIGINT arriving while step 4 runs
+        if line.startswith("step 4/"):
+            os.kill(os.getpid(), signal.SIGINT)
+    part = str(tmp_path / "part")
+    args = train.parse_args(demo + ["--out", part, "--steps", "8"])
+    summary = _train_with_log(args, interrupt_at_4)
+    assert summary["interrupted"] == 4
+    assert os.path.isdir(os.path.join(part, "checkpoints", "step_00000004"))
+    train.main(demo + ["--out", part, "--steps", "8", "--resume"])
+    assert losses(part) == losses(full) and len(losses(full)) == 8
+    from safetensors.numpy import load_file
+    x = load_file(os.path.join(full, "adapter", "adapter_model.safetensors"))
+    y = load_file(os.path.join(part, "adapter", "adapter_model.safetensors"))
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+
+
+def _train_with_log(args, log):
+    """train.main's data path, but with a log callback (to interrupt at a chosen step)."""
+    mesh = jora.make_mesh(1)
+    cfg, params = jora.load_hf(args.model, np.float32 if args.dtype == "float32" else
+                               jax.numpy.bfloat16, mesh)
+    tok = jora.Tokenizer(args.model)
+    records, fmt = jora.read_records(args.data)
+    examples, _ = jora.tokenize_records(records, fmt, tok, args.seq_len)
+    split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()
+    examples = [examples[i] for i in split]
+    tcfg = jora.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                            lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed)
+    _, summary = jora.train(cfg, params, train.lora_config(args), tcfg, examples, args.out, mesh,
+                            log_every=1, log=log)
+    return summary
+
+
+def test_sigint_in_a_subprocess_then_resume(demo, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + demo + ["--steps", "40"]
+    subprocess.run(cmd + ["--out", full], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", part], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = os.path.join(part, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and len(losses(part)) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0 and "interrupted at step" in out, out
+    stopped = len(losses(part))
+    assert 5 <= stopped < 40
+    subprocess.run(cmd + ["--out", part, "--resume"], check=True, capture_output=True)
+    assert losses(part) == losses(full)
+
+
+def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
+    lcfg = jora.LoraConfig(r=2, targets=("q",))
+    meta = dict(config={}, lora={}, step=1, data_position=[0, 0])
+    lora = random_lora(jax.random.key(0), GQA, lcfg)
+    state = jora.TrainState(lora, jora.adamw_init(lora), np.int32(0))
+    good = tmp_path / "checkpoints" / "step_00000001"
+    jora.save_checkpoint(str(good), state, meta)
+    script = f"""
+import os, sys, safetensors.numpy
+sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
+import jax, numpy as np, jora
+from conftest import GQA, random_lora
+def dying_save(tensors, path, **kw):   # half a file, then the process dies
+    open(path, "wb").write(b"\\0" * 1000); os.kill(os.getpid(), 9)
+safetensors.numpy.save_file = dying_save
+lcfg = jora.LoraConfig(r=2, targets=("q",))
+lora = random_lora(jax.random.key(5), GQA, lcfg)
+jora.save_checkpoint({str(tmp_path / "checkpoints" / "step_00000002")!r},
+                     jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)), dict(step=2))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert r.returncode == -9, r.stderr.decode()
+    latest = jora.latest_checkpoint(str(tmp_path))
+    assert latest == str(good)
+    meta_cfg = dict(config=jora.dataclasses.asdict(GQA), lora=jora.dataclasses.asdict(lcfg))
+    with open(good / "state.json", "w") as f:
+        json.dump({**meta, **meta_cfg}, f)
+    loaded, _ = jora.load_checkpoint(latest, GQA, lcfg, jora.make_mesh(1, jax.devices()[:1]))
+    np.testing.assert_array_equal(loaded.lora.q.b, lora.q.b)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
+    out = str(tmp_path / "nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+"):
+        train.main(demo + ["--out", out, "--steps", "10", "--lr", "1e38", "--clip", "0",
+                           "--save-every", "1", "--lora-dropout", "0"])
+    latest = jora.latest_checkpoint(out)
+    assert latest is not None
+    cfg, _ = jora.load_hf(demo[1])
+    args = train.parse_args(demo + ["--lora-dropout", "0"])
+    state, meta = jora.load_checkpoint(latest, cfg, train.lora_config(args), jora.make_mesh(1))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.lora))
+
+
+def test_out_holding_a_run_is_refused_and_resume_checks_the_model(demo, tmp_path):
+    out = str(tmp_path / "run")
+    train.main(demo + ["--out", out, "--steps", "2"])
+    before = open(os.path.join(out, "metrics.jsonl")).read()
+    with pytest.raises(FileExistsError, match="holds another run; pass --resume"):
+        train.main(demo + ["--out", out, "--steps", "2"])
+    with pytest.raises(ValueError, match=r"checkpoint was made with lora.r=4, this run has 8"):
+        train.main(demo + ["--out", out, "--steps", "4", "--resume", "--lora-r", "8"])
+    assert open(os.path.join(out, "metrics.jsonl")).read() == before   # nothing overwritten
+    train.main(demo + ["--out", out, "--steps", "2", "--overwrite"])
+
+
+@needs_data
+def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="32000 pieces but the model's vocabulary is 512"):
+        train.main(["--model", os.path.join(STORIES, "hf"), "--data",
+                    os.path.join(DATA, "alpaca", "alpaca_data_1k.json"),
+                    "--tokenizer", os.path.join(DATA, "llama2", "tokenizer.model"),
+                    "--out", str(tmp_path / "x")])
+
+
+@needs_data
+def test_stories260k_on_alpaca_lowers_held_out_loss(tmp_path):
+    out = str(tmp_path / "alpaca")
+    summary = train.main(["--model", os.path.join(STORIES, "hf"), "--data",
+                          os.path.join(DATA, "alpaca", "alpaca_data_1k.json"), "--out", out,
+                          "--steps", "30", "--seq-len", "256", "--batch-size", "8",
+                          "--lr", "3e-3", "--warmup", "5", "--eval-split", "0.05",
+                          "--eval-every", "30", "--targets", "all", "--dtype", "float32"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        evals = [r["eval_loss"] for r in map(json.loads, f) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.3, evals
+    assert summary["eval_loss"] == evals[1]
+    assert os.path.exists(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    assert os.path.exists(os.path.join(out, "merged", "model.safetensors"))
+
+
+def test_demo_loss_falls_below_half(tmp_path):
+    summary = train.main(["--out", str(tmp_path / "demo")])
+    assert summary["loss"] < 0.5 * summary["first_loss"], summary
