@@ -1319,44 +1319,58 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
 
 
 def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Options(),
-              steps: int = 5, warmup: int = 2, dtype=jnp.bfloat16) -> dict:
-    """Time training steps of a random-initialised model on random tokens -> a dict with
-    tokens/s, step seconds, MFU, per-device peak memory (GiB) and compile seconds."""
+              seq_lens=(), steps: int = 5, warmup: int = 2, dtype=jnp.bfloat16, log=print):
+    """Time training steps of a random-initialised model on random tokens, at each of
+    `seq_lens` (default: tcfg.seq_len), reusing one model. Logs and returns, per length, a dict
+    of tokens/s, step seconds, MFU, per-device peak memory (GiB) and compile seconds; a length
+    that does not fit in memory gives {"error": "out of memory"}. Peak memory only grows within
+    a process: give lengths in increasing order."""
     import time
     check_tp(cfg, mesh.shape[MODEL])
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs())
     params = jax.jit(lambda k: init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))    # created already split: no device ever holds the whole model
-    lora = init_lora(jax.random.key(1), cfg, lcfg)
-    state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
-                  state_specs(lcfg), mesh)
-    rows = tcfg.batch_size * tcfg.grad_accum
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, tcfg.seq_len + 1))
-    b = make_batch(tokens)
-    b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
-    b = shard(b, Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
-    key = jax.random.key(2)
-    t = time.time()
-    step = make_train_step(cfg, lcfg, tcfg, mesh, opts).lower(state, params, b, key).compile()
-    compile_s = time.time() - t
-    for _ in range(warmup):
-        state, m = step(state, params, b, key)
-    jax.block_until_ready(m)
-    t = time.time()
-    for _ in range(steps):
-        state, m = step(state, params, b, key)
-    jax.block_until_ready(m)
-    dt = (time.time() - t) / steps
-    tok_s = rows * tcfg.seq_len / dt
+    lora = jax.device_get(init_lora(jax.random.key(1), cfg, lcfg))   # host copy: steps donate
     peak = PEAK_FLOPS.get(jax.default_backend())
-    stats = [d.memory_stats() or {} for d in mesh.devices.flat]
-    mem = max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30
-    return dict(tokens_per_s=round(tok_s), step_s=round(dt, 4), compile_s=round(compile_s, 1),
-                mfu=round(tok_s * flops_per_token(cfg, tcfg.seq_len) / (peak * mesh.size), 4)
-                if peak else None, peak_gib=round(mem, 2), loss=float(m["loss"]),
-                devices=mesh.size, tp=mesh.shape[MODEL], seq=tcfg.seq_len,
-                batch=tcfg.batch_size, remat=opts.remat, targets=",".join(lcfg.targets),
-                r=lcfg.r)
+    results = []
+    for seq in seq_lens or (tcfg.seq_len,):
+        tc = dataclasses.replace(tcfg, seq_len=seq)
+        row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[MODEL], devices=mesh.size,
+                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r)
+        try:
+            state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
+                          state_specs(lcfg), mesh)
+            rows = tc.batch_size * tc.grad_accum
+            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq + 1))
+            b = Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in make_batch(tokens)))
+            b = shard(b, Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
+            key = jax.random.key(2)
+            t = time.time()
+            step = make_train_step(cfg, lcfg, tc, mesh, opts).lower(state, params, b,
+                                                                   key).compile()
+            row["compile_s"] = round(time.time() - t, 1)
+            for _ in range(warmup):
+                state, m = step(state, params, b, key)
+            jax.block_until_ready(m)
+            t = time.time()
+            for _ in range(steps):
+                state, m = step(state, params, b, key)
+            jax.block_until_ready(m)
+            dt = (time.time() - t) / steps
+            tok_s = rows * seq / dt
+            stats = [d.memory_stats() or {} for d in mesh.devices.flat]
+            row.update(tokens_per_s=round(tok_s), step_s=round(dt, 4), loss=float(m["loss"]),
+                       peak_gib=round(max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30,
+                                      2),
+                       mfu=round(tok_s * flops_per_token(cfg, seq) / (peak * mesh.size), 4)
+                       if peak else None)
+        except Exception as e:   # report and go on to the next length
+            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+            row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
+        state = b = m = step = None
+        log(json.dumps(row))
+        results.append(row)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def parse_args(argv=None):
     a("--epochs", type=float, default=1.0)
     a("--batch-size", type=int, default=8)
     a("--grad-accum", type=int, default=1)
-    a("--seq-len", type=int, default=1024)
+    a("--seq-len", default="1024", help="tokens per row (--benchmark: a list, 2048,4096)")
     a("--pack", action="store_true", help="pack several examples into each row")
     a("--lora-r", type=int, default=16)
     a("--lora-alpha", type=float, default=16.0)
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     a("--benchmark", action="store_true", help="time training of a random --size model")
     a("--size", default="7b", choices=list(jora.PRESETS))
     a("--bench-steps", type=int, default=5)
+    a("--bench-warmup", type=int, default=2)
     a("--generate", action="store_true", help="complete --prompt / --prompts and exit")
     a("--adapter", help="PEFT adapter folder to apply when generating")
     a("--prompt", action="append", default=[])
@@ -71,7 +72,10 @@ def parse_args(argv=None):
     a("--coordinator", help="host:port of process 0, for several hosts (or JAX_COORDINATOR_ADDRESS)")
     a("--num-processes", type=int)
     a("--process-id", type=int)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.benchmark:
+        args.seq_len = int(args.seq_len)
+    return args
 
 
 def lora_config(args) -> jora.LoraConfig:
@@ -122,13 +126,13 @@ def main(argv=None) -> dict:
     mesh = jora.make_mesh(args.tp)
     opts = jora.Options(remat=args.remat, attention=args.attention)
     dtype = jnp.dtype(args.dtype)
-    if args.benchmark:
-        tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum,
-                                seq_len=args.seq_len)
-        result = jora.benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts,
-                                steps=args.bench_steps, dtype=dtype)
-        print(json.dumps(dict(size=args.size, **result)))
-        return result
+    if args.benchmark:   # --seq-len may list several lengths: 2048,4096
+        tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
+        seqs = [int(s) for s in str(args.seq_len).split(",")]
+        return jora.benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts, seqs,
+                              args.bench_steps, args.bench_warmup, dtype,
+                              log=lambda line: print(f'{{"impl": "jora", "size": "{args.size}", {line[1:]}',
+                                                     flush=True))
     demo = args.model is None and not args.generate
     if demo:
         if args.resume is None and os.path.exists(os.path.join(args.out, "metrics.jsonl")):

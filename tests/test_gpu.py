@@ -1,0 +1,31 @@
+"""GPU-only checks (skipped on CPU): cuDNN flash attention against the XLA path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import GQA, random_lora, random_params
+
+import jora
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cudnn_attention_matches_xla(packed):
+    cfg = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), cfg))
+    lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=jora.PROJ)
+    lora = random_lora(jax.random.key(1), cfg, lcfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 257))
+    segs = np.where(np.arange(257) < 100, 1, 2)[None].repeat(2, 0) if packed else None
+    batch = jora.make_batch(tokens, segment_ids=segs)
+    out = {}
+    for impl in ("xla", "cudnn"):
+        opts = jora.Options(attention=impl)
+        f = jax.value_and_grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts))
+        out[impl] = jax.device_get(f(lora))
+    (lx, gx), (lc, gc) = out["xla"], out["cudnn"]
+    assert abs(lx - lc) < 2e-2 * abs(lx)
+    for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gc)):
+        assert np.linalg.norm(a - b) < 5e-2 * np.linalg.norm(a)
