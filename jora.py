@@ -49,6 +49,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -179,7 +180,7 @@ class LoraConfig:
 @dataclasses.dataclass(frozen=True)
 class Options:
     """How to run the model (never what it computes)."""
-    remat: str = "none"       # none | dots (keep matmul outputs) | full (keep only layer inputs)
+    remat: str = "none"       # none | min | dots | full: what backward keeps (see REMAT)
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
 
@@ -632,6 +633,9 @@ def attend(q, k, v, segment_ids, impl: str):
     return attend_masked(q, k, v, allowed if same is None else allowed & same)
 
 
+name = checkpoint_name   # tags a value for the remat policy; otherwise the identity
+
+
 def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
     return [None] * n if key is None else list(jax.random.split(key, n))
 
@@ -651,16 +655,26 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
     q = project(h, w.wq, ab.q, lcfg, kq).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
     k = project(h, w.wk, ab.k, lcfg, kk).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
     v = project(h, w.wv, ab.v, lcfg, kv).reshape(B, T, -1, cfg.head_dim)
-    o, aux = attn(rope(q, positions, cfg), rope(k, positions, cfg), v)     # (B, T, N/tp, H)
-    x = x + jax.lax.psum(project(o.reshape(B, T, -1), w.wo, ab.o, lcfg, ko), MODEL)  # row-par.
+    # Names mark what remat="min" keeps: every matmul output the backward pass needs.
+    q, k, v = (name(y, n) for y, n in ((rope(q, positions, cfg), "q"),
+                                        (rope(k, positions, cfg), "k"), (v, "v")))
+    o, aux = attn(q, k, v)                                                 # (B, T, N/tp, H)
+    o = name(o.reshape(B, T, -1), "attn")
+    x = name(x + jax.lax.psum(project(o, w.wo, ab.o, lcfg, ko), MODEL), "resid")  # row-par.
     h = rms_norm(x, w.mlp_norm, cfg.norm_eps)
-    g = jax.nn.silu(project(h, w.w_gate, ab.gate, lcfg, kg))               # (B, T, F/tp)
-    u = project(h, w.w_up, ab.up, lcfg, ku)
-    return x + jax.lax.psum(project(g * u, w.w_down, ab.down, lcfg, kd), MODEL), aux
+    g = name(project(h, w.w_gate, ab.gate, lcfg, kg), "gate")              # (B, T, F/tp)
+    u = name(project(h, w.w_up, ab.up, lcfg, ku), "up")
+    y = project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, kd)
+    return x + jax.lax.psum(y, MODEL), aux
 
 
+# none: XLA keeps whatever autodiff wants (fast, most memory); min: keep the named matmul
+# outputs, recompute norms, RoPE, SiLU and the attention kernel; dots: keep every matmul output;
+# full: keep only each layer's input and recompute the layer (least memory, ~1/3 more FLOPs).
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+         "min": jax.checkpoint_policies.save_only_these_names(
+             "q", "k", "v", "attn", "resid", "gate", "up")}
 
 
 def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_ids,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
-# Usage (device tool): bash bench/h200.sh PART   with PART in {check, qv, long, all7}
+# Usage (device tool): bash bench/h200.sh PART...  PART in {check, qv, remat, long, max, all7}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -10,12 +10,15 @@ jora() { python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0 
 hf() { python3 $HF --size 7b --batch 1 "$@" 2>&1 | tee -a "$OUT/hf.log" | grep '^{' >> "$OUT/results.jsonl"; }
 ALL7=q,k,v,o,gate,up,down
 ALL7_HF=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
-case "$1" in
+for part in "$@"; do
+case "$part" in
   check) python3 -c "import jax; print(jax.__version__, jax.devices())"; nvidia-smi -L
          python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -3
          python3 train.py --benchmark --size tiny --seq-len 256 --bench-steps 2 ;;
   qv)    jora --seq-len 2048,4096 --bench-steps 5
          hf --seq 2048 4096 --steps 5 ;;
+  remat) jora --seq-len 2048,4096 --remat min --bench-steps 5
+         jora --seq-len 2048 --remat dots --bench-steps 5 ;;
   long)  jora --seq-len 16384,32768 --remat full --bench-steps 3
          hf --seq 16384 32768 --remat --steps 3 ;;
   max)   jora --seq-len 131072,262144,393216 --remat full --bench-steps 1 --bench-warmup 1 ;;
@@ -24,4 +27,5 @@ case "$1" in
          jora --seq-len 16384 --remat full --targets $ALL7 --bench-steps 3
          hf --seq 16384 --remat --targets $ALL7_HF --steps 3 ;;
 esac
+done
 cat "$OUT/results.jsonl" 2>/dev/null
