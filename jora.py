@@ -1365,7 +1365,7 @@ def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Optio
             row["compile_s"] = round(time.time() - t, 1)
             for _ in range(warmup):
                 state, m = step(state, params, b, key)
-            jax.block_until_ready(m)
+            jax.block_until_ready(state)
             t = time.time()
             for _ in range(steps):
                 state, m = step(state, params, b, key)
