@@ -183,6 +183,9 @@ class Options:
     remat: str = "none"       # none | min | dots | full: what backward keeps (see REMAT)
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
+    packed: bool = True       # rows hold several examples: mask attention by segment. False
+                              # (one example a row, padding at the end) needs no mask at all,
+                              # which lets flash attention skip building a (T, T) one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -733,8 +736,9 @@ def _token_nll(h, lm_head, targets):
 
 def _local_loss_sums(params, lora, batch: Batch, key, cfg, lcfg, opts):
     """Inside shard_map: (sum of weighted nll, sum of weights) over the whole global batch."""
-    h = hidden_states(params, lora, batch.tokens, batch.positions, batch.segment_ids, cfg,
-                      lcfg, opts, key)                                       # (B, T, D)
+    segments = batch.segment_ids if opts.packed else None
+    h = hidden_states(params, lora, batch.tokens, batch.positions, segments, cfg, lcfg, opts,
+                      key)                                                   # (B, T, D)
     B, T, D = h.shape
     C = min(opts.loss_chunk, T)
     pad = -T % C
@@ -1232,6 +1236,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                                                              os.remove(path))
     os.makedirs(out, exist_ok=True)
     check_tp(cfg, mesh.shape[MODEL])
+    opts = dataclasses.replace(opts, packed=pack)
     rows = tcfg.batch_size * tcfg.grad_accum
     if tcfg.batch_size % mesh.shape[DATA]:
         raise ValueError(f"--batch-size {tcfg.batch_size} must be a multiple of the data-parallel "
@@ -1341,6 +1346,7 @@ def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Optio
     a process: give lengths in increasing order."""
     import time
     check_tp(cfg, mesh.shape[MODEL])
+    opts = dataclasses.replace(opts, packed=False)   # one sequence a row
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs())
     params = jax.jit(lambda k: init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))    # created already split: no device ever holds the whole model

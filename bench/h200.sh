@@ -21,6 +21,8 @@ case "$part" in
          jora --seq-len 2048 --remat dots --bench-steps 5 ;;
   long)  jora --seq-len 16384,32768 --remat full --bench-steps 3
          hf --seq 16384 32768 --remat --steps 3 ;;
+  fix)   jora --seq-len 2048 --remat min --bench-steps 5
+         jora --seq-len 16384,32768,262144 --remat full --bench-steps 1 --bench-warmup 1 ;;
   max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
