@@ -3,7 +3,7 @@
 SPDX-License-Identifier: MIT.  Last checked with Python 3.12 and jax 0.11.2.
 
 Read it top to bottom: config -> parameters (and how each is split) -> checkpoint I/O -> model
--> loss -> AdamW -> sharded step -> data -> training loop -> generation. Nothing calls anything
+-> loss -> AdamW -> sharded step -> data -> generation -> training loop. Nothing calls anything
 defined further down. Copy this file alone into a project: it needs jax, numpy, safetensors and
 sentencepiece (the last two are imported inside the functions that read and write files).
 
@@ -1128,273 +1128,7 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Training loop: checkpoints, resume, logging, evaluation
-# ---------------------------------------------------------------------------------------------
-
-PEAK_FLOPS = {"gpu": 800e12}   # measured bf16 matmul rate of one H200; MFU is reported against it
-
-
-def flops_per_token(cfg: Config, seq_len: int) -> float:
-    """Model FLOPs per token of LoRA training with frozen weights: forward 2N + input-gradients
-    2N over the N matmul parameters (lm_head included; no weight gradients), plus causal
-    attention 6*T*D*L (forward 2TDL, backward twice that). Recomputation is not counted."""
-    n = sum(math.prod(proj_shape(cfg, t)) for t in PROJ) * cfg.n_layers
-    n += cfg.d_model * cfg.vocab_size
-    return 4 * n + 6 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers
-
-
-def _flat(lora: Lora, prefix: str) -> dict:
-    return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
-            if ab is not None for part in ("a", "b")}
-
-
-def save_checkpoint(folder: str, state: TrainState, meta: dict):
-    """LoRA factors, AdamW moments and counters (safetensors) + run metadata (JSON); atomic."""
-    from safetensors.numpy import save_file
-    tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
-               **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
-    tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in tensors.items()}
-
-    def write(tmp):
-        save_file(tensors, os.path.join(tmp, "state.safetensors"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"format": "jora-train/1", **meta}, f, indent=2)
-
-    _atomic_dir(folder, write)
-
-
-def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[TrainState, dict]:
-    """Inverse of save_checkpoint; refuses a checkpoint of another model or LoRA shape."""
-    from safetensors.numpy import load_file
-    with open(os.path.join(folder, "state.json")) as f:
-        meta = json.load(f)
-    for key, want in (("config", dataclasses.asdict(cfg)), ("lora", dataclasses.asdict(lcfg))):
-        have = meta.get(key, {})
-        diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items()
-                if have.get(k) != v}
-        if diff:
-            k, (a, b) = next(iter(diff.items()))
-            raise ValueError(f"{folder}: checkpoint was made with {key}.{k}={a!r}, this run has "
-                             f"{b!r} ({len(diff)} difference(s)); use another --out or the same "
-                             f"model and LoRA settings")
-    t = load_file(os.path.join(folder, "state.safetensors"))
-
-    def tree(prefix):
-        return Lora(**{x: LoraAB(a=t[f"{prefix}.{x}.a"], b=t[f"{prefix}.{x}.b"])
-                       for x in lcfg.targets})
-
-    scalar = lambda name: t[name].reshape(())   # safetensors stores a scalar as shape (1,)
-    state = TrainState(lora=tree("lora"), opt=AdamW(step=scalar("step"), mu=tree("mu"),
-                                                    nu=tree("nu")), bad_step=scalar("bad_step"))
-    return shard(state, state_specs(lcfg), mesh), meta
-
-
-def latest_checkpoint(out: str) -> str | None:
-    root = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and
-                   not n.endswith((".tmp", ".old"))) if os.path.isdir(root) else []
-    return os.path.join(root, names[-1]) if names else None
-
-
-def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, opts=Options()):
-    """Mean answer-token loss over `examples`, one pass in a fixed order."""
-    fn = jax.jit(lambda p, l, b: loss_sums(p, l, b, cfg, lcfg, opts, None, mesh))
-    nll = n = 0.0
-    for i in range(0, len(examples), rows):
-        chunk = examples[i:i + rows]
-        chunk = chunk + [Example(chunk[0].tokens[:1], chunk[0].weights[:1] * 0)] * (rows - len(chunk))
-        tokens, weights, segs, _ = next(batches(chunk, rows, seq_len, False, 0))
-        b = shard(make_batch(tokens, weights, segs), batch_specs(), mesh)
-        a, c = fn(params, lora, b)
-        nll, n = nll + float(a), n + float(c)
-    return nll / max(n, 1.0)
-
-
-def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, examples,
-          out: str, mesh, eval_examples=(), opts: Options = Options(), pack: bool = False,
-          log_every: int = 10, eval_every: int = 0, save_every: int = 0, keep: int = 3,
-          resume: bool = False, overwrite: bool = False, run_info: dict | None = None,
-          log=print) -> tuple[Lora, dict]:
-    """Fine-tune LoRA adapters on `examples`; -> (trained Lora, summary).
-
-    Writes OUT/metrics.jsonl (one JSON object per log or eval row) and OUT/checkpoints/step_N
-    every save_every steps, on SIGINT/SIGTERM and at the end. resume=True continues from the
-    latest checkpoint exactly (same data order, same dropout masks, same optimizer state).
-    """
-    import signal
-    import time
-    has_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or latest_checkpoint(out)
-    if has_run and not (resume or overwrite):
-        raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
-                              f"--overwrite to start again there")
-    if resume and not latest_checkpoint(out):
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
-    if overwrite and not resume:
-        for name in ("checkpoints", "metrics.jsonl"):
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and
-                                                             os.remove(path))
-    os.makedirs(out, exist_ok=True)
-    check_tp(cfg, mesh.shape[MODEL])
-    opts = dataclasses.replace(opts, packed=pack)
-    rows = tcfg.batch_size * tcfg.grad_accum
-    if tcfg.batch_size % mesh.shape[DATA]:
-        raise ValueError(f"--batch-size {tcfg.batch_size} must be a multiple of the data-parallel "
-                         f"size {mesh.shape[DATA]}")
-    meta = dict(config=dataclasses.asdict(cfg), lora=dataclasses.asdict(lcfg),
-                train=dataclasses.asdict(tcfg), opts=dataclasses.asdict(opts), pack=pack,
-                run=run_info or {})
-    position, start = (0, 0), 0
-    if resume:
-        path = latest_checkpoint(out)
-        state, saved = load_checkpoint(path, cfg, lcfg, mesh)
-        position, start = tuple(saved["data_position"]), int(saved["step"])
-        log(f"resumed from {path} at step {start}")
-    else:
-        lora = init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
-        state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
-                      state_specs(lcfg), mesh)
-    step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
-    key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
-    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position)
-    specs = Batch(*([P(None, DATA, None)] * len(Batch._fields)))
-    interrupted = []
-    handlers = {}
-    try:   # a signal asks for a checkpoint after the step in flight, then a clean stop
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda s, f: interrupted.append(s))
-    except ValueError:   # not the main thread: no handlers, no graceful stop
-        pass
-
-    def checkpoint(step):
-        bad = int(state.bad_step)
-        if bad:
-            raise FloatingPointError(f"non-finite loss or gradient at step {bad}; stopped, the "
-                                     f"last good checkpoint {latest_checkpoint(out)} is intact")
-        save_checkpoint(os.path.join(out, "checkpoints", f"step_{step:08d}"), state,
-                        dict(meta, step=step, data_position=list(position)))
-        old = sorted(n for n in os.listdir(os.path.join(out, "checkpoints"))
-                     if n.startswith("step_") and "." not in n)
-        for n in old[:-keep]:
-            shutil.rmtree(os.path.join(out, "checkpoints", n))
-
-    def record(row):
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def run_eval(step):
-        ev = evaluate(params, state.lora, eval_examples, cfg, lcfg, mesh, tcfg.batch_size,
-                      tcfg.seq_len, opts)
-        log(f"step {step}/{tcfg.steps}  eval_loss {ev:.4f}")
-        record(dict(step=step, eval_loss=ev))
-        summary["eval_loss"] = ev
-
-    peak = PEAK_FLOPS.get(jax.default_backend())
-    pending, tokens_seen, t0, t_start, summary = [], 0, time.time(), time.time(), {}
-    if eval_every and eval_examples and start == 0:
-        run_eval(0)   # the baseline that later evaluations are compared with
-    try:
-        for step in range(start, tcfg.steps):
-            tokens, weights, segs, position = next(data)
-            b = make_batch(tokens, weights, segs)
-            b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
-            state, m = step_fn(state, params, shard(b, specs, mesh), key)
-            pending.append(m)
-            tokens_seen += int((segs > 0).sum())
-            done = step + 1
-            if done % log_every == 0 or done == tcfg.steps or interrupted:
-                ms = jax.device_get(pending)   # the only host sync: once per log interval
-                if int(state.bad_step):
-                    checkpoint(done)           # raises, naming the step
-                dt = time.time() - t0
-                row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
-                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
-                           tokens_per_s=tokens_seen / dt)
-                line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
-                        f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
-                if peak:
-                    row["mfu"] = (row["tokens_per_s"] * flops_per_token(cfg, tcfg.seq_len)
-                                  / (peak * mesh.size))
-                    line += f"  MFU {row['mfu']:.1%}"
-                eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
-                log(line + f"  ETA {eta / 60:.1f} min")
-                record(row)
-                summary.update(row)
-                pending, tokens_seen, t0 = [], 0, time.time()
-            if eval_every and eval_examples and (done % eval_every == 0 or done == tcfg.steps):
-                run_eval(done)
-            if interrupted:
-                checkpoint(done)
-                log(f"interrupted at step {done}: checkpoint saved; continue with --resume")
-                summary["interrupted"] = done
-                return state.lora, summary
-            if save_every and done % save_every == 0 and done < tcfg.steps:
-                checkpoint(done)
-        checkpoint(tcfg.steps)
-    finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-    return state.lora, summary
-
-
-def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Options(),
-              seq_lens=(), steps: int = 5, warmup: int = 2, dtype=jnp.bfloat16, log=print):
-    """Time training steps of a random-initialised model on random tokens, at each of
-    `seq_lens` (default: tcfg.seq_len), reusing one model. Logs and returns, per length, a dict
-    of tokens/s, step seconds, MFU, per-device peak memory (GiB) and compile seconds; a length
-    that does not fit in memory gives {"error": "out of memory"}. Peak memory only grows within
-    a process: give lengths in increasing order."""
-    import time
-    check_tp(cfg, mesh.shape[MODEL])
-    opts = dataclasses.replace(opts, packed=False)   # one sequence a row
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs())
-    params = jax.jit(lambda k: init_params(k, cfg, dtype), out_shardings=shardings)(
-        jax.random.key(0))    # created already split: no device ever holds the whole model
-    lora = jax.device_get(init_lora(jax.random.key(1), cfg, lcfg))   # host copy: steps donate
-    peak = PEAK_FLOPS.get(jax.default_backend())
-    results = []
-    for seq in seq_lens or (tcfg.seq_len,):
-        tc = dataclasses.replace(tcfg, seq_len=seq)
-        row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[MODEL], devices=mesh.size,
-                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r)
-        try:
-            state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
-                          state_specs(lcfg), mesh)
-            rows = tc.batch_size * tc.grad_accum
-            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq + 1))
-            b = Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in make_batch(tokens)))
-            b = shard(b, Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
-            key = jax.random.key(2)
-            t = time.time()
-            step = make_train_step(cfg, lcfg, tc, mesh, opts).lower(state, params, b,
-                                                                   key).compile()
-            row["compile_s"] = round(time.time() - t, 1)
-            for _ in range(warmup):
-                state, m = step(state, params, b, key)
-            jax.block_until_ready(state)
-            t = time.time()
-            for _ in range(steps):
-                state, m = step(state, params, b, key)
-            jax.block_until_ready(m)
-            dt = (time.time() - t) / steps
-            tok_s = rows * seq / dt
-            stats = [d.memory_stats() or {} for d in mesh.devices.flat]
-            row.update(tokens_per_s=round(tok_s), step_s=round(dt, 4), loss=float(m["loss"]),
-                       peak_gib=round(max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30,
-                                      2),
-                       mfu=round(tok_s * flops_per_token(cfg, seq) / (peak * mesh.size), 4)
-                       if peak else None)
-        except Exception as e:   # report and go on to the next length
-            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-            row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
-        state = b = m = step = None
-        log(json.dumps(row))
-        results.append(row)
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
-# 10. Generation: prefill + KV-cache decoding in one jitted loop
+# 9. Generation: prefill + KV-cache decoding in one jitted loop; scoring answers
 # ---------------------------------------------------------------------------------------------
 
 def _sample(logits, key, temperature, top_k: int, top_p):
@@ -1497,3 +1231,314 @@ def generate(params: Params, prompts: list[list[int]], cfg: Config, max_new_toke
     for row in out.tolist():
         result.append(row[:row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row)
     return result
+
+
+def extract_answer(text: str) -> str:
+    """The final answer of a RAFT chain of thought: the text after the last '<ANSWER>:'."""
+    return text.rsplit("<ANSWER>:", 1)[-1].strip()
+
+
+def _normal_words(text: str) -> list[str]:   # SQuAD's normalisation: case, punctuation, articles
+    import re
+    import string
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def answer_scores(prediction: str, reference: str) -> dict:
+    """Exact match and token F1 (as in SQuAD) of the final answers of two completions."""
+    p, r = _normal_words(extract_answer(prediction)), _normal_words(extract_answer(reference))
+    common = sum(min(p.count(w), r.count(w)) for w in set(p))
+    f1 = 0.0 if not common else 2 * common / (len(p) + len(r))
+    return dict(exact_match=float(p == r), token_f1=f1 if p or r else 1.0)
+
+
+def generate_and_score(params, lora, examples, cfg, lcfg, tok, max_new_tokens: int = 256,
+                       mesh=None) -> dict:
+    """Greedy answers to the prompts of `examples`, scored against their reference answers."""
+    prompts = [ex.tokens[ex.weights == 0].tolist() for ex in examples]
+    refs = [tok.decode(ex.tokens[ex.weights > 0]) for ex in examples]
+    outs = generate(params, prompts, cfg, max_new_tokens, lora, lcfg, mesh=mesh)
+    scores = [answer_scores(tok.decode(o), r) for o, r in zip(outs, refs)]
+    return {k: sum(s[k] for s in scores) / len(scores) for k in ("exact_match", "token_f1")}
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Training loop: checkpoints, resume, logging, evaluation
+# ---------------------------------------------------------------------------------------------
+
+PEAK_FLOPS = {"gpu": 800e12}   # measured bf16 matmul rate of one H200; MFU is reported against it
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+    """Model FLOPs per token of LoRA training with frozen weights: forward 2N + input-gradients
+    2N over the N matmul parameters (lm_head included; no weight gradients), plus causal
+    attention 6*T*D*L (forward 2TDL, backward twice that). Recomputation is not counted."""
+    n = sum(math.prod(proj_shape(cfg, t)) for t in PROJ) * cfg.n_layers
+    n += cfg.d_model * cfg.vocab_size
+    return 4 * n + 6 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers
+
+
+def _flat(lora: Lora, prefix: str) -> dict:
+    return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
+            if ab is not None for part in ("a", "b")}
+
+
+def save_checkpoint(folder: str, state: TrainState, meta: dict):
+    """LoRA factors, AdamW moments and counters (safetensors) + run metadata (JSON); atomic."""
+    from safetensors.numpy import save_file
+    tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
+               **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
+    tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in tensors.items()}
+
+    def write(tmp):
+        save_file(tensors, os.path.join(tmp, "state.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"format": "jora-train/1", **meta}, f, indent=2)
+
+    _atomic_dir(folder, write)
+
+
+def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[TrainState, dict]:
+    """Inverse of save_checkpoint; refuses a checkpoint of another model or LoRA shape."""
+    from safetensors.numpy import load_file
+    with open(os.path.join(folder, "state.json")) as f:
+        meta = json.load(f)
+    for key, want in (("config", dataclasses.asdict(cfg)), ("lora", dataclasses.asdict(lcfg))):
+        have = meta.get(key, {})
+        diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items()
+                if have.get(k) != v}
+        if diff:
+            k, (a, b) = next(iter(diff.items()))
+            raise ValueError(f"{folder}: checkpoint was made with {key}.{k}={a!r}, this run has "
+                             f"{b!r} ({len(diff)} difference(s)); use another --out or the same "
+                             f"model and LoRA settings")
+    t = load_file(os.path.join(folder, "state.safetensors"))
+
+    def tree(prefix):
+        return Lora(**{x: LoraAB(a=t[f"{prefix}.{x}.a"], b=t[f"{prefix}.{x}.b"])
+                       for x in lcfg.targets})
+
+    scalar = lambda name: t[name].reshape(())   # safetensors stores a scalar as shape (1,)
+    state = TrainState(lora=tree("lora"), opt=AdamW(step=scalar("step"), mu=tree("mu"),
+                                                    nu=tree("nu")), bad_step=scalar("bad_step"))
+    return shard(state, state_specs(lcfg), mesh), meta
+
+
+def latest_checkpoint(out: str) -> str | None:
+    root = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and
+                   not n.endswith((".tmp", ".old"))) if os.path.isdir(root) else []
+    return os.path.join(root, names[-1]) if names else None
+
+
+def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, opts=Options()):
+    """Mean answer-token loss over `examples`, one pass in a fixed order."""
+    fn = jax.jit(lambda p, l, b: loss_sums(p, l, b, cfg, lcfg, opts, None, mesh))
+    nll = n = 0.0
+    for i in range(0, len(examples), rows):
+        chunk = examples[i:i + rows]
+        chunk = chunk + [Example(chunk[0].tokens[:1], chunk[0].weights[:1] * 0)] * (rows - len(chunk))
+        tokens, weights, segs, _ = next(batches(chunk, rows, seq_len, False, 0))
+        b = shard(make_batch(tokens, weights, segs), batch_specs(), mesh)
+        a, c = fn(params, lora, b)
+        nll, n = nll + float(a), n + float(c)
+    return nll / max(n, 1.0)
+
+
+def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, examples,
+          out: str, mesh, eval_examples=(), opts: Options = Options(), pack: bool = False,
+          log_every: int = 10, eval_every: int = 0, save_every: int = 0, keep: int = 3,
+          resume: bool = False, overwrite: bool = False, run_info: dict | None = None,
+          eval_generate: int = 0, tokenizer: Tokenizer | None = None,
+          log=print) -> tuple[Lora, dict]:
+    """Fine-tune LoRA adapters on `examples`; -> (trained Lora, summary).
+
+    Writes OUT/metrics.jsonl (one JSON object per log or eval row) and OUT/checkpoints/step_N
+    every save_every steps, on SIGINT/SIGTERM and at the end. resume=True continues from the
+    latest checkpoint exactly (same data order, same dropout masks, same optimizer state).
+    eval_generate=N: every N steps, greedy answers to 8 held-out prompts, scored (exact match
+    and token F1 of the text after '<ANSWER>:', or of the whole answer), decoded by `tokenizer`.
+    """
+    import signal
+    import time
+    has_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or latest_checkpoint(out)
+    if has_run and not (resume or overwrite):
+        raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
+                              f"--overwrite to start again there")
+    if resume and not latest_checkpoint(out):
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
+    if overwrite and not resume:
+        for name in ("checkpoints", "metrics.jsonl"):
+            path = os.path.join(out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and
+                                                             os.remove(path))
+    os.makedirs(out, exist_ok=True)
+    check_tp(cfg, mesh.shape[MODEL])
+    opts = dataclasses.replace(opts, packed=pack)
+    rows = tcfg.batch_size * tcfg.grad_accum
+    if tcfg.batch_size % mesh.shape[DATA]:
+        raise ValueError(f"--batch-size {tcfg.batch_size} must be a multiple of the data-parallel "
+                         f"size {mesh.shape[DATA]}")
+    meta = dict(config=dataclasses.asdict(cfg), lora=dataclasses.asdict(lcfg),
+                train=dataclasses.asdict(tcfg), opts=dataclasses.asdict(opts), pack=pack,
+                run=run_info or {})
+    position, start = (0, 0), 0
+    if resume:
+        path = latest_checkpoint(out)
+        state, saved = load_checkpoint(path, cfg, lcfg, mesh)
+        position, start = tuple(saved["data_position"]), int(saved["step"])
+        log(f"resumed from {path} at step {start}")
+    else:
+        lora = init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
+        state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
+                      state_specs(lcfg), mesh)
+    step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
+    key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
+    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position)
+    specs = Batch(*([P(None, DATA, None)] * len(Batch._fields)))
+    interrupted = []
+    handlers = {}
+    try:   # a signal asks for a checkpoint after the step in flight, then a clean stop
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda s, f: interrupted.append(s))
+    except ValueError:   # not the main thread: no handlers, no graceful stop
+        pass
+
+    def checkpoint(step):
+        bad = int(state.bad_step)
+        if bad:
+            raise FloatingPointError(f"non-finite loss or gradient at step {bad}; stopped, the "
+                                     f"last good checkpoint {latest_checkpoint(out)} is intact")
+        save_checkpoint(os.path.join(out, "checkpoints", f"step_{step:08d}"), state,
+                        dict(meta, step=step, data_position=list(position)))
+        old = sorted(n for n in os.listdir(os.path.join(out, "checkpoints"))
+                     if n.startswith("step_") and "." not in n)
+        for n in old[:-keep]:
+            shutil.rmtree(os.path.join(out, "checkpoints", n))
+
+    def record(row):
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run_eval(step):
+        ev = evaluate(params, state.lora, eval_examples, cfg, lcfg, mesh, tcfg.batch_size,
+                      tcfg.seq_len, opts)
+        log(f"step {step}/{tcfg.steps}  eval_loss {ev:.4f}  perplexity {math.exp(ev):.2f}")
+        record(dict(step=step, eval_loss=ev, eval_perplexity=math.exp(ev)))
+        summary["eval_loss"] = ev
+
+    def run_generate(step):
+        scores = generate_and_score(params, state.lora, eval_examples[:8], cfg, lcfg, tokenizer,
+                                    mesh=mesh)
+        log(f"step {step}/{tcfg.steps}  exact_match {scores['exact_match']:.3f}  "
+            f"token_f1 {scores['token_f1']:.3f}")
+        record(dict(step=step, **scores))
+        summary.update(scores)
+
+    peak = PEAK_FLOPS.get(jax.default_backend())
+    pending, tokens_seen, t0, t_start, summary = [], 0, time.time(), time.time(), {}
+    if eval_every and eval_examples and start == 0:
+        run_eval(0)   # the baseline that later evaluations are compared with
+    try:
+        for step in range(start, tcfg.steps):
+            tokens, weights, segs, position = next(data)
+            b = make_batch(tokens, weights, segs)
+            b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
+            state, m = step_fn(state, params, shard(b, specs, mesh), key)
+            pending.append(m)
+            tokens_seen += int((segs > 0).sum())
+            done = step + 1
+            if done % log_every == 0 or done == tcfg.steps or interrupted:
+                ms = jax.device_get(pending)   # the only host sync: once per log interval
+                if int(state.bad_step):
+                    checkpoint(done)           # raises, naming the step
+                dt = time.time() - t0
+                row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
+                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
+                           tokens_per_s=tokens_seen / dt)
+                line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
+                        f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
+                if peak:
+                    row["mfu"] = (row["tokens_per_s"] * flops_per_token(cfg, tcfg.seq_len)
+                                  / (peak * mesh.size))
+                    line += f"  MFU {row['mfu']:.1%}"
+                eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
+                log(line + f"  ETA {eta / 60:.1f} min")
+                record(row)
+                summary.update(row)
+                pending, tokens_seen, t0 = [], 0, time.time()
+            if eval_every and eval_examples and (done % eval_every == 0 or done == tcfg.steps):
+                run_eval(done)
+            if eval_generate and eval_examples and done % eval_generate == 0:
+                run_generate(done)
+            if interrupted:
+                checkpoint(done)
+                log(f"interrupted at step {done}: checkpoint saved; continue with --resume")
+                summary["interrupted"] = done
+                return state.lora, summary
+            if save_every and done % save_every == 0 and done < tcfg.steps:
+                checkpoint(done)
+        checkpoint(tcfg.steps)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    return state.lora, summary
+
+
+def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Options(),
+              seq_lens=(), steps: int = 5, warmup: int = 2, dtype=jnp.bfloat16, log=print):
+    """Time training steps of a random-initialised model on random tokens, at each of
+    `seq_lens` (default: tcfg.seq_len), reusing one model. Logs and returns, per length, a dict
+    of tokens/s, step seconds, MFU, per-device peak memory (GiB) and compile seconds; a length
+    that does not fit in memory gives {"error": "out of memory"}. Peak memory only grows within
+    a process: give lengths in increasing order."""
+    import time
+    check_tp(cfg, mesh.shape[MODEL])
+    opts = dataclasses.replace(opts, packed=False)   # one sequence a row
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs())
+    params = jax.jit(lambda k: init_params(k, cfg, dtype), out_shardings=shardings)(
+        jax.random.key(0))    # created already split: no device ever holds the whole model
+    lora = jax.device_get(init_lora(jax.random.key(1), cfg, lcfg))   # host copy: steps donate
+    peak = PEAK_FLOPS.get(jax.default_backend())
+    results = []
+    for seq in seq_lens or (tcfg.seq_len,):
+        tc = dataclasses.replace(tcfg, seq_len=seq)
+        row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[MODEL], devices=mesh.size,
+                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r)
+        try:
+            state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
+                          state_specs(lcfg), mesh)
+            rows = tc.batch_size * tc.grad_accum
+            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq + 1))
+            b = Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in make_batch(tokens)))
+            b = shard(b, Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
+            key = jax.random.key(2)
+            t = time.time()
+            step = make_train_step(cfg, lcfg, tc, mesh, opts).lower(state, params, b,
+                                                                   key).compile()
+            row["compile_s"] = round(time.time() - t, 1)
+            for _ in range(warmup):
+                state, m = step(state, params, b, key)
+            jax.block_until_ready(state)
+            t = time.time()
+            for _ in range(steps):
+                state, m = step(state, params, b, key)
+            jax.block_until_ready(m)
+            dt = (time.time() - t) / steps
+            tok_s = rows * seq / dt
+            stats = [d.memory_stats() or {} for d in mesh.devices.flat]
+            row.update(tokens_per_s=round(tok_s), step_s=round(dt, 4), loss=float(m["loss"]),
+                       peak_gib=round(max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30,
+                                      2),
+                       mfu=round(tok_s * flops_per_token(cfg, seq) / (peak * mesh.size), 4)
+                       if peak else None)
+        except Exception as e:   # report and go on to the next length
+            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+            row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
+        state = b = m = step = None
+        log(json.dumps(row))
+        results.append(row)
+    return results
+
+

@@ -53,6 +53,7 @@ def parse_args(argv=None):
     a("--eval-split", type=float, default=0.0, help="fraction of examples held out")
     a("--save-every", type=int, default=0)
     a("--eval-every", type=int, default=0)
+    a("--eval-generate", type=int, default=0, help="every N steps, generate and score answers")
     a("--log-every", type=int, default=10)
     a("--keep", type=int, default=3, help="checkpoints to keep")
     a("--resume", nargs="?", const="", help="continue the run in --out (or in RESUME)")
@@ -181,7 +182,7 @@ def main(argv=None) -> dict:
     lora, summary = jora.train(
         cfg, params, lcfg, tcfg, train_ex, out, mesh, eval_ex, opts, args.pack, args.log_every,
         args.eval_every, args.save_every, args.keep, args.resume is not None, args.overwrite,
-        dict(vars(args)))
+        dict(vars(args)), args.eval_generate, tok)
     if "interrupted" in summary:
         return summary
     jora.export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=args.model)
