@@ -80,6 +80,10 @@ class Config:
     bos_id: int = 1
     eos_id: int = 2
 
+    @property
+    def padded_vocab(self) -> int:   # lm_head columns: a multiple of 128, so any tp divides it
+        return -(-self.vocab_size // 128) * 128
+
     @classmethod
     def from_hf(cls, config) -> "Config":
         """Read an HF `LlamaForCausalLM` config.json (a path, a folder or a dict), as written by
@@ -208,7 +212,7 @@ class Params(NamedTuple):
     embed: jax.Array          # (V, D)
     layers: Layer
     final_norm: jax.Array     # (D,)
-    lm_head: jax.Array        # (D, V); a copy of embed^T when the model ties them
+    lm_head: jax.Array        # (D, V') V' = V padded to 128 (masked); embed^T when tied
 
 
 class LoraAB(NamedTuple):
@@ -254,7 +258,7 @@ def proj_shape(cfg: Config, target: str) -> tuple[int, int]:
 def param_shapes(cfg: Config) -> Params:
     L, D, V = cfg.n_layers, cfg.d_model, cfg.vocab_size
     w = {WEIGHT[t]: (L, *proj_shape(cfg, t)) for t in PROJ}
-    return Params(embed=(V, D), final_norm=(D,), lm_head=(D, V),
+    return Params(embed=(V, D), final_norm=(D,), lm_head=(D, cfg.padded_vocab),
                   layers=Layer(attn_norm=(L, D), mlp_norm=(L, D), **w))
 
 
@@ -292,17 +296,26 @@ def make_mesh(tp: int = 1, devices=None) -> jax.sharding.Mesh:
 
 def check_tp(cfg: Config, tp: int):
     """Refuse layouts the Megatron split cannot express, naming the numbers."""
-    for name, n in (("num_key_value_heads", cfg.n_kv_heads), ("num_attention_heads",
-                    cfg.n_heads), ("intermediate_size", cfg.d_ff), ("vocab_size",
-                    cfg.vocab_size)):
+    for name, n, why in (("num_key_value_heads", cfg.n_kv_heads, "whole KV heads (they are "
+                          "not replicated)"), ("num_attention_heads", cfg.n_heads, "whole heads"),
+                         ("intermediate_size", cfg.d_ff, "equal MLP slices"),
+                         ("padded vocabulary", cfg.padded_vocab, "equal vocabulary slices")):
         if n % tp:
             raise ValueError(f"{name}={n} is not divisible by tp={tp}: each device must hold "
-                             f"whole heads (KV heads are not replicated); choose a tp dividing it")
+                             f"{why}; choose a tp that divides it")
 
 
 def shard(tree, specs, mesh):
-    """Place every array of `tree` on `mesh`, split as the congruent `specs` tree says."""
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs)
+    """Place every array of `tree` on `mesh`, split as the congruent `specs` tree says.
+    On several hosts every process passes the same host values and sends only its own
+    devices' slices."""
+    def put(x, spec):
+        sharding = NamedSharding(mesh, spec)
+        if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(put, tree, specs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,9 +411,17 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
                     sub = index[1:][::-1]
                     stacked.append(np_dtype(reader.slice(full, hf_shape, sub)).T)
                 return np.stack(stacked)
-            hf_shape = shape[::-1] if transpose else shape
-            sub = index[::-1] if transpose else index
-            x = np_dtype(reader.slice(hf_name, hf_shape, sub))
+            if name == "lm_head":   # (D, V') from HF's (V, D): columns past V are zeros
+                cols = range(*index[1].indices(shape[1]))
+                x = np.zeros((len(range(*index[0].indices(shape[0]))), len(cols)),
+                             jnp.dtype(dtype))
+                real = [c for c in cols if c < cfg.vocab_size]
+                if real:
+                    rows = reader.slice(hf_name, (cfg.vocab_size, shape[0]),
+                                        (slice(real[0], real[-1] + 1), index[0]))
+                    x[:, :len(real)] = np_dtype(rows).T
+                return x
+            x = np_dtype(reader.slice(hf_name, shape, index))
             return x.T if transpose else x
 
         return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), read)
@@ -417,18 +438,30 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     return cfg, params
 
 
+def to_host(x) -> np.ndarray:
+    """Gather a (possibly sharded, possibly multi-process) array into host memory. On several
+    hosts this is a collective: every process must call it."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def merge_lora(w, ab: LoraAB | None, lcfg: LoraConfig) -> np.ndarray:
     """W (L, I, O) + scale * A @ B on the host in float64, returned in W's dtype. For export
     only; on the host so that every mesh layout writes bit-identical files."""
-    w_host = np.asarray(jax.device_get(w))
+    w_host = to_host(w)
     if ab is None:
         return w_host
-    a, b = (np.asarray(jax.device_get(x), np.float64) for x in (ab.a, ab.b))
+    a, b = (to_host(x).astype(np.float64) for x in (ab.a, ab.b))
     return (w_host.astype(np.float64) + lcfg.scale * (a @ b)).astype(w_host.dtype)
 
 
 def _atomic_dir(folder: str, write):
-    """Run write(tmp_folder), then swap it into place: a crash never leaves half a folder."""
+    """Run write(tmp_folder), then swap it into place: a crash never leaves half a folder.
+    Only process 0 writes; the others run write(None), taking part in any collectives."""
+    if jax.process_index() != 0:
+        return write(None)
     folder = os.path.abspath(folder)
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -441,55 +474,54 @@ def _atomic_dir(folder: str, write):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _host(x, dtype):   # gather one (possibly sharded) array to host memory
-    return np.asarray(jax.device_get(x)).astype(jnp.dtype(dtype))
-
-
 def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = None,
                   lcfg: LoraConfig | None = None, source: str | None = None,
                   dtype=jnp.bfloat16, shard_bytes: int = 5 * 2**30):
     """Write an HF Llama folder (W + scale*A@B merged) that transformers loads.
 
-    Shards of about `shard_bytes` with model.safetensors.index.json when larger; config.json
-    from `cfg`; tokenizer files copied from `source` (the folder the model came from).
+    Files of about `shard_bytes` with model.safetensors.index.json when larger; config.json
+    from `cfg`; tokenizer files copied from `source` (the folder the model came from). Tensors
+    are gathered one (layer's) weight at a time: host memory holds about one file's worth.
     """
     from safetensors.numpy import save_file
-
-    def tensors():   # one HF tensor at a time, layer by layer: host holds ~one shard's worth
-        yield "model.embed_tokens.weight", _host(params.embed, dtype)
-        for i in range(cfg.n_layers):
-            for field, hf in HF_NAME.items():
-                w = getattr(params.layers, field)[i:i + 1]
-                ab = getattr(lora, TARGET.get(field, ""), None) if lora is not None else None
-                if ab is not None:
-                    w = merge_lora(w, LoraAB(a=ab.a[i:i + 1], b=ab.b[i:i + 1]), lcfg)
-                yield f"model.layers.{i}.{hf}.weight", _host(w[0], dtype).T
-        yield "model.norm.weight", _host(params.final_norm, dtype)
-        if not cfg.tie_embeddings:
-            yield "lm_head.weight", _host(params.lm_head, dtype).T
+    layer = lambda i, f: LoraAB(*(x[i:i + 1] for x in getattr(lora, TARGET[f])))
+    items = [("model.embed_tokens.weight", params.embed, lambda: to_host(params.embed))]
+    for i in range(cfg.n_layers):
+        for f, hf in HF_NAME.items():
+            w = getattr(params.layers, f)
+            merge = lora is not None and getattr(lora, TARGET.get(f, "_"), None) is not None
+            get = (lambda w=w, i=i, f=f: merge_lora(w[i:i + 1], layer(i, f), lcfg)[0].T) if merge \
+                else (lambda w=w, i=i: to_host(w[i]).T)
+            items.append((f"model.layers.{i}.{hf}.weight", w[i], get))
+    items.append(("model.norm.weight", params.final_norm, lambda: to_host(params.final_norm)))
+    if not cfg.tie_embeddings:
+        items.append(("lm_head.weight", params.embed,   # (V, D): the padding stays behind
+                      lambda: to_host(params.lm_head)[:, :cfg.vocab_size].T))
+    nbytes = lambda x: math.prod(x.shape) * jnp.dtype(dtype).itemsize
+    files, size = [[]], 0                      # plan the files from the shapes alone
+    for item in items:
+        if files[-1] and size + nbytes(item[1]) > shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(item)
+        size += nbytes(item[1])
+    names = (["model.safetensors"] if len(files) == 1 else
+             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
 
     def write(tmp):
-        shards, current, size = [], {}, 0
-        for name, x in tensors():
-            if current and size + x.nbytes > shard_bytes:
-                shards.append(current)
-                current, size = {}, 0
-            current[name], size = np.ascontiguousarray(x), size + x.nbytes
-        shards.append(current)
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                  for i in range(len(shards))])
-        weight_map = {}
-        for fname, tensors_ in zip(names, shards):
-            save_file(tensors_, os.path.join(tmp, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in tensors_})
-        if len(shards) > 1:
-            total = sum(x.nbytes for s in shards for x in s.values())
+        for fname, group in zip(names, files):
+            tensors = {n: np.ascontiguousarray(get().astype(jnp.dtype(dtype)))
+                       for n, _, get in group}
+            if tmp:
+                save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+        if not tmp:
+            return
+        if len(files) > 1:
+            index = {"metadata": {"total_size": sum(nbytes(x) for _, x, _ in items)},
+                     "weight_map": {n: f for f, g in zip(names, files) for n, _, _ in g}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
-                          indent=2)
-        hf = cfg.to_hf()
-        hf["torch_dtype"] = jnp.dtype(dtype).name
+                json.dump(index, f, indent=2)
+        hf = dict(cfg.to_hf(), torch_dtype=jnp.dtype(dtype).name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -516,7 +548,7 @@ def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,
     tensors = {}
     for t in lcfg.targets:
         ab = getattr(lora, t)
-        a, b = _host(ab.a, jnp.float32), _host(ab.b, jnp.float32)   # (L, I, R), (L, R, O)
+        a, b = to_host(ab.a), to_host(ab.b)   # (L, I, R), (L, R, O) fp32
         for i in range(cfg.n_layers):
             key = f"base_model.model.model.layers.{i}.{PEFT_NAME[t]}"
             tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
@@ -529,6 +561,8 @@ def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,
                   modules_to_save=None, layers_to_transform=None)
 
     def write(tmp):
+        if tmp is None:
+            return
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
@@ -718,13 +752,20 @@ def batch_specs() -> Batch:
     return Batch(*([P(DATA, None)] * len(Batch._fields)))
 
 
-def _token_nll(h, lm_head, targets):
-    """h (B, C, D), lm_head (D, V/tp) this device's vocab slice, targets (B, C) -> nll (B, C).
+def _vocab_logits(h, lm_head, vocab_size):
+    """h (..., D) @ lm_head (D, V'/tp) -> this device's fp32 logits; padding columns -inf."""
+    logits = jnp.einsum("...D,DV->...V", h, lm_head, preferred_element_type=jnp.float32)
+    col = jax.lax.axis_index(MODEL) * logits.shape[-1] + jnp.arange(logits.shape[-1])
+    return jnp.where(col < vocab_size, logits, -jnp.inf)
+
+
+def _token_nll(h, lm_head, targets, vocab_size):
+    """h (B, C, D), lm_head (D, V'/tp) this device's vocab slice, targets (B, C) -> nll (B, C).
 
     The softmax normaliser and the target's logit are each assembled with one psum over the
     vocab slices, so the full (B, C, V) logits never exist on any device.
     """
-    logits = jnp.einsum("BCD,DV->BCV", h, lm_head, preferred_element_type=jnp.float32)
+    logits = _vocab_logits(h, lm_head, vocab_size)                          # (B, C, V'/tp)
     v_local = logits.shape[-1]
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)), MODEL)    # (B, C), for stability
     lse = m + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), -1), MODEL))
@@ -750,7 +791,7 @@ def _local_loss_sums(params, lora, batch: Batch, key, cfg, lcfg, opts):
     @jax.checkpoint
     def chunk_loss(_, xs):
         hc, tc, wc = xs
-        return None, jnp.sum(_token_nll(hc, params.lm_head, tc) * wc)
+        return None, jnp.sum(_token_nll(hc, params.lm_head, tc, cfg.vocab_size) * wc)
 
     _, nll = jax.lax.scan(chunk_loss, None, chunks)                          # (T/C,)
     return jax.lax.psum(jnp.sum(nll), DATA), jax.lax.psum(jnp.sum(batch.weights), DATA)
@@ -820,14 +861,15 @@ def forward(params: Params, tokens, cfg: Config, lora: Lora | None = None,
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "mesh"))
 def _forward_jit(params, lora, tokens, positions, segment_ids, *, cfg, lcfg, opts, mesh):
     def local(p, l, t, pos, seg):
-        h = hidden_states(p, l, t, pos, seg, cfg, lcfg, opts)
-        return jnp.einsum("BTD,DV->BTV", h, p.lm_head, preferred_element_type=jnp.float32)
+        return _vocab_logits(hidden_states(p, l, t, pos, seg, cfg, lcfg, opts), p.lm_head,
+                             cfg.vocab_size)
     row = P(DATA, None)
-    return jax.shard_map(local, mesh=mesh,
-                         in_specs=(param_specs(), None if lora is None else lora_specs(lcfg),
-                                   row, row, None if segment_ids is None else row),
-                         out_specs=P(DATA, None, MODEL))(params, lora, tokens, positions,
-                                                         segment_ids)
+    logits = jax.shard_map(local, mesh=mesh,
+                           in_specs=(param_specs(), None if lora is None else lora_specs(lcfg),
+                                     row, row, None if segment_ids is None else row),
+                           out_specs=P(DATA, None, MODEL))(params, lora, tokens, positions,
+                                                           segment_ids)
+    return logits[..., :cfg.vocab_size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1176,11 +1218,12 @@ def _generate_local(params, lora, tokens, pad, key, temperature, top_p, *, cfg, 
 
         x, cache = jax.lax.scan(body, params.embed[tokens], (params.layers, lora, cache))
         h = rms_norm(x[:, -1], params.final_norm, cfg.norm_eps)               # (B, D)
-        local = jnp.einsum("BD,DV->BV", h, params.lm_head, preferred_element_type=jnp.float32)
+        local = _vocab_logits(h, params.lm_head, cfg.vocab_size)              # (B, V'/tp)
         # Gather the vocab slices with a psum (an all_gather would leave the value "varying").
         v0 = jax.lax.axis_index(MODEL) * local.shape[-1]
-        full = jnp.zeros((B, cfg.vocab_size), jnp.float32)
-        return jax.lax.psum(jax.lax.dynamic_update_slice(full, local, (0, v0)), MODEL), cache
+        full = jnp.zeros((B, cfg.padded_vocab), jnp.float32)
+        full = jax.lax.psum(jax.lax.dynamic_update_slice(full, local, (0, v0)), MODEL)
+        return full[:, :cfg.vocab_size], cache
 
     logits, cache = run(tokens, 0, cache)
     out = jnp.full((B, max_new), cfg.eos_id, jnp.int32)
@@ -1289,9 +1332,11 @@ def save_checkpoint(folder: str, state: TrainState, meta: dict):
     from safetensors.numpy import save_file
     tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
                **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
-    tensors = {k: np.ascontiguousarray(jax.device_get(v)) for k, v in tensors.items()}
+    tensors = {k: np.ascontiguousarray(to_host(v)) for k, v in tensors.items()}
 
     def write(tmp):
+        if tmp is None:
+            return
         save_file(tensors, os.path.join(tmp, "state.safetensors"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"format": "jora-train/1", **meta}, f, indent=2)
@@ -1362,17 +1407,18 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     """
     import signal
     import time
+    main = jax.process_index() == 0      # on several hosts, process 0 logs and writes
+    log = log if main else (lambda *_: None)
     has_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or latest_checkpoint(out)
     if has_run and not (resume or overwrite):
         raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
                               f"--overwrite to start again there")
     if resume and not latest_checkpoint(out):
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
-    if overwrite and not resume:
-        for name in ("checkpoints", "metrics.jsonl"):
-            path = os.path.join(out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and
-                                                             os.remove(path))
+    if overwrite and not resume and main:
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+        if os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))
     os.makedirs(out, exist_ok=True)
     check_tp(cfg, mesh.shape[MODEL])
     opts = dataclasses.replace(opts, packed=pack)
@@ -1413,13 +1459,14 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         save_checkpoint(os.path.join(out, "checkpoints", f"step_{step:08d}"), state,
                         dict(meta, step=step, data_position=list(position)))
         old = sorted(n for n in os.listdir(os.path.join(out, "checkpoints"))
-                     if n.startswith("step_") and "." not in n)
+                     if n.startswith("step_") and "." not in n) if main else []
         for n in old[:-keep]:
             shutil.rmtree(os.path.join(out, "checkpoints", n))
 
     def record(row):
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def run_eval(step):
         ev = evaluate(params, state.lora, eval_examples, cfg, lcfg, mesh, tcfg.batch_size,

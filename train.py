@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
     opts = jora.Options(remat=args.remat, attention=args.attention)
@@ -165,7 +166,7 @@ def main(argv=None) -> dict:
 
     records, fmt = jora.read_records(args.data, args.format)
     examples, report = jora.tokenize_records(records, fmt, tok, args.seq_len, args.data)
-    print(f"data: {args.data} ({fmt}) {len(records)} records -> {report}")
+    say(f"data: {args.data} ({fmt}) {len(records)} records -> {report}")
     n_eval = int(len(examples) * args.eval_split)
     split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()
     eval_ex, train_ex = [examples[i] for i in split[:n_eval]], [examples[i] for i in split[n_eval:]]
@@ -178,7 +179,7 @@ def main(argv=None) -> dict:
     sample = None
     if demo:
         sample = [tok.encode("Spell 3 1 4:", bos=True)]
-        print("before:", tok.decode(jora.generate(params, sample, cfg, 40)[0]))
+        say("before:", tok.decode(jora.generate(params, sample, cfg, 40)[0]))
     lora, summary = jora.train(
         cfg, params, lcfg, tcfg, train_ex, out, mesh, eval_ex, opts, args.pack, args.log_every,
         args.eval_every, args.save_every, args.keep, args.resume is not None, args.overwrite,
@@ -188,9 +189,9 @@ def main(argv=None) -> dict:
     jora.export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=args.model)
     jora.export_merged(os.path.join(out, "merged"), cfg, params, lora, lcfg, source=args.model,
                        dtype=jnp.bfloat16 if not demo else jnp.float32)
-    print(f"wrote {out}/adapter (PEFT) and {out}/merged (HF)")
+    say(f"wrote {out}/adapter (PEFT) and {out}/merged (HF)")
     if demo:
-        print("after: ", tok.decode(jora.generate(params, sample, cfg, 40, lora, lcfg)[0]))
+        say("after: ", tok.decode(jora.generate(params, sample, cfg, 40, lora, lcfg)[0]))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows_ = [json.loads(line) for line in f if '"loss"' in line]
     summary["first_loss"] = rows_[0]["loss"] if rows_ else None

@@ -120,3 +120,65 @@ def test_sharded_loading_matches_and_splits(setup, tmp_path):
                  p, params)
     wq = p.layers.wq   # each device holds a quarter of the heads, not the whole weight
     assert {s.data.shape for s in wq.addressable_shards} == {(2, 64, 16 * 8 // 4)}
+
+
+def test_vocabulary_not_divisible_by_tp_is_padded_and_masked(tmp_path):
+    cfg = jora.Config(**{**CFG.__dict__, "vocab_size": 100})   # lm_head padded to 128 columns
+    params = random_params(jax.random.key(3), cfg)
+    lora = random_lora(jax.random.key(4), cfg, LCFG)
+    tokens = np.random.default_rng(1).integers(0, 100, (4, 17))
+    batch = jora.make_batch(tokens)
+    logits = np.asarray(jora.forward(params, tokens[:, :-1], cfg, lora, LCFG), np.float64)
+    assert logits.shape == (4, 16, 100)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
+                                                                              keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    want = -np.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+    for data, tp in [(1, 1), (2, 4)]:
+        mesh = mesh_of(data, tp)
+        p, l, b = (jora.shard(params, jora.param_specs(), mesh),
+                   jora.shard(lora, jora.lora_specs(LCFG), mesh),
+                   jora.shard(batch, jora.batch_specs(), mesh))
+        np.testing.assert_allclose(float(jora.loss(p, l, b, cfg, LCFG)), want, rtol=1e-5)
+    jora.export_merged(str(tmp_path / "m"), cfg, params, dtype=np.float32)
+    _, back = jora.load_hf(str(tmp_path / "m"), np.float32, mesh_of(1, 4))
+    assert back.lm_head.shape == (64, 128)
+    np.testing.assert_array_equal(np.asarray(back.lm_head)[:, :100],
+                                  np.asarray(params.lm_head)[:, :100])
+    assert not np.asarray(back.lm_head)[:, 100:].any()
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """Two local processes with 2 CPU devices each (jax.distributed over gloo) end with the same
+    LoRA parameters as one process with 4 devices."""
+    import socket
+    import subprocess
+    import sys
+
+    import train
+    from safetensors.numpy import load_file
+    base, data = train.demo_setup(str(tmp_path / "demo"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--model", base, "--data", data,
+           "--steps", "3", "--tp", "2", "--batch-size", "4", "--seq-len", "48",
+           "--targets", "q,v,o,down", "--log-every", "1"]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4")
+    subprocess.run(cmd + ["--out", str(tmp_path / "one")], check=True, env=env,
+                   capture_output=True)
+    with socket.socket() as s:   # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    procs = [subprocess.Popen(cmd + ["--out", str(tmp_path / "two"), "--coordinator",
+                                     f"localhost:{port}", "--num-processes", "2",
+                                     "--process-id", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) == 4 * 2 * 2
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)   # it did train
