@@ -397,44 +397,34 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
         raise ValueError(f"{folder}: checkpoint has no tensor '{missing[0]}' "
                          f"({len(missing)} missing in all)")
 
-    def np_dtype(x):   # convert on the host, in the reading pass (bf16 via ml_dtypes)
-        return x.astype(jnp.dtype(dtype))
+    cast = lambda x: x.astype(jnp.dtype(dtype))   # on the host, while reading (bf16: ml_dtypes)
+    place = lambda shape, spec, read: jax.make_array_from_callback(
+        shape, NamedSharding(mesh, spec), read)   # read(index) -> this device's slice
 
-    def load(name, shape, spec, hf_name, transpose):
-        def read(index):   # index: this device's slice of the (stacked, transposed) array
-            if hf_name is None:   # a layer-stacked tensor: read each layer's slice
-                field = name
-                stacked = []
-                for i in range(*index[0].indices(shape[0])):
-                    full = f"model.layers.{i}.{HF_NAME[field]}.weight"
-                    hf_shape = shape[1:][::-1]
-                    sub = index[1:][::-1]
-                    stacked.append(np_dtype(reader.slice(full, hf_shape, sub)).T)
-                return np.stack(stacked)
-            if name == "lm_head":   # (D, V') from HF's (V, D): columns past V are zeros
-                cols = range(*index[1].indices(shape[1]))
-                x = np.zeros((len(range(*index[0].indices(shape[0]))), len(cols)),
-                             jnp.dtype(dtype))
-                real = [c for c in cols if c < cfg.vocab_size]
-                if real:
-                    rows = reader.slice(hf_name, (cfg.vocab_size, shape[0]),
-                                        (slice(real[0], real[-1] + 1), index[0]))
-                    x[:, :len(real)] = np_dtype(rows).T
-                return x
-            x = np_dtype(reader.slice(hf_name, shape, index))
-            return x.T if transpose else x
+    def stacked(field):   # (L, I, O) from model.layers.{i}.<name>.weight (O, I), transposed
+        shape, name = getattr(shapes.layers, field), HF_NAME[field]
+        return place(shape, getattr(specs.layers, field), lambda index: np.stack([
+            cast(reader.slice(f"model.layers.{i}.{name}.weight", shape[1:][::-1],
+                              index[1:][::-1])).T for i in range(*index[0].indices(shape[0]))]))
 
-        return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), read)
+    def head(index):      # (D, V') from (V, D), transposed; the padding columns are zeros
+        cols = range(*index[1].indices(shapes.lm_head[1]))
+        x = np.zeros((len(range(*index[0].indices(cfg.d_model))), len(cols)), jnp.dtype(dtype))
+        real = [c for c in cols if c < cfg.vocab_size]
+        if real:
+            name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+            rows = reader.slice(name, (cfg.vocab_size, cfg.d_model),
+                                (slice(real[0], real[-1] + 1), index[0]))
+            x[:, :len(real)] = cast(rows).T
+        return x
 
-    head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-    layers = Layer(**{f: load(f, getattr(shapes.layers, f), getattr(specs.layers, f), None,
-                              True) for f in Layer._fields})
-    params = Params(embed=load("embed", shapes.embed, specs.embed, "model.embed_tokens.weight",
-                               False),
-                    layers=layers,
-                    final_norm=load("final_norm", shapes.final_norm, specs.final_norm,
-                                    "model.norm.weight", False),
-                    lm_head=load("lm_head", shapes.lm_head, specs.lm_head, head, True))
+    params = Params(
+        embed=place(shapes.embed, specs.embed, lambda index: cast(reader.slice(
+            "model.embed_tokens.weight", shapes.embed, index))),
+        layers=Layer(**{f: stacked(f) for f in Layer._fields}),
+        final_norm=place(shapes.final_norm, specs.final_norm, lambda index: cast(reader.slice(
+            "model.norm.weight", shapes.final_norm, index))),
+        lm_head=place(shapes.lm_head, specs.lm_head, head))
     return cfg, params
 
 
