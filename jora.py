@@ -187,6 +187,7 @@ class Options:
     remat: str = "none"       # none | min | dots | full: what backward keeps (see REMAT)
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
+    sequence_parallel: bool = False   # split positions over "model" between parallel regions
     packed: bool = True       # rows hold several examples: mask attention by segment. False
                               # (one example a row, padding at the end) needs no mask at all,
                               # which lets flash attention skip building a (T, T) one
@@ -668,17 +669,26 @@ def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
 
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
-                  lcfg: LoraConfig | None, key=None):
+                  lcfg: LoraConfig | None, key=None, sp: bool = False):
     """One pre-norm Llama block. x (B, T, D), replicated over "model" -> ((B, T, D), aux).
 
     attn(q, k, v) -> (o, aux) does the attention proper: plain causal attention when training,
     attention over a KV cache (aux = the updated cache) when generating.
+    sp (sequence parallelism, Korthikanti et al. 2022): x is (B, T/tp, D), this device's slice
+    of the positions; it is all-gathered before the column-parallel projections, and the
+    row-parallel sums are reduce-scattered back to slices instead of all-reduced. The same bytes
+    move, but norms, residuals and the activations remat keeps shrink by tp.
     """
-    B, T, _ = x.shape
+    if sp:
+        gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
+        reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
+    else:
+        gather, reduce = (lambda h: h), (lambda y: jax.lax.psum(y, MODEL))
     kq, kk, kv, ko, kg, ku, kd = _layer_keys(key, 7)
     if key is not None:   # row-parallel inputs differ per device: so must their dropout masks
         ko, kd = (jax.random.fold_in(k, jax.lax.axis_index(MODEL)) for k in (ko, kd))
-    h = rms_norm(x, w.attn_norm, cfg.norm_eps)
+    h = gather(rms_norm(x, w.attn_norm, cfg.norm_eps))
+    B, T, _ = h.shape
     q = project(h, w.wq, ab.q, lcfg, kq).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
     k = project(h, w.wk, ab.k, lcfg, kk).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
     v = project(h, w.wv, ab.v, lcfg, kv).reshape(B, T, -1, cfg.head_dim)
@@ -687,12 +697,12 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
                                         (rope(k, positions, cfg), "k"), (v, "v")))
     o, aux = attn(q, k, v)                                                 # (B, T, N/tp, H)
     o = name(o.reshape(B, T, -1), "attn")
-    x = name(x + jax.lax.psum(project(o, w.wo, ab.o, lcfg, ko), MODEL), "resid")  # row-par.
-    h = rms_norm(x, w.mlp_norm, cfg.norm_eps)
+    x = name(x + reduce(project(o, w.wo, ab.o, lcfg, ko)), "resid")       # row-parallel
+    h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
     g = name(project(h, w.w_gate, ab.gate, lcfg, kg), "gate")              # (B, T, F/tp)
     u = name(project(h, w.w_up, ab.up, lcfg, ku), "up")
     y = project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, kd)
-    return x + jax.lax.psum(y, MODEL), aux
+    return x + reduce(y), aux
 
 
 # none: XLA keeps whatever autodiff wants (fast, most memory); min: keep the named matmul
@@ -711,19 +721,27 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
     if key is not None:   # each data shard draws its own dropout masks
         key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
     x = params.embed[tokens]                                                # (B, T, D)
+    B, T = tokens.shape
+    tp = jax.lax.axis_size(MODEL)
+    sp = opts.sequence_parallel and tp > 1
+    if sp:   # keep only this device's slice of the positions between the parallel regions
+        if T % tp:
+            raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
+        x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
     def body(x, xs):
         w, ab, i = xs
         k = None if key is None else jax.random.fold_in(key, i)
         attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
-        return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k)
+        return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp)
 
     if opts.remat not in REMAT:
         raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
     if opts.remat != "none":   # keep only what the policy saves; recompute the rest backward
         body = jax.checkpoint(body, policy=REMAT[opts.remat])
     x, _ = jax.lax.scan(body, x, (params.layers, lora, jnp.arange(cfg.n_layers)))
-    return rms_norm(x, params.final_norm, cfg.norm_eps)
+    x = rms_norm(x, params.final_norm, cfg.norm_eps)
+    return jax.lax.all_gather(x, MODEL, axis=1, tiled=True) if sp else x
 
 
 # ---------------------------------------------------------------------------------------------

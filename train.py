@@ -49,6 +49,8 @@ def parse_args(argv=None):
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a("--tp", type=int, default=1, help="devices per tensor-parallel group")
+    a("--sequence-parallel", action="store_true", help="split positions over the tp group "
+                                                         "between its parallel regions")
     a("--seed", type=int, default=0)
     a("--eval-split", type=float, default=0.0, help="fraction of examples held out")
     a("--save-every", type=int, default=0)
@@ -126,7 +128,8 @@ def main(argv=None) -> dict:
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
-    opts = jora.Options(remat=args.remat, attention=args.attention)
+    opts = jora.Options(remat=args.remat, attention=args.attention,
+                        sequence_parallel=args.sequence_parallel)
     dtype = jnp.dtype(args.dtype)
     if args.benchmark:   # --seq-len may list several lengths: 2048,4096
         tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)

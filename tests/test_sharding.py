@@ -37,9 +37,9 @@ def on(mesh, params, lora, batch):
             jora.shard(batch, jora.batch_specs(), mesh))
 
 
-def loss_and_grads(mesh, params, lora, batch):
+def loss_and_grads(mesh, params, lora, batch, opts=jora.Options()):
     p, l, b = on(mesh, params, lora, batch)
-    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(p, l, b, CFG, LCFG, mesh=mesh)))
+    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(p, l, b, CFG, LCFG, opts, mesh=mesh)))
     return jax.device_get(f(l))
 
 
@@ -59,11 +59,13 @@ def five_steps(mesh, params, lora, batch):
     return losses, jax.device_get(state.lora)
 
 
-@pytest.mark.parametrize("data,tp", MESHES)
-def test_loss_and_lora_grads_match_unsharded(setup, data, tp):
+@pytest.mark.parametrize("data,tp,sp", [m + (False,) for m in MESHES] +
+                         [(1, 2, True), (2, 2, True), (1, 8, True)])
+def test_loss_and_lora_grads_match_unsharded(setup, data, tp, sp):
     params, lora, batch = setup
     want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
-    loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch)
+    opts = jora.Options(sequence_parallel=sp)
+    loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch, opts)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     for t in LCFG.targets:
         for part in "ab":
@@ -182,3 +184,30 @@ def test_two_processes_train_like_one(tmp_path):
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-7, err_msg=k)
     assert any(np.abs(a[k]).max() > 0 for k in a if "lora_B" in k)   # it did train
+
+
+def test_sequence_parallelism_shrinks_activation_memory_per_device():
+    """Compiled per-device temporary memory of a remat=full step (XLA's own accounting): with
+    sequence parallelism the layer inputs that remat keeps are split over tp too."""
+    cfg = jora.Config(vocab_size=256, d_model=512, d_ff=1024, n_layers=16, n_heads=8,
+                      n_kv_heads=8, head_dim=64)
+    lcfg = jora.LoraConfig(r=4)
+
+    def temp_mib(tp, sp):
+        mesh = mesh_of(1, tp)
+        shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
+        params = jax.jit(lambda k: jora.init_params(k, cfg), out_shardings=shardings)(
+            jax.random.key(0))
+        lora = jora.init_lora(jax.random.key(1), cfg, lcfg)
+        state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
+                           jora.state_specs(lcfg), mesh)
+        b = jora.make_batch(np.zeros((1, 1025), np.int32))
+        b = jora.shard(jora.Batch(*(x[None] for x in b)),
+                       jora.Batch(*([jora.P(None, jora.DATA, None)] * 5)), mesh)
+        opts = jora.Options(remat="full", sequence_parallel=sp, packed=False)
+        step = jora.make_train_step(cfg, lcfg, jora.TrainConfig(batch_size=1), mesh, opts)
+        compiled = step.lower(state, params, b, jax.random.key(2)).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    one, four, four_sp = temp_mib(1, False), temp_mib(4, False), temp_mib(4, True)
+    assert four < one and four_sp < 0.75 * four, (one, four, four_sp)
