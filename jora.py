@@ -28,10 +28,11 @@ outside it. Inside, shapes in comments are per device (N/tp means this device's 
   w_gate, w_up        output columns (F)       replicated    split (O)     none
   wo                  input heads (N*H)        split (I)     replicated    psum after
   w_down              input rows (F)           split (I)     replicated    psum after
-  lm_head             vocab (V)                -             -             psum inside the loss
+  lm_head             vocab (V padded to 128)  -             -             psums inside the loss
   embed, norms        replicated
 Row-parallel layers need only the one psum the frozen layer needs anyway, because
-sum_i (x_i W_i + s x_i A_i B) = x W + s x A B.
+sum_i (x_i W_i + s x_i A_i B) = x W + s x A B. With sequence parallelism each psum becomes a
+reduce-scatter over positions, and an all-gather precedes each column-parallel block.
 
 Dtypes: frozen weights and activations in `dtype` (bf16 by default); LoRA factors and AdamW
 moments fp32; RMSNorm statistics, RoPE angles, softmax, logits and the loss in fp32.
@@ -1139,7 +1140,7 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
     Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
     `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
     examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...); otherwise one example a
-    row, padded to the batch's longest, rounded up to `bucket` (few distinct shapes to compile).
+    row, padded to the batch's longest, T rounded up to `bucket` (few shapes to compile).
     """
     epoch, cursor = position
     while True:
@@ -1159,7 +1160,7 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
                 lens.append(used)
             if len(group) < rows:           # the epoch's tail: start the next epoch instead
                 break
-            T1 = seq_len + 1 if pack else min(seq_len + 1, -(-max(lens) // bucket) * bucket)
+            T1 = 1 + (seq_len if pack else min(seq_len, -(-(max(lens) - 1) // bucket) * bucket))
             tokens = np.zeros((rows, T1), np.int32)
             weights = np.zeros((rows, T1), np.float32)
             segs = np.zeros((rows, T1), np.int32)
