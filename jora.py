@@ -826,6 +826,9 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
     return fn(params, lora, batch, key)
 
 
+_loss_sums_jit = jax.jit(loss_sums, static_argnames=("cfg", "lcfg", "opts", "mesh"))
+
+
 def loss(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
          lcfg: LoraConfig | None = None, opts: Options = Options(), key=None, mesh=None):
     """Mean next-token cross-entropy (nats) over the positions where batch.weights is 1."""
@@ -1387,15 +1390,15 @@ def latest_checkpoint(out: str) -> str | None:
 
 
 def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, opts=Options()):
-    """Mean answer-token loss over `examples`, one pass in a fixed order."""
-    fn = jax.jit(lambda p, l, b: loss_sums(p, l, b, cfg, lcfg, opts, None, mesh))
+    """Mean answer-token loss over `examples`, one pass (the last batch filled with empties)."""
     nll = n = 0.0
+    empty = Example(np.zeros(1, np.int32), np.zeros(1, np.float32))   # predicts nothing
     for i in range(0, len(examples), rows):
         chunk = examples[i:i + rows]
-        chunk = chunk + [Example(chunk[0].tokens[:1], chunk[0].weights[:1] * 0)] * (rows - len(chunk))
-        tokens, weights, segs, _ = next(batches(chunk, rows, seq_len, False, 0))
+        tokens, weights, segs, _ = next(batches(chunk + [empty] * (rows - len(chunk)), rows,
+                                                seq_len, False, 0))
         b = shard(make_batch(tokens, weights, segs), batch_specs(), mesh)
-        a, c = fn(params, lora, b)
+        a, c = _loss_sums_jit(params, lora, b, cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
         nll, n = nll + float(a), n + float(c)
     return nll / max(n, 1.0)
 
