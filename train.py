@@ -72,7 +72,8 @@ def parse_args(argv=None):
     a("--temperature", type=float, default=0.0)
     a("--top-k", type=int, default=0)
     a("--top-p", type=float, default=1.0)
-    a("--coordinator", help="host:port of process 0, for several hosts (or JAX_COORDINATOR_ADDRESS)")
+    a("--coordinator", help="host:port of process 0, for several hosts "
+                            "(or JAX_COORDINATOR_ADDRESS)")
     a("--num-processes", type=int)
     a("--process-id", type=int)
     args = p.parse_args(argv)
@@ -134,10 +135,10 @@ def main(argv=None) -> dict:
     if args.benchmark:   # --seq-len may list several lengths: 2048,4096
         tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
         seqs = [int(s) for s in str(args.seq_len).split(",")]
+        tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
         return jora.benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts, seqs,
                               args.bench_steps, args.bench_warmup, dtype,
-                              log=lambda line: print(f'{{"impl": "jora", "size": "{args.size}", {line[1:]}',
-                                                     flush=True))
+                              log=lambda line: say(tag + line[1:], flush=True))
     demo = args.model is None and not args.generate
     if demo:
         if args.resume is None and os.path.exists(os.path.join(args.out, "metrics.jsonl")):

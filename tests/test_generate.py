@@ -54,7 +54,8 @@ def test_sampling_is_seeded_and_stops_at_eos(model):
     b = jora.generate(params, [[5, 6]], GQA, 20, lora, lcfg, temperature=1.0, top_p=0.9, seed=1)
     c = jora.generate(params, [[5, 6]], GQA, 20, lora, lcfg, temperature=1.0, top_k=5, seed=2)
     assert a == b and a != c and all(0 <= t < GQA.vocab_size for t in a[0] + c[0])
-    eos_cfg = jora.Config(**{**GQA.__dict__, "eos_id": jora.generate(params, [[5, 6]], GQA, 3)[0][1]})
+    second = jora.generate(params, [[5, 6]], GQA, 3)[0][1]
+    eos_cfg = jora.Config(**{**GQA.__dict__, "eos_id": second})
     out = jora.generate(params, [[5, 6]], eos_cfg, 20)[0]
     assert out[-1] == eos_cfg.eos_id and len(out) == 2
 

@@ -138,7 +138,8 @@ def test_wrong_shape_names_tensor_and_both_shapes(model, tmp_path):
 def test_unexpected_tensor_is_named(model, tmp_path):
     def edit(f, t):
         t["model.layers.0.self_attn.q_proj.bias"] = np.zeros(64, np.float32)
-    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
+    with pytest.raises(ValueError,
+                       match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"):
         jora.load_hf(_broken(model, tmp_path, edit))
 
 

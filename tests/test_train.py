@@ -22,7 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_adamw_matches_numpy_formula():
     tcfg = jora.TrainConfig(b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.1)
     rng = np.random.default_rng(0)
-    p = {"a": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5).astype(np.float32)}
+    p = {"a": rng.normal(size=(3, 4)).astype(np.float32),
+         "b": rng.normal(size=5).astype(np.float32)}
     lora = jora.Lora(q=jora.LoraAB(p["a"], p["b"]))
     opt = jora.adamw_init(lora)
     m = {k: np.zeros_like(v, np.float64) for k, v in p.items()}
