@@ -173,6 +173,8 @@ class LoraConfig:
         bad = [t for t in self.targets if t not in PROJ]
         if bad or not self.targets:
             raise ValueError(f"LoRA targets {bad or '()'} not among {PROJ}")
+        # One canonical order, so that ("v", "q") and ("q", "v") are the same configuration.
+        object.__setattr__(self, "targets", tuple(t for t in PROJ if t in self.targets))
         if self.r < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"need r >= 1 and 0 <= dropout < 1, got r={self.r} "
                              f"dropout={self.dropout}")
