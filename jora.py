@@ -808,8 +808,9 @@ def _local_loss_sums(params, lora, batch: Batch, key, cfg, lcfg, opts):
     return jax.lax.psum(jnp.sum(nll), DATA), jax.lax.psum(jnp.sum(batch.weights), DATA)
 
 
-def _mesh_of(params: Params):
-    s = getattr(params.embed, "sharding", None)
+def _mesh_of(params: Params):   # the mesh the parameters were placed on (one device if none)
+    e = params.embed
+    s = None if isinstance(e, jax.core.Tracer) else getattr(e, "sharding", None)
     return s.mesh if isinstance(s, NamedSharding) else make_mesh(1, jax.devices()[:1])
 
 
@@ -818,17 +819,20 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
     """-> (sum of token nll over weighted positions, number of weighted positions), fp32.
 
     Differentiable in `lora` from the outside: jax.grad of this is correct for every mesh.
+    Inside your own jit, pass `mesh` (it is read from the arrays' placement otherwise).
     """
     mesh = _mesh_of(params) if mesh is None else mesh
+    return _loss_sums(params, lora, batch, key, cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
+
+
+@jax.jit(static_argnames=("cfg", "lcfg", "opts", "mesh"))
+def _loss_sums(params, lora, batch, key, *, cfg, lcfg, opts, mesh):
     fn = jax.shard_map(
         lambda p, l, b, k: _local_loss_sums(p, l, b, k, cfg, lcfg, opts), mesh=mesh,
         in_specs=(param_specs(), lora_specs(lcfg) if lora is not None else None, batch_specs(),
                   P()),
         out_specs=(P(), P()))
     return fn(params, lora, batch, key)
-
-
-_loss_sums_jit = jax.jit(loss_sums, static_argnames=("cfg", "lcfg", "opts", "mesh"))
 
 
 def loss(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
@@ -1400,7 +1404,7 @@ def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, o
         tokens, weights, segs, _ = next(batches(chunk + [empty] * (rows - len(chunk)), rows,
                                                 seq_len, False, 0))
         b = shard(make_batch(tokens, weights, segs), batch_specs(), mesh)
-        a, c = _loss_sums_jit(params, lora, b, cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
+        a, c = loss_sums(params, lora, b, cfg, lcfg, opts, mesh=mesh)
         nll, n = nll + float(a), n + float(c)
     return nll / max(n, 1.0)
 

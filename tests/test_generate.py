@@ -10,14 +10,16 @@ import jora
 
 
 def full_recompute_greedy(params, prompt, n, cfg, lora=None, lcfg=None):
-    """The obvious decoder: run the whole sequence again for every new token."""
-    seq = list(prompt)
-    for _ in range(n):
-        logits = jora.forward(params, np.asarray([seq]), cfg, lora, lcfg)
-        seq.append(int(np.argmax(np.asarray(logits[0, -1]))))
-        if seq[-1] == cfg.eos_id:
-            break
-    return seq[len(prompt):]
+    """The obvious decoder: run the whole sequence again for every new token (in a buffer of
+    fixed length, one compilation: causality makes the positions after the last irrelevant)."""
+    seq = np.zeros((1, len(prompt) + n), np.int32)
+    seq[0, :len(prompt)] = prompt
+    for t in range(len(prompt), len(prompt) + n):
+        logits = jora.forward(params, seq, cfg, lora, lcfg)
+        seq[0, t] = int(np.argmax(np.asarray(logits[0, t - 1])))
+        if seq[0, t] == cfg.eos_id:
+            return seq[0, len(prompt):t + 1].tolist()
+    return seq[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")
