@@ -356,7 +356,7 @@ class _Reader:
     def __init__(self, files: dict[str, str]):
         self.files, self.open = files, {}
 
-    def slice(self, name, want_shape, index=None):
+    def slice(self, name, want_shape, index):
         from safetensors import safe_open
         if name not in self.files:
             raise ValueError(f"checkpoint has no tensor '{name}' (expected shape {want_shape})")
@@ -369,7 +369,7 @@ class _Reader:
             if shape != tuple(want_shape):
                 raise ValueError(f"{path}: tensor '{name}' has shape {shape}, "
                                  f"the config needs {tuple(want_shape)}")
-            return sl[index] if index is not None else sl[:]
+            return sl[index]
         except ValueError:
             raise
         except Exception as e:   # truncated or corrupt file: safetensors' own message is terse
@@ -1435,8 +1435,8 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
     if overwrite and not resume and main:
         shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-        if os.path.exists(os.path.join(out, "metrics.jsonl")):
-            os.remove(os.path.join(out, "metrics.jsonl"))
+        os.makedirs(out, exist_ok=True)
+        open(os.path.join(out, "metrics.jsonl"), "w").close()
     os.makedirs(out, exist_ok=True)
     check_tp(cfg, mesh.shape[MODEL])
     opts = dataclasses.replace(opts, packed=pack)
@@ -1461,8 +1461,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
     data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position)
     specs = Batch(*([P(None, DATA, None)] * len(Batch._fields)))
-    interrupted = []
-    handlers = {}
+    interrupted, handlers = [], {}
     try:   # a signal asks for a checkpoint after the step in flight, then a clean stop
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, lambda s, f: interrupted.append(s))
@@ -1549,61 +1548,3 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         for sig, h in handlers.items():
             signal.signal(sig, h)
     return state.lora, summary
-
-
-def benchmark(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts=Options(),
-              seq_lens=(), steps: int = 5, warmup: int = 2, dtype=jnp.bfloat16, log=print):
-    """Time training steps of a random-initialised model on random tokens, at each of
-    `seq_lens` (default: tcfg.seq_len), reusing one model. Logs and returns, per length, a dict
-    of tokens/s, step seconds, MFU, per-device peak memory (GiB) and compile seconds; a length
-    that does not fit in memory gives {"error": "out of memory"}. Peak memory only grows within
-    a process: give lengths in increasing order."""
-    import time
-    check_tp(cfg, mesh.shape[MODEL])
-    opts = dataclasses.replace(opts, packed=False)   # one sequence a row
-    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs())
-    params = jax.jit(lambda k: init_params(k, cfg, dtype), out_shardings=shardings)(
-        jax.random.key(0))    # created already split: no device ever holds the whole model
-    lora = jax.device_get(init_lora(jax.random.key(1), cfg, lcfg))   # host copy: steps donate
-    peak = PEAK_FLOPS.get(jax.default_backend())
-    results = []
-    for seq in seq_lens or (tcfg.seq_len,):
-        tc = dataclasses.replace(tcfg, seq_len=seq)
-        row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[MODEL], devices=mesh.size,
-                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r)
-        try:
-            state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
-                          state_specs(lcfg), mesh)
-            rows = tc.batch_size * tc.grad_accum
-            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq + 1))
-            b = Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in make_batch(tokens)))
-            b = shard(b, Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
-            key = jax.random.key(2)
-            t = time.time()
-            step = make_train_step(cfg, lcfg, tc, mesh, opts).lower(state, params, b,
-                                                                   key).compile()
-            row["compile_s"] = round(time.time() - t, 1)
-            for _ in range(warmup):
-                state, m = step(state, params, b, key)
-            jax.block_until_ready(state)
-            t = time.time()
-            for _ in range(steps):
-                state, m = step(state, params, b, key)
-            jax.block_until_ready(m)
-            dt = (time.time() - t) / steps
-            tok_s = rows * seq / dt
-            stats = [d.memory_stats() or {} for d in mesh.devices.flat]
-            row.update(tokens_per_s=round(tok_s), step_s=round(dt, 4), loss=float(m["loss"]),
-                       peak_gib=round(max(s.get("peak_bytes_in_use", 0) for s in stats) / 2**30,
-                                      2),
-                       mfu=round(tok_s * flops_per_token(cfg, seq) / (peak * mesh.size), 4)
-                       if peak else None)
-        except Exception as e:   # report and go on to the next length
-            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-            row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
-        state = b = m = step = None
-        log(json.dumps(row))
-        results.append(row)
-    return results
-
-

@@ -10,6 +10,7 @@
 Leaves OUT/adapter (PEFT), OUT/merged (HF), OUT/metrics.jsonl and OUT/checkpoints/.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jora
 
@@ -122,6 +124,58 @@ def demo_setup(out: str) -> tuple[str, str]:
     return base, data
 
 
+def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
+              log=print) -> list[dict]:
+    """Time training steps of a random-initialised model on random tokens at each length,
+    reusing one model: tokens/s, step seconds, MFU, per-device peak memory (GiB; it only grows
+    within a process, so give lengths in increasing order), compile seconds, or an error."""
+    jora.check_tp(cfg, mesh.shape[jora.MODEL])
+    opts = dataclasses.replace(opts, packed=False)   # one sequence a row: no attention mask
+    shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
+    params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
+        jax.random.key(0))   # created already split: no device ever holds the whole model
+    lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
+    peak, results = jora.PEAK_FLOPS.get(jax.default_backend()), []
+    rows = tcfg.batch_size * tcfg.grad_accum
+    for seq in seq_lens:
+        tc = dataclasses.replace(tcfg, seq_len=seq)
+        row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
+                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r)
+        try:
+            state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
+                               jora.state_specs(lcfg), mesh)
+            b = jora.make_batch(np.random.default_rng(0).integers(0, cfg.vocab_size,
+                                                                  (rows, seq + 1)))
+            b = jora.shard(jora.Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in b)),
+                           jora.Batch(*[jora.P(None, jora.DATA, None)] * 5), mesh)
+            key, t = jax.random.key(2), time.time()
+            step = jora.make_train_step(cfg, lcfg, tc, mesh, opts).lower(
+                state, params, b, key).compile()
+            row["compile_s"] = round(time.time() - t, 1)
+            for _ in range(warmup):
+                state, m = step(state, params, b, key)
+            jax.block_until_ready(state)
+            t = time.time()
+            for _ in range(steps):
+                state, m = step(state, params, b, key)
+            jax.block_until_ready(m)
+            dt = (time.time() - t) / steps
+            tok_s = rows * seq / dt
+            mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+                      for d in mesh.devices.flat)
+            row.update(tokens_per_s=round(tok_s), step_s=round(dt, 4), loss=float(m["loss"]),
+                       peak_gib=round(mem / 2**30, 2), mfu=round(
+                           tok_s * jora.flops_per_token(cfg, seq) / (peak * mesh.size), 4)
+                       if peak else None)
+        except Exception as e:   # report it and go on to the next length
+            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+            row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
+        state = b = m = step = None   # free this length's buffers before the next
+        log(json.dumps(row))
+        results.append(row)
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -136,9 +190,9 @@ def main(argv=None) -> dict:
         tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
         seqs = [int(s) for s in str(args.seq_len).split(",")]
         tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
-        return jora.benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts, seqs,
-                              args.bench_steps, args.bench_warmup, dtype,
-                              log=lambda line: say(tag + line[1:], flush=True))
+        return benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts, seqs,
+                         args.bench_steps, args.bench_warmup, dtype,
+                         log=lambda line: say(tag + line[1:], flush=True))
     demo = args.model is None and not args.generate
     if demo:
         if args.resume is None and os.path.exists(os.path.join(args.out, "metrics.jsonl")):

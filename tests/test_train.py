@@ -317,3 +317,10 @@ def test_stories260k_on_alpaca_lowers_held_out_loss(tmp_path):
 def test_demo_loss_falls_below_half(tmp_path):
     summary = train.main(["--out", str(tmp_path / "demo")])
     assert summary["loss"] < 0.5 * summary["first_loss"], summary
+
+
+def test_benchmark_mode_reports_each_length():
+    rows = train.main(["--benchmark", "--size", "tiny", "--seq-len", "64,128", "--batch-size",
+                       "8", "--bench-steps", "1", "--bench-warmup", "1", "--remat", "min"])
+    assert [r["seq"] for r in rows] == [64, 128]
+    assert all(r["tokens_per_s"] > 0 and r["compile_s"] >= 0 and "error" not in r for r in rows)
