@@ -572,11 +572,9 @@ def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
         c = json.load(f)
     if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("use_rslora"):
         raise ValueError(f"{folder}: only plain LoRA adapters are supported")
-    hf = {v.split(".")[1]: k for k, v in PEFT_NAME.items()}
     targets = tuple(t for t in PROJ if PEFT_NAME[t].split(".")[1] in c["target_modules"])
     lcfg = LoraConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]),
                       dropout=float(c.get("lora_dropout", 0.0)), targets=targets)
-    del hf
     w = load_file(os.path.join(folder, "adapter_model.safetensors"))
     out = {}
     for t in targets:
