@@ -212,6 +212,8 @@ def main(argv=None) -> dict:
         if lora is not None:
             lora = jora.shard(lora, jora.lora_specs(lc), mesh)
         prompts = args.prompt + (open(args.prompts).read().splitlines() if args.prompts else [])
+        if not prompts:
+            raise ValueError("--generate needs --prompt TEXT or --prompts FILE")
         t = time.time()
         outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg,
                              args.max_new_tokens, lora, lc, args.temperature, args.top_k,
