@@ -117,7 +117,9 @@ def demo_setup(out: str) -> tuple[str, str]:
     cfg = jora.Config(vocab_size=vocab, d_model=128, d_ff=256, n_layers=2, n_heads=4,
                       n_kv_heads=2, head_dim=32, max_positions=256)
     params = jora.init_params(jax.random.key(0), cfg, jnp.float32)
-    params = params._replace(embed=params.embed * 25)   # std 0.5: tokens start distinguishable
+    # std 0.5 embeddings and 0.2 lm_head: tokens start distinguishable, and the (frozen) lm_head
+    # can express confident predictions once LoRA has shaped the hidden states.
+    params = params._replace(embed=params.embed * 25, lm_head=params.lm_head * 10)
     jora.export_merged(base, cfg, params, dtype=jnp.float32)
     with open(os.path.join(base, "tokenizer.model"), "wb") as f:
         f.write(model.getvalue())
