@@ -191,6 +191,7 @@ class Options:
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
+    kernels: str = "xla"      # xla | pallas: the fused LoRA kernel of kernels/ (if present)
     packed: bool = True       # rows hold several examples: mask attention by segment. False
                               # (one example a row, padding at the end) needs no mask at all,
                               # which lets flash attention skip building a (T, T) one
@@ -619,8 +620,17 @@ def rope(x, positions, cfg: Config):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None):
-    """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B."""
+def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None, fused=False):
+    """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B.
+
+    fused: the same op as one Pallas kernel from kernels/ (optional: imported only here).
+    """
+    if fused and ab is not None and (key is None or lcfg.dropout == 0):
+        from kernels.lora_matmul import lora_matmul
+        B, T, I = x.shape
+        y = lora_matmul(x.reshape(B * T, I), w, ab.a, ab.b, lcfg.scale,
+                        interpret=jax.default_backend() != "gpu")
+        return y.reshape(B, T, -1)
     y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:
         return y
@@ -670,7 +680,7 @@ def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
 
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
-                  lcfg: LoraConfig | None, key=None, sp: bool = False):
+                  lcfg: LoraConfig | None, key=None, sp: bool = False, fused: bool = False):
     """One pre-norm Llama block. x (B, T, D), replicated over "model" -> ((B, T, D), aux).
 
     attn(q, k, v) -> (o, aux) does the attention proper: plain causal attention when training,
@@ -679,6 +689,7 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
     of the positions; it is all-gathered before the column-parallel projections, and the
     row-parallel sums are reduce-scattered back to slices instead of all-reduced. The same bytes
     move, but norms, residuals and the activations remat keeps shrink by tp.
+    fused: LoRA projections through the Pallas kernel (see project).
     """
     if sp:
         gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
@@ -690,19 +701,19 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
         ko, kd = (jax.random.fold_in(k, jax.lax.axis_index(MODEL)) for k in (ko, kd))
     h = gather(rms_norm(x, w.attn_norm, cfg.norm_eps))
     B, T, _ = h.shape
-    q = project(h, w.wq, ab.q, lcfg, kq).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
-    k = project(h, w.wk, ab.k, lcfg, kk).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
-    v = project(h, w.wv, ab.v, lcfg, kv).reshape(B, T, -1, cfg.head_dim)
+    q = project(h, w.wq, ab.q, lcfg, kq, fused).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
+    k = project(h, w.wk, ab.k, lcfg, kk, fused).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
+    v = project(h, w.wv, ab.v, lcfg, kv, fused).reshape(B, T, -1, cfg.head_dim)
     # Names mark what remat="min" keeps: every matmul output the backward pass needs.
     q, k, v = (name(y, n) for y, n in ((rope(q, positions, cfg), "q"),
                                         (rope(k, positions, cfg), "k"), (v, "v")))
     o, aux = attn(q, k, v)                                                 # (B, T, N/tp, H)
     o = name(o.reshape(B, T, -1), "attn")
-    x = name(x + reduce(project(o, w.wo, ab.o, lcfg, ko)), "resid")       # row-parallel
+    x = name(x + reduce(project(o, w.wo, ab.o, lcfg, ko, fused)), "resid")       # row-parallel
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
-    g = name(project(h, w.w_gate, ab.gate, lcfg, kg), "gate")              # (B, T, F/tp)
-    u = name(project(h, w.w_up, ab.up, lcfg, ku), "up")
-    y = project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, kd)
+    g = name(project(h, w.w_gate, ab.gate, lcfg, kg, fused), "gate")              # (B, T, F/tp)
+    u = name(project(h, w.w_up, ab.up, lcfg, ku, fused), "up")
+    y = project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, kd, fused)
     return x + reduce(y), aux
 
 
@@ -734,7 +745,7 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
         w, ab, i = xs
         k = None if key is None else jax.random.fold_in(key, i)
         attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
-        return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp)
+        return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp, opts.kernels == "pallas")
 
     if opts.remat not in REMAT:
         raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
@@ -825,11 +836,13 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
 
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "mesh"))
 def _loss_sums(params, lora, batch, key, *, cfg, lcfg, opts, mesh):
+    # Pallas kernels cannot carry shard_map's varying-axis types (check_vma), so they run with
+    # it off; gradients are taken outside this shard_map, which is exact either way.
     fn = jax.shard_map(
         lambda p, l, b, k: _local_loss_sums(p, l, b, k, cfg, lcfg, opts), mesh=mesh,
         in_specs=(param_specs(), lora_specs(lcfg) if lora is not None else None, batch_specs(),
                   P()),
-        out_specs=(P(), P()))
+        out_specs=(P(), P()), check_vma=opts.kernels != "pallas")
     return fn(params, lora, batch, key)
 
 
@@ -883,8 +896,8 @@ def _forward_jit(params, lora, tokens, positions, segment_ids, *, cfg, lcfg, opt
     logits = jax.shard_map(local, mesh=mesh,
                            in_specs=(param_specs(), None if lora is None else lora_specs(lcfg),
                                      row, row, None if segment_ids is None else row),
-                           out_specs=P(DATA, None, MODEL))(params, lora, tokens, positions,
-                                                           segment_ids)
+                           out_specs=P(DATA, None, MODEL), check_vma=opts.kernels != "pallas")(
+                               params, lora, tokens, positions, segment_ids)
     return logits[..., :cfg.vocab_size]
 
 
