@@ -49,6 +49,9 @@ def parse_args(argv=None):
     a("--clip", type=float, default=1.0)
     a("--remat", default="none", choices=list(jora.REMAT))
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
+    a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
+      help="LoRA projections: the fused Pallas kernel or XLA (auto: XLA, until the kernel is "
+           "measured faster on GPU)")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a("--tp", type=int, default=1, help="devices per tensor-parallel group")
     a("--sequence-parallel", action="store_true", help="split positions over the tp group "
@@ -186,7 +189,8 @@ def main(argv=None) -> dict:
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
     opts = jora.Options(remat=args.remat, attention=args.attention,
-                        sequence_parallel=args.sequence_parallel)
+                        sequence_parallel=args.sequence_parallel,
+                        kernels="pallas" if args.kernels == "pallas" else "xla")
     dtype = jnp.dtype(args.dtype)
     if args.benchmark:   # --seq-len may list several lengths: 2048,4096
         tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
-# Usage (device tool): bash bench/h200.sh PART...  PART in {check, qv, remat, long, fix, max, all7, decode}
+# Usage (device tool): bash bench/h200.sh PART...  PART in {check, qv, remat, long, fix, max, all7, kernels, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -26,6 +26,8 @@ case "$part" in
   max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
+  kernels) python3 -m kernels.bench | tee -a "$OUT/kernels.md"
+         jora --seq-len 2048 --remat min --kernels pallas --bench-steps 5 ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
 esac
 done
