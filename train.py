@@ -10,6 +10,7 @@
 Leaves OUT/adapter (PEFT), OUT/merged (HF), OUT/metrics.jsonl and OUT/checkpoints/.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -69,6 +70,7 @@ def parse_args(argv=None):
     a("--size", default="7b", choices=list(jora.PRESETS))
     a("--bench-steps", type=int, default=5)
     a("--bench-warmup", type=int, default=2)
+    a("--profile", help="--benchmark: write a profiler trace of the timed steps to this folder")
     a("--generate", action="store_true", help="complete --prompt / --prompts and exit")
     a("--adapter", help="PEFT adapter folder to apply when generating")
     a("--prompt", action="append", default=[])
@@ -130,10 +132,11 @@ def demo_setup(out: str) -> tuple[str, str]:
 
 
 def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
-              log=print) -> list[dict]:
+              log=print, profile=None) -> list[dict]:
     """Time training steps of a random-initialised model on random tokens at each length,
     reusing one model: tokens/s, step seconds, MFU, per-device peak memory (GiB; it only grows
-    within a process, so give lengths in increasing order), compile seconds, or an error."""
+    within a process, so give lengths in increasing order), compile seconds, or an error.
+    `profile`: a folder for a jax.profiler trace of the timed steps (bench/profile.py reads it)."""
     jora.check_tp(cfg, mesh.shape[jora.MODEL])
     opts = dataclasses.replace(opts, packed=False)   # one sequence a row: no attention mask
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
@@ -160,11 +163,13 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             for _ in range(warmup):
                 state, m = step(state, params, b, key)
             jax.block_until_ready(state)
-            t = time.time()
-            for _ in range(steps):
-                state, m = step(state, params, b, key)
-            jax.block_until_ready(m)
-            dt = (time.time() - t) / steps
+            trace = jax.profiler.trace(f"{profile}/{seq}") if profile else contextlib.nullcontext()
+            with trace:
+                t = time.time()
+                for _ in range(steps):
+                    state, m = step(state, params, b, key)
+                jax.block_until_ready(m)
+                dt = (time.time() - t) / steps
             tok_s = rows * seq / dt
             mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
                       for d in mesh.devices.flat)
@@ -198,7 +203,7 @@ def main(argv=None) -> dict:
         tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
         return benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts, seqs,
                          args.bench_steps, args.bench_warmup, dtype,
-                         log=lambda line: say(tag + line[1:], flush=True))
+                         log=lambda line: say(tag + line[1:], flush=True), profile=args.profile)
     demo = args.model is None and not args.generate
     if demo:
         if args.resume is None and os.path.exists(os.path.join(args.out, "metrics.jsonl")):

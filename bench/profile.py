@@ -1,0 +1,70 @@
+"""Where the GPU time of a step goes: summarise a trace written by `train.py --benchmark --profile DIR`.
+
+    python bench/profile.py DIR [--top 25]
+Reads every *.xplane.pb under DIR with jax's own profile reader (no TensorBoard needed) and prints,
+per device, GPU busy time by kernel kind (matmul, attention, fusion, ...) and the top kernels.
+"""
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+
+from jax.profiler import ProfileData
+
+
+def kind(name: str) -> str:
+    n = name.lower()
+    if any(s in n for s in ("cudnn", "flash", "fmha", "sdpa", "attention")):
+        return "attention (cuDNN)"
+    if any(s in n for s in ("gemm", "xmma", "cutlass", "matmul", "dot", "wgmma", "cublas")):
+        return "matmul"
+    if "triton" in n:
+        return "triton (Pallas or XLA)"
+    if any(s in n for s in ("nccl", "all_reduce", "allreduce", "all-gather", "reduce_scatter")):
+        return "communication"
+    if "memcpy" in n or "memset" in n or "copy" in n:
+        return "copies"
+    if "reduce" in n:
+        return "reductions (norms, softmax, CE)"
+    return "other fusions (elementwise)"
+
+
+def summarise(path: str, top: int):
+    data = ProfileData.from_file(path)
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        kernels, busy = collections.Counter(), 0.0
+        for line in plane.lines:
+            if not line.name.startswith("Stream"):
+                continue   # "XLA Ops"/"XLA Modules" lines repeat the same time as annotations
+            for e in line.events:
+                kernels[e.name] += e.duration_ns
+                busy += e.duration_ns
+        if not busy:
+            print(f"{plane.name}: no kernel events (lines: {[ln.name for ln in plane.lines]})")
+            continue
+        kinds = collections.Counter()
+        for k, t in kernels.items():
+            kinds[kind(k)] += t
+        print(f"\n## {os.path.relpath(path)} {plane.name}: {busy / 1e6:.1f} ms of kernels")
+        print("| kind | ms | share |\n|---|---|---|")
+        for k, t in kinds.most_common():
+            print(f"| {k} | {t / 1e6:.1f} | {t / busy:.1%} |")
+        print(f"\n| top kernels | ms | share |\n|---|---|---|")
+        for k, t in kernels.most_common(top):
+            print(f"| {re.sub(r'[|]', '/', k)[:90]} | {t / 1e6:.2f} | {t / busy:.1%} |")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    files = sorted(glob.glob(os.path.join(a.folder, "**", "*.xplane.pb"), recursive=True))
+    if not files:
+        sys.exit(f"error: no *.xplane.pb under {a.folder}")
+    for f in files:
+        summarise(f, a.top)
