@@ -1,13 +1,24 @@
-"""Time the fused LoRA kernel against the frozen projection alone and XLA's unfused LoRA.
+"""Time the fused LoRA kernels against the frozen projection alone and XLA's unfused LoRA.
 
-    python -m kernels.bench            # Llama-2-7B shapes on a GPU; prints a table
-    python -m kernels.bench --quick    # a tiny smoke run (interpret mode on CPU)
+    python -m kernels.bench                      # Llama-2-7B shapes on a GPU (27 rows, ~5 min)
+    python -m kernels.bench --quick              # a smoke run: one real shape on a GPU,
+                                                 # tiny shapes in interpret mode on a CPU
+    python -m kernels.bench --ms 8192 --ranks 16 --sweep    # also try other tilings
 
-Forward, and forward+backward (gradients of x, a, b; w frozen), for tokens M, projections
-(K, N) and ranks R; each timing is the median of 10 runs after 3 warm-ups. Every kernel result
-is checked against `reference` first.
+For tokens M, projections K -> N (bf16 x and w, fp32 a and b as in training) and ranks R, it
+times the forward, and the forward + backward (y and the gradients of x, a and b; w frozen):
+  frozen   x @ w alone; its backward is dy @ w^T (no dw)
+  xla      `reference` under jax.jit: XLA's unfused LoRA (x @ w + s * (x @ a) @ b)
+  kernel   `lora_matmul`: the Pallas kernels
+Each time is the median over 7 repetitions, after warm-up, of a batch of back-to-back calls
+(enough for about 20 ms), ended by jax.block_until_ready, so launch latency is amortized.
+Every kernel result (y, dx, da, db) is checked against `reference` first; `err` is the
+largest relative (Frobenius) error, and rows above 2e-2 are marked FAIL (exit status 1).
 """
 import argparse
+import math
+import statistics
+import sys
 import time
 
 import jax
@@ -16,62 +27,154 @@ import numpy as np
 
 from kernels.lora_matmul import Tiles, lora_matmul, reference
 
+SCALE = 2.0
+TOL = 2e-2   # bf16 has 8 bits of mantissa: a few 1e-3 of rounding is the expected error
+LLAMA_MS = (2048, 8192, 32768)
+LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
+LLAMA_RANKS = (8, 16, 64)
+SWEEP = [Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 4, 4), Tiles(128, 256, 64, 8, 3),
+         Tiles(256, 128, 64, 8, 3), Tiles(64, 128, 64, 4, 4), Tiles(128, 128, 32, 4, 4)]
 
-def median_time(f, *args, n=10):
-    for _ in range(3):
+
+def seconds_per_call(f, *args, reps=7, target=0.02):
+    """Median over `reps` of (time of n back-to-back calls) / n, n sized to ~`target` s."""
+    for _ in range(2):
         jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    n = max(1, min(50, math.ceil(target / max(time.perf_counter() - t, 1e-6))))
     times = []
-    for _ in range(n):
+    for _ in range(reps):
         t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / n)
+    return statistics.median(times)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
+def rel(p, q):
+    p, q = jnp.asarray(p, jnp.float32), jnp.asarray(q, jnp.float32)
+    return float(jnp.linalg.norm(p - q) / jnp.linalg.norm(q))
+
+
+def operands(m, k, n, r, dtype):
+    ks = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(ks[0], (m, k), dtype)
+    w = (jax.random.normal(ks[1], (k, n), jnp.float32) / math.sqrt(k)).astype(dtype)
+    a = jax.random.normal(ks[2], (k, r), jnp.float32) / math.sqrt(k)
+    b = jax.random.normal(ks[3], (r, n), jnp.float32) * 0.1     # nonzero, as after training
+    dy = jax.random.normal(ks[4], (m, n), dtype)
+    return x, w, a, b, dy
+
+
+def functions(tiles, interpret):
+    """name -> (forward, forward + backward), each jitted, each taking (x, w, a, b, dy)."""
+    def kernel(x, w, a, b):
+        return lora_matmul(x, w, a, b, SCALE, tiles=tiles, interpret=interpret)
+
+    def xla(x, w, a, b):
+        return reference(x, w, a, b, SCALE)
+
+    def fwd(f):
+        return jax.jit(lambda x, w, a, b, dy: f(x, w, a, b))
+
+    def fwd_bwd(f):   # y and (dx, da, db): what a training step needs of the layer
+        def run(x, w, a, b, dy):
+            y, vjp = jax.vjp(lambda x, a, b: f(x, w, a, b), x, a, b)
+            return y, vjp(dy)
+        return jax.jit(run)
+
+    frozen = (jax.jit(lambda x, w, a, b, dy: x @ w),
+              jax.jit(lambda x, w, a, b, dy: (x @ w, dy @ w.T)))
+    return {"frozen": frozen, "xla": (fwd(xla), fwd_bwd(xla)),
+            "kernel": (fwd(kernel), fwd_bwd(kernel))}
+
+
+def check(fns, args):
+    """The largest relative error of the kernel's y, dx, da, db against the reference's."""
+    y, grads = fns["kernel"][1](*args)
+    y_ref, grads_ref = fns["xla"][1](*args)
+    return max(rel(p, q) for p, q in zip((y, *grads), (y_ref, *grads_ref)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a tiny subset, as a smoke test")
+    ap.add_argument("--ms", type=str, default=None, help="tokens M, comma-separated")
+    ap.add_argument("--ranks", type=str, default=None, help="ranks R, comma-separated")
+    ap.add_argument("--kn", type=str, default=None, help="projections, e.g. 4096x11008,...")
+    ap.add_argument("--tiles", type=str, default=None, help="bm,bn,bk,num_warps,num_stages")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time the kernel with each tiling of SWEEP (fwd + bwd)")
+    args = ap.parse_args(argv)
+
     gpu = jax.default_backend() == "gpu"
-    if args.quick or not gpu:
-        Ms, shapes, ranks, tiles = [128], [(128, 256)], [16], Tiles(64, 64, 32)
+    dtype = jnp.bfloat16
+    if gpu:
+        ms, kns, ranks = ((2048,), ((4096, 4096),), (16,)) if args.quick else (
+            LLAMA_MS, LLAMA_KN, LLAMA_RANKS)
     else:
-        Ms, shapes, ranks, tiles = ([2048, 8192, 32768], [(4096, 4096), (4096, 11008),
-                                    (11008, 4096)], [8, 16, 64], Tiles())
+        if not args.quick:
+            print("No GPU: the Llama-2-7B shapes need one. Running the --quick subset at tiny "
+                  "shapes in Pallas' interpreter instead (its times mean nothing).")
+        ms, kns, ranks = (200,), ((64, 96), (96, 64)), (8, 64)
+    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
+    ranks = tuple(int(v) for v in args.ranks.split(",")) if args.ranks else ranks
+    kns = tuple(tuple(int(d) for d in kn.split("x")) for kn in args.kn.split(",")) \
+        if args.kn else kns
+    tiles = Tiles(*(int(v) for v in args.tiles.split(","))) if args.tiles else (
+        Tiles.default(dtype) if gpu else Tiles(32, 32, 16))
     interpret = not gpu
-    dt = jnp.bfloat16
-    print("| M | K->N | R | frozen fwd ms | xla fwd | kernel fwd | frozen f+b | xla f+b "
-          "| kernel f+b | kernel/frozen f+b | kernel/xla f+b |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for m in Ms:
-        for k, n in shapes:
+    print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {dtype.__name__} x/w, "
+          f"fp32 a/b, scale {SCALE}, tiles {tiles}, interpret={interpret}", flush=True)
+
+    head = ("|     M |     K |     N |  R | frozen fwd us | xla fwd | kernel fwd | "
+            "k/frozen |  k/xla | frozen f+b us | xla f+b | kernel f+b | k/frozen |  k/xla "
+            "|     err |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|", flush=True)
+    failed, sweep_rows, ratios = False, [], []
+    for m in ms:
+        for k, n in kns:
             for r in ranks:
-                ks = jax.random.split(jax.random.key(0), 5)
-                x = jax.random.normal(ks[0], (m, k), dt)
-                w = (jax.random.normal(ks[1], (k, n)) / k ** 0.5).astype(dt)
-                a = jax.random.normal(ks[2], (k, r)) / k ** 0.5
-                b = jax.random.normal(ks[3], (r, n)) * 0.1
-                dy = jax.random.normal(ks[4], (m, n), dt)
-                fused = lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, tiles, interpret)
-                unfused = lambda x, w, a, b: reference(x, w, a, b, 2.0)
-                got, want = fused(x, w, a, b), unfused(x, w, a, b)
-                err = float(jnp.linalg.norm((got - want).astype(jnp.float32))
-                            / jnp.linalg.norm(want.astype(jnp.float32)))
-                assert err < 2e-2, f"kernel differs from reference: {err} at {m, k, n, r}"
-                frozen_f = jax.jit(lambda x, w: x @ w)
-                frozen_fb = jax.jit(lambda x, w, dy: (x @ w, dy @ w.T))   # fwd + dx only
-                fb = lambda f: jax.jit(lambda x, w, a, b, dy: jax.vjp(
-                    lambda x, a, b: f(x, w, a, b), x, a, b)[1](dy))
-                t = [median_time(frozen_f, x, w),
-                     median_time(jax.jit(unfused), x, w, a, b),
-                     median_time(jax.jit(fused), x, w, a, b),
-                     median_time(frozen_fb, x, w, dy),
-                     median_time(fb(unfused), x, w, a, b, dy),
-                     median_time(fb(fused), x, w, a, b, dy)]
-                ms = " | ".join(f"{v * 1e3:.3f}" for v in t)
-                print(f"| {m} | {k}->{n} | {r} | {ms} | {t[5] / t[3]:.3f} | "
-                      f"{t[5] / t[4]:.3f} |", flush=True)
+                xs = operands(m, k, n, r, dtype)
+                fns = functions(tiles, interpret)
+                err = check(fns, xs)
+                bad = not err < TOL
+                failed |= bad
+                t = {name: [seconds_per_call(f, *xs) * 1e6 for f in pair]
+                     for name, pair in fns.items()}
+                (ff, fb), (xf, xb), (kf, kb) = t["frozen"], t["xla"], t["kernel"]
+                print(f"| {m:5d} | {k:5d} | {n:5d} | {r:2d} | {ff:13.1f} | {xf:7.1f} | "
+                      f"{kf:10.1f} | {kf / ff:8.3f} | {kf / xf:6.3f} | {fb:13.1f} | "
+                      f"{xb:7.1f} | {kb:10.1f} | {kb / fb:8.3f} | {kb / xb:6.3f} | "
+                      f"{err:7.1e}{' FAIL' if bad else ''} |", flush=True)
+                ratios.append((kf / ff, kf / xf, kb / fb, kb / xb))
+                if args.sweep:
+                    for cfg in SWEEP:
+                        f = functions(cfg, interpret)
+                        e = check(f, xs)
+                        sweep_rows.append((m, k, n, r, cfg, seconds_per_call(f["kernel"][0], *xs)
+                                           * 1e6, seconds_per_call(f["kernel"][1], *xs) * 1e6,
+                                           fb, xb, e))
+                        failed |= not e < TOL
+                del xs, fns
+    if ratios:
+        gm = np.exp(np.log(np.array(ratios)).mean(0))
+        print(f"geometric means: kernel/frozen fwd {gm[0]:.3f}, kernel/xla fwd {gm[1]:.3f}, "
+              f"kernel/frozen f+b {gm[2]:.3f}, kernel/xla f+b {gm[3]:.3f}", flush=True)
+    if sweep_rows:
+        print("\nTilings (kernel times in us; ratios are f+b against frozen and xla f+b):")
+        for m, k, n, r, cfg, kf, kb, fb, xb, e in sweep_rows:
+            print(f"M {m} {k}->{n} R {r} bm={cfg.bm} bn={cfg.bn} bk={cfg.bk} "
+                  f"warps={cfg.num_warps} stages={cfg.num_stages}: fwd {kf:.1f} f+b {kb:.1f} "
+                  f"k/frozen {kb / fb:.3f} k/xla {kb / xb:.3f} err {e:.1e}"
+                  f"{' FAIL' if not e < TOL else ''}", flush=True)
+    if failed:
+        print(f"FAIL: a kernel result differs from the reference by more than {TOL}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,117 +1,304 @@
 """Fused LoRA projection for a frozen weight: y = x @ w + scale * (x @ a) @ b.
 
-Shapes: x (M, K), w (K, N), a (K, R), b (R, N) -> y (M, N); M = batch * positions.
-x and w share a dtype (bf16 on GPU); a and b may be fp32 (they are cast to x's dtype for the
-products, accumulating in fp32).
+Shapes: x (M, K), w (K, N), a (K, R), b (R, N) -> y (M, N), in x's dtype; M = batch * positions.
+x and w share a floating dtype (bf16 on GPU, fp32 for checks); a and b may be fp32 or bf16 and
+are cast to x's dtype for the products. Every product accumulates in fp32 and the sum
+x@w + scale * xa@b is formed in fp32 before the single rounding to x's dtype.
 
-One kernel does all the heavy work, `matmul_lowrank`: a tiled GEMM whose epilogue adds the rank-R
-product, out = x @ w + scale * u @ v, so the (M, N) output is written once instead of being
-read and written again by a separate add. It serves both directions:
-  forward    y  = matmul_lowrank(x,  w,   u = x @ a,    v = b)
-  backward   dx = matmul_lowrank(dy, w^T, u = dy @ b^T, v = a^T)   (w read transposed in place)
-The skinny products x @ a (M, R), dy @ b^T (M, R) and the LoRA gradients
-da = scale * x^T (dy b^T) (K, R), db = scale * (x a)^T dy (R, N) stay XLA matmuls: they are
-memory-bound and XLA reads x / dy once for them. w is frozen: its cotangent is zero.
+Fusion (the rank-R intermediate splits the op; LoRAFusion, arXiv 2510.00206, does the same):
+  forward   xa = x @ a                                        (M, R)  XLA, memory-bound, skinny
+            y  = gemm_lowrank(x, w, xa, b)                    (M, N)  this file's kernel
+  backward  g  = dy @ b^T                                     (M, R)  XLA, skinny
+            dx = gemm_lowrank(dy, w^T, g, a^T)                (M, K)  the same kernel, w read
+                                                                      transposed in place
+            da = scale * x^T @ g,  db = scale * xa^T @ dy             XLA, skinny
+  gemm_lowrank(p, q, u, v) = p @ q + scale * u @ v is a tiled GEMM whose epilogue adds the
+  rank-R product, so the (M, N) output is written once and never re-read for the LoRA add.
+  xa is saved from the forward as a residual (M x R, tiny), so x is not read again for db.
+  w is frozen: its cotangent is a zero array that XLA removes when nobody uses it.
+  The alternative, x @ a inside the GEMM's K-loop, reads x once but repeats x @ a in every
+  N-tile (R/bn more MMA work, 12.5% at R=16, bn=128); reading x again for the skinny XLA
+  product costs less whenever N is more than about 1.5k.
 
-Backend: `pl.pallas_call` (lowered to Triton on GPU in jax 0.11.2, run by the interpreter on
-CPU with interpret=True). Grid (M / bm, N / bn); each program owns a (bm, bn) output tile and
-loops over K in bk steps, accumulating in fp32. Any M, N, K and R are accepted: operands are
-zero-padded to the tiles (and R to 16, Triton's smallest dot), which leaves results exact.
-Not yet measured on a GPU: `python -m kernels.bench` does that; jora.py keeps the XLA path by
-default until the measurements say otherwise. This file imports nothing from jora.py.
+Backend: generic `pl.pallas_call`, which jax 0.11.2 lowers to Triton on NVIDIA GPUs (deprecated
+there, still working) and which runs anywhere with interpret=True (the tests use this on CPU).
+One program per (bm, bn) output tile, on a 1-D grid of cdiv(M, bm) * cdiv(N, bn) programs in
+grouped order (group_m row bands, then the next column band; see _tile_of) for L2 reuse. Each
+program loops over the contraction in bk steps (fp32 accumulator in registers; Triton
+pipelines the loads num_stages deep), then adds scale * u_tile @ v_tile and stores the tile.
+Status: runs in the interpreter and lowers to Triton for CUDA (tests/test_kernels.py checks
+both on CPU); speed and tiles on an H200 are what `python -m kernels.bench` measures.
+
+Constraints and what the wrapper does about them:
+  * Any M, K, N, R. Partial edge tiles are masked inside the kernel (loads read zeros, stores
+    skip what lies outside), and only for the dimensions that need it, so tile-aligned shapes
+    run without masks. Nothing of size M x K or K x N is ever padded or copied.
+  * R is zero-padded to a multiple of 16 (Triton's smallest dot) on a and b, which are tiny;
+    the zero rows and columns leave every result exact.
+  * Tiles are powers of two >= 16 (Triton tensors must have power-of-two sizes). They shrink
+    to the problem when a dimension is smaller than the tile (e.g. decoding, M = batch).
+  * scale is a Python number (it is compiled into the kernel).
+  * Under `jax.shard_map` the kernel works on the local blocks: column-parallel (w, b split
+    on N, a replicated) and row-parallel (x, w, a split on K, b replicated, psum of y outside).
+    Pallas' interpreter needs shard_map(check_vma=False); for GPU it also lowers with
+    check_vma=True. Take jax.grad outside the shard_map (exact in both modes).
 """
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+_MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
 
 
 def reference(x, w, a, b, scale):
-    """The op's definition in plain jnp (fp32 accumulation, output in x's dtype)."""
+    """The op's definition in plain jnp, with the kernel's numerics: fp32 accumulation,
+    a and b cast to x's dtype, the rank-R intermediate rounded to x's dtype, output in x's
+    dtype (the jnp path of jora.project computes the same)."""
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32)
     y += scale * jnp.dot(xa.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
 
+def _mask(row_ok, col_ok, shape):
+    """A `shape` mask from optional row and column validity vectors; None if both are None."""
+    if row_ok is None and col_ok is None:
+        return None
+    ok = jnp.ones(shape, jnp.bool_)
+    if row_ok is not None:
+        ok &= row_ok[:, None]
+    if col_ok is not None:
+        ok &= col_ok[None, :]
+    return ok
+
+
+def _load(ref, mask):
+    """ref[...]; with a mask, what lies outside reads as 0 (so it adds nothing to a dot)."""
+    return ref[...] if mask is None else plt.load(ref, mask=mask, other=0)
+
+
+def _tile_of(t, gm: int, gn: int, group: int):
+    """Program t of the 1-D grid -> its output tile (i, j), in grouped order: programs run
+    down `group` row bands before moving one column band right, so the x (or dy) rows and
+    the w columns that neighbouring programs read stay in L2 (the (gm, gn) row-major order
+    would stream all of x once per column band)."""
+    div, rem = jax.lax.div, jax.lax.rem   # C semantics: all operands are >= 0
+    per_group = group * gn
+    first = div(t, per_group) * group
+    rows = jnp.minimum(gm - first, group)   # the last group may be shorter
+    return first + rem(rem(t, per_group), rows), div(rem(t, per_group), rows)
+
+
+def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, scale: float, bk: int, q_transposed: bool,
+            m: int, n: int, c: int, grid: tuple):
+    # p_ref (bm, C)    q_ref (C, bn), or (bn, C) when q_transposed    u_ref (bm, Rp)
+    # v_ref (Rp, bn)   o_ref (bm, bn);   out = p @ q + scale * u @ v over the full C.
+    # m, n, c: the true sizes where a tile overhangs the array, else 0 (no mask compiled in).
+    bm, bn = o_ref.shape
+    rp = u_ref.shape[1]
+    # fp32 operands: full-precision products (Triton's default for fp32 would be TF32).
+    prec = jax.lax.Precision.HIGHEST if p_ref.dtype == jnp.float32 else None
+    i, j = _tile_of(pl.program_id(0), *grid)
+    row_ok = i * bm + jnp.arange(bm) < m if m else None                      # (bm,)
+    col_ok = j * bn + jnp.arange(bn) < n if n else None                      # (bn,)
+
+    def step(start, acc, k_ok):   # acc += p[:, start:start+bk] @ q[start:start+bk, :]
+        ks = pl.ds(start, bk)
+        p = _load(p_ref.at[:, ks], _mask(row_ok, k_ok, (bm, bk)))                 # (bm, bk)
+        if q_transposed:
+            q = _load(q_ref.at[:, ks], _mask(col_ok, k_ok, (bn, bk)))             # (bn, bk)
+            dims = (((1,), (1,)), ((), ()))
+        else:
+            q = _load(q_ref.at[ks, :], _mask(k_ok, col_ok, (bk, bn)))             # (bk, bn)
+            dims = (((1,), (0,)), ((), ()))
+        return acc + jax.lax.dot_general(p, q, dims, precision=prec,
+                                         preferred_element_type=jnp.float32)
+
+    whole = (c or p_ref.shape[1]) // bk
+    acc = jax.lax.fori_loop(0, whole, lambda i, acc: step(i * bk, acc, None),
+                            jnp.zeros((bm, bn), jnp.float32))
+    if c % bk:   # the ragged last step, peeled out of the loop; a loop of one keeps its
+        #          start traced (a static start past C fails Pallas' static bounds check)
+        acc = jax.lax.fori_loop(
+            whole, whole + 1,
+            lambda i, acc: step(i * bk, acc, i * bk + jnp.arange(bk) < c), acc)
+
+    u = _load(u_ref, _mask(row_ok, None, (bm, rp)))                                 # (bm, Rp)
+    v = _load(v_ref, _mask(None, col_ok, (rp, bn)))                                 # (Rp, bn)
+    acc += scale * jnp.dot(u, v, precision=prec, preferred_element_type=jnp.float32)
+    out_mask = _mask(row_ok, col_ok, (bm, bn))
+    if out_mask is None:
+        o_ref[...] = acc.astype(o_ref.dtype)
+    else:
+        plt.store(o_ref, acc.astype(o_ref.dtype), mask=out_mask)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    bm: int = 128   # output rows per program
-    bn: int = 128   # output columns per program
-    bk: int = 64    # contraction step
+    """Output tile (bm, bn), contraction step bk, and Triton's launch parameters.
+
+    Defaults are the usual starting point for a bf16 Triton GEMM on Hopper (tile 128x128x64,
+    4 warps, 3 pipeline stages: 3 x 32 KiB of shared memory). NOT tuned on an H200 yet:
+    `python -m kernels.bench --sweep` times a few alternatives next to them.
+    """
+    bm: int = 128
+    bn: int = 128
+    bk: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8   # row bands per group of the grouped program order (L2 reuse)
+
+    def __post_init__(self):
+        for name in ("bm", "bn", "bk"):
+            v = getattr(self, name)
+            if v < _MIN_DOT or v & (v - 1):
+                raise ValueError(f"Tiles.{name}={v} must be a power of two >= {_MIN_DOT}")
+        if self.group_m < 1:
+            raise ValueError(f"Tiles.group_m={self.group_m} must be >= 1")
+
+    @staticmethod
+    def default(dtype) -> "Tiles":
+        """bf16/fp16: the defaults; fp32 (twice the bytes per element): a halved bk."""
+        return Tiles() if jnp.dtype(dtype).itemsize <= 2 else Tiles(bk=32)
 
 
-def _kernel(x_ref, w_ref, u_ref, v_ref, o_ref, *, scale: float, bk: int, transpose_w: bool):
-    # x_ref (bm, K)   w_ref (K, bn), or (bn, K) read transposed   u_ref (bm, R)   v_ref (R, bn)
-    def step(i, acc):
-        ks = pl.ds(i * bk, bk)
-        w = w_ref[:, ks].T if transpose_w else w_ref[ks, :]                # (bk, bn)
-        return acc + jnp.dot(x_ref[:, ks], w, preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, x_ref.shape[1] // bk, step,
-                            jnp.zeros(o_ref.shape, jnp.float32))
-    acc += scale * jnp.dot(u_ref[...], v_ref[...], preferred_element_type=jnp.float32)
-    o_ref[...] = acc.astype(o_ref.dtype)
+def _fit(tile: int, size: int) -> int:
+    """The tile, shrunk to the smallest power of two >= size (and >= 16) if size is smaller."""
+    return min(tile, max(_MIN_DOT, pl.next_power_of_2(size)))
 
 
-def _pad(x, multiples):
-    return jnp.pad(x, [(0, -n % m) for n, m in zip(x.shape, multiples)])
+def _out_type(shape, dtype, like):
+    """Output type; under shard_map(check_vma=True) it must carry the operands' varying axes."""
+    mat = getattr(jax.typeof(like), "manual_axis_type", None)
+    if mat is not None and getattr(mat, "varying", None):
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "transpose_w", "tiles", "interpret"))
-def matmul_lowrank(x, w, u, v, scale: float, transpose_w: bool = False, tiles: Tiles = Tiles(),
-                   interpret: bool = False):
-    """x (M, K) @ w (K, N) [w (N, K) used transposed] + scale * u (M, R) @ v (R, N) -> (M, N)."""
-    (M, K), R = x.shape, u.shape[1]
-    N = w.shape[0] if transpose_w else w.shape[1]
-    if w.shape[1 if transpose_w else 0] != K or v.shape != (R, N) or u.shape[0] != M:
-        raise ValueError(f"shapes do not chain: x {x.shape} w {w.shape} (transpose_w="
-                         f"{transpose_w}) u {u.shape} v {v.shape}")
-    bm, bn, bk = tiles.bm, tiles.bn, tiles.bk
-    xp, up = _pad(x, (bm, bk)), _pad(u.astype(x.dtype), (bm, 16))
-    wp = _pad(w, (bn, bk) if transpose_w else (bk, bn))
-    vp = _pad(v.astype(x.dtype), (16, bn))
-    Mp, Kp, Rp, Np = xp.shape[0], xp.shape[1], up.shape[1], vp.shape[1]
-    w_spec = (pl.BlockSpec((bn, Kp), lambda i, j: (j, 0)) if transpose_w else
-              pl.BlockSpec((Kp, bn), lambda i, j: (0, j)))
-    out = pl.pallas_call(
-        functools.partial(_kernel, scale=scale, bk=bk, transpose_w=transpose_w),
-        grid=(Mp // bm, Np // bn),
-        in_specs=[pl.BlockSpec((bm, Kp), lambda i, j: (i, 0)),     # a row band of x
-                  w_spec,                                            # a column band of w
-                  pl.BlockSpec((bm, Rp), lambda i, j: (i, 0)),     # the matching rows of u
-                  pl.BlockSpec((Rp, bn), lambda i, j: (0, j))],    # the matching columns of v
-        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        out_shape=jax.ShapeDtypeStruct((Mp, Np), x.dtype),
+@functools.partial(jax.jit, static_argnames=("scale", "q_transposed", "tiles", "interpret"))
+def gemm_lowrank(p, q, u, v, *, scale: float, q_transposed: bool = False,
+                 tiles: Tiles = Tiles(), interpret: bool = False):
+    """p (M, C) @ q (C, N) + scale * u (M, Rp) @ v (Rp, N) -> (M, N) in p's dtype.
+
+    q_transposed: q is stored (N, C) and read transposed in place. u, v must already be in
+    p's dtype with Rp a multiple of 16 (lora_matmul pads them); accumulation is fp32.
+    """
+    (M, C), Rp = p.shape, u.shape[1]
+    N = q.shape[0] if q_transposed else q.shape[1]
+    if (q.shape[1] if q_transposed else q.shape[0]) != C or u.shape[0] != M or v.shape != (Rp, N):
+        raise ValueError(f"shapes do not chain: p {p.shape} q {q.shape} (q_transposed="
+                         f"{q_transposed}) u {u.shape} v {v.shape}")
+    if Rp % _MIN_DOT or not (p.dtype == q.dtype == u.dtype == v.dtype):
+        raise ValueError(f"u, v need R a multiple of {_MIN_DOT} and one dtype with p, q; got "
+                         f"p {p.dtype} q {q.dtype} u {u.shape} {u.dtype} v {v.dtype}")
+    bm, bn, bk = _fit(tiles.bm, M), _fit(tiles.bn, N), _fit(tiles.bk, C)
+    gm, gn = pl.cdiv(M, bm), pl.cdiv(N, bn)
+    grid = (gm, gn, min(tiles.group_m, gm))
+    i_of = lambda t: _tile_of(t, *grid)[0]   # noqa: E731  (block indices of program t)
+    j_of = lambda t: _tile_of(t, *grid)[1]   # noqa: E731
+    q_spec = (pl.BlockSpec((bn, C), lambda t: (j_of(t), 0)) if q_transposed else
+              pl.BlockSpec((C, bn), lambda t: (0, j_of(t))))
+    kernel = functools.partial(
+        _kernel, scale=float(scale), bk=bk, q_transposed=q_transposed,
+        m=M if M % bm else 0, n=N if N % bn else 0, c=C if C % bk else 0, grid=grid)
+    return pl.pallas_call(
+        kernel,
+        grid=(gm * gn,),
+        in_specs=[pl.BlockSpec((bm, C), lambda t: (i_of(t), 0)),   # a row band of p
+                  q_spec,                                            # a column band of q
+                  pl.BlockSpec((bm, Rp), lambda t: (i_of(t), 0)),  # the same rows of u
+                  pl.BlockSpec((Rp, bn), lambda t: (0, j_of(t)))],  # the same columns of v
+        out_specs=pl.BlockSpec((bm, bn), lambda t: (i_of(t), j_of(t))),
+        out_shape=_out_type((M, N), p.dtype, p),
+        compiler_params=plt.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages),
         interpret=interpret,
-    )(xp, wp, up, vp)
-    return out[:M, :N]
+        name="lora_gemm_lowrank",
+    )(p, q, u, v)
 
 
-def _mm(a, b):   # an XLA matmul in a's dtype with fp32 accumulation, fp32 result
-    return jnp.dot(a, b.astype(a.dtype), preferred_element_type=jnp.float32)
+def _pad_rank(a, b, dtype):
+    """a (K, R), b (R, N) -> (K, Rp), (Rp, N) in `dtype`, Rp = R rounded up to 16 with zeros."""
+    extra = -a.shape[1] % _MIN_DOT
+    return (jnp.pad(a.astype(dtype), ((0, 0), (0, extra))),
+            jnp.pad(b.astype(dtype), ((0, extra), (0, 0))))
+
+
+def _mm(p, q):
+    """An XLA matmul with fp32 accumulation and an fp32 result."""
+    return jnp.dot(p, q, preferred_element_type=jnp.float32)
+
+
+def _check(x, w, a, b, scale):
+    if x.ndim != 2 or w.ndim != 2 or a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"lora_matmul takes 2-D operands (reshape (B, T, K) to (B*T, K)); "
+                         f"got x {x.shape} w {w.shape} a {a.shape} b {b.shape}")
+    (M, K), N, R = x.shape, w.shape[1], a.shape[1]
+    if w.shape[0] != K or a.shape[0] != K or b.shape != (R, N):
+        raise ValueError(f"shapes do not chain: x {x.shape} (M, K), w {w.shape} (K, N), "
+                         f"a {a.shape} (K, R), b {b.shape} (R, N)")
+    if x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x and w must share one floating dtype; got {x.dtype} and {w.dtype}")
+    if isinstance(scale, jax.Array) or not isinstance(scale, (int, float, np.number)):
+        raise ValueError(f"scale must be a Python number (it is compiled in); got {type(scale)}")
+
+
+def _match_vma(*xs):
+    """Give every operand the union of the varying mesh axes, as jnp does implicitly.
+
+    Only does anything under shard_map(check_vma=True) (GPU): there a replicated operand (a,
+    or x in a column-parallel layer) meets a split one (w). It happens outside the custom_vjp,
+    so the transpose of pcast (a psum over the axis) sums those operands' gradients.
+    """
+    mats = [getattr(jax.typeof(x), "manual_axis_type", None) for x in xs]
+    if any(mt is None for mt in mats):
+        return xs
+    axes = frozenset().union(*(mt.varying for mt in mats))
+    return tuple(jax.lax.pcast(x, tuple(sorted(axes - mt.varying)), to="varying")
+                 if axes - mt.varying else x for x, mt in zip(xs, mats))
+
+
+def lora_matmul(x, w, a, b, scale: float, *, tiles: Tiles | None = None,
+                interpret: bool = False):
+    """y = x @ w + scale * (x @ a) @ b as Pallas kernels; differentiable in x, a and b.
+
+    x (M, K) and w (K, N) of one floating dtype, a (K, R), b (R, N) of any floating dtype;
+    returns (M, N) in x's dtype. w is treated as frozen (its gradient is zero).
+    tiles: None picks Tiles.default(x.dtype). interpret: run Pallas' interpreter (CPU).
+    """
+    _check(x, w, a, b, scale)
+    tiles = Tiles.default(x.dtype) if tiles is None else tiles
+    return _lora_matmul(*_match_vma(x, w, a, b), float(scale), tiles, bool(interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def lora_matmul(x, w, a, b, scale: float, tiles: Tiles = Tiles(), interpret: bool = False):
-    """y = x @ w + scale * (x @ a) @ b, fused; differentiable in x, a and b (w is frozen)."""
+def _lora_matmul(x, w, a, b, scale, tiles, interpret):
     return _forward(x, w, a, b, scale, tiles, interpret)[0]
 
 
 def _forward(x, w, a, b, scale, tiles, interpret):
-    xa = _mm(x, a).astype(x.dtype)                                            # (M, R)
-    return matmul_lowrank(x, w, xa, b, scale, False, tiles, interpret), (x, w, a, b, xa)
+    ap, bp = _pad_rank(a, b, x.dtype)
+    xa = _mm(x, ap).astype(x.dtype)                                        # (M, Rp)
+    y = gemm_lowrank(x, w, xa, bp, scale=scale, tiles=tiles, interpret=interpret)
+    return y, (x, w, a, b, xa)
 
 
 def _backward(scale, tiles, interpret, residuals, dy):
     x, w, a, b, xa = residuals
-    dyb = _mm(dy, b.T)                                                        # (M, R) fp32
-    dx = matmul_lowrank(dy, w, dyb.astype(dy.dtype), a.T, scale, True, tiles, interpret)
-    da = scale * _mm(x.T, dyb.astype(x.dtype))                                # (K, R)
-    db = scale * _mm(xa.T, dy)                                                # (R, N)
-    return dx.astype(x.dtype), jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype)
+    dy = dy.astype(x.dtype)
+    ap, bp = _pad_rank(a, b, x.dtype)
+    g = _mm(dy, bp.T).astype(x.dtype)                                      # (M, Rp)
+    dx = gemm_lowrank(dy, w, g, ap.T, scale=scale, q_transposed=True, tiles=tiles,
+                      interpret=interpret)                                  # (M, K)
+    R = a.shape[1]
+    da = scale * _mm(x.T, g[:, :R])                                         # (K, R)
+    db = scale * _mm(xa[:, :R].T, dy)                                       # (R, N)
+    return dx, jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype)
 
 
-lora_matmul.defvjp(_forward, _backward)
+_lora_matmul.defvjp(_forward, _backward)

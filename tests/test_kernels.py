@@ -1,78 +1,186 @@
-"""The fused LoRA kernel (Pallas, interpret mode on CPU) against its reference and jora."""
+"""kernels/lora_matmul.py on CPU: Pallas' interpreter against `reference`, forward and the
+gradients of x, a and b; per-shard inside shard_map; and the Triton lowering for CUDA (no GPU
+needed: it lowers, it does not compile or run)."""
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GQA, random_lora, random_params
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
-import jora
-from kernels.lora_matmul import Tiles, lora_matmul, reference
+from kernels.lora_matmul import Tiles, _tile_of, gemm_lowrank, lora_matmul, reference
 
 INTERPRET = jax.default_backend() != "gpu"
-SMALL_TILES = Tiles(bm=64, bn=64, bk=32)
+# Several tiles per axis even at these tiny shapes; group_m=3 leaves a short last group.
+SMALL = Tiles(bm=32, bn=32, bk=16, group_m=3)
+SCALE = 2.0
 
 
-def operands(m, k, n, r, dtype, seed=0):
+def operands(m, k, n, r, dtype, seed=0, ab_dtype=jnp.float32):
     ks = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(ks[0], (m, k)).astype(dtype)
     w = (jax.random.normal(ks[1], (k, n)) / np.sqrt(k)).astype(dtype)
-    a = jax.random.normal(ks[2], (k, r)) / np.sqrt(k)
-    b = jax.random.normal(ks[3], (r, n))          # nonzero B: B = 0 would hide bugs
-    c = jax.random.normal(ks[4], (m, n))          # a random cotangent
+    a = (jax.random.normal(ks[2], (k, r)) / np.sqrt(k)).astype(ab_dtype)
+    b = jax.random.normal(ks[3], (r, n)).astype(ab_dtype)   # nonzero B: B = 0 hides bugs
+    c = jax.random.normal(ks[4], (m, n))                    # weights of the summed loss
     return x, w, a, b, c
 
 
-@pytest.mark.parametrize("m,k,n,r", [(200, 96, 160, 8), (64, 128, 64, 64), (70, 64, 130, 3)])
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def rel(p, q):
+    p, q = np.asarray(p, np.float32), np.asarray(q, np.float32)
+    return float(np.linalg.norm(p - q) / np.linalg.norm(q))
+
+
+def value_and_grads(f, x, w, a, b, c):
+    """f(x, w, a, b) and the gradients of sum(f * c) in x, a and b, compiled once."""
+    def loss(x, a, b):
+        y = f(x, w, a, b)
+        return jnp.sum(y.astype(jnp.float32) * c), y
+    (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, a, b)
+    return y, g
+
+
+# (M, K, N, R) with SMALL tiles: aligned; ragged M; everything ragged (K tail, R=3);
+# R=64; a decoding-like M=1.
+SHAPES = [(64, 64, 64, 8), (200, 96, 160, 8), (70, 72, 130, 3), (48, 128, 96, 64),
+          (1, 40, 20, 16)]
+
+
+@pytest.mark.parametrize("m,k,n,r", SHAPES)
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
 def test_forward_and_gradients_match_reference(m, k, n, r, dtype, tol):
-    x, w, a, b, c = operands(m, k, n, r, dtype)
-    got = lora_matmul(x, w, a, b, 2.0, SMALL_TILES, INTERPRET)
-    want = reference(x, w, a, b, 2.0)
-    assert got.dtype == dtype and got.shape == (m, n)
-    rel = lambda p, q: float(jnp.linalg.norm((p - q).astype(jnp.float32))
-                             / jnp.linalg.norm(q.astype(jnp.float32)))
-    assert rel(got, want) < tol
-    grad = lambda f: jax.grad(lambda x, a, b: jnp.sum(f(x, w, a, b).astype(jnp.float32) * c),
-                              argnums=(0, 1, 2))(x, a, b)
-    g_kernel = grad(lambda *o: lora_matmul(*o, 2.0, SMALL_TILES, INTERPRET))
-    g_ref = grad(lambda *o: reference(*o, 2.0))
-    for name, p, q in zip("xab", g_kernel, g_ref):
-        assert p.dtype == q.dtype and rel(p, q) < tol, name
+    x, w, a, b, c = operands(m, k, n, r, dtype, seed=m + k + n + r)
+    kernel = functools.partial(lora_matmul, scale=SCALE, tiles=SMALL, interpret=INTERPRET)
+    y, grads = value_and_grads(kernel, x, w, a, b, c)
+    y_ref, grads_ref = value_and_grads(functools.partial(reference, scale=SCALE), x, w, a, b, c)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert np.isfinite(np.asarray(y, np.float32)).all()
+    assert rel(y, y_ref) < tol
+    for name, g, g_ref in zip("xab", grads, grads_ref):
+        assert g.shape == g_ref.shape and g.dtype == g_ref.dtype, name
+        assert rel(g, g_ref) < tol, (name, rel(g, g_ref))
+
+
+def test_default_tiles_bf16_adapters_and_a_python_int_scale():
+    """tiles=None shrinks the default tiles to a small problem; a, b in bf16; scale an int."""
+    x, w, a, b, c = operands(24, 48, 40, 8, jnp.bfloat16, seed=3, ab_dtype=jnp.bfloat16)
+    y, grads = value_and_grads(lambda *o: lora_matmul(*o, 3, interpret=INTERPRET), x, w, a, b, c)
+    y_ref, grads_ref = value_and_grads(lambda *o: reference(*o, 3), x, w, a, b, c)
+    assert rel(y, y_ref) < 1e-2
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == g_ref.dtype
+        assert rel(g, g_ref) < 1e-2
+
+
+def test_gemm_lowrank_reads_w_transposed():
+    """The backward's GEMM: p @ q^T + s * u @ v with q stored (N, C), ragged everywhere."""
+    ks = jax.random.split(jax.random.key(5), 4)
+    p, q = jax.random.normal(ks[0], (40, 56)), jax.random.normal(ks[1], (72, 56))
+    u, v = jax.random.normal(ks[2], (40, 16)), jax.random.normal(ks[3], (16, 72))
+    got = gemm_lowrank(p, q, u, v, scale=0.5, q_transposed=True, tiles=SMALL,
+                       interpret=INTERPRET)
+    np.testing.assert_allclose(got, p @ q.T + 0.5 * u @ v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gm,gn,group", [(7, 5, 3), (1, 4, 1), (4, 1, 8), (6, 6, 6), (5, 3, 1)])
+def test_grouped_program_order_visits_every_tile_once(gm, gn, group):
+    tiles = [tuple(int(v) for v in _tile_of(t, gm, gn, min(group, gm))) for t in range(gm * gn)]
+    assert sorted(tiles) == [(i, j) for i in range(gm) for j in range(gn)]
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, w, a, b, _ = operands(8, 16, 16, 4, jnp.float32)
+    with pytest.raises(ValueError, match="do not chain"):
+        lora_matmul(x, w, a, b.T, 1.0, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="one floating dtype"):
+        lora_matmul(x, w.astype(jnp.bfloat16), a, b, 1.0, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="2-D"):
+        lora_matmul(x[None], w, a, b, 1.0, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="Python number"):
+        lora_matmul(x, w, a, b, jnp.float32(1.0), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="power of two"):
+        Tiles(bm=96)
 
 
 @pytest.mark.parametrize("layout", ["column", "row"])
-def test_kernel_per_shard_inside_shard_map_equals_unsharded(layout):
-    x, w, a, b, c = operands(64, 128, 128, 16, jnp.float32, seed=1)
-    mesh = jora.make_mesh(2, jax.devices()[:2])
-    P = jora.P
-    if layout == "column":   # w, b split on N; a replicated; no communication
-        specs, out = (P(), P(None, "model"), P(), P(None, "model")), P(None, "model")
-        body = lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, SMALL_TILES, INTERPRET)
-    else:                    # x, w, a split on K; b replicated; one psum
-        specs, out = (P(None, "model"), P("model", None), P("model", None), P()), P()
-        body = lambda x, w, a, b: jax.lax.psum(lora_matmul(x, w, a, b, 2.0, SMALL_TILES,
-                                                           INTERPRET), "model")
+def test_per_shard_inside_shard_map_equals_unsharded(layout):
+    """Column-parallel: w, b split on N, a replicated. Row-parallel: x, w, a split on K, b
+    replicated, one psum of y. The local N = 48 and K = 40 leave ragged tiles. Gradients are
+    taken outside the shard_map (the interpreter needs check_vma=False)."""
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    mesh = jax.make_mesh((2,), ("tp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+    x, w, a, b, c = operands(64, 80, 96, 8, jnp.float32, seed=11)
+    kernel = functools.partial(lora_matmul, scale=SCALE, tiles=SMALL, interpret=INTERPRET)
+    if layout == "column":
+        specs, out = (P(), P(None, "tp"), P(), P(None, "tp")), P(None, "tp")
+        body = kernel
+    else:
+        specs, out = (P(None, "tp"), P("tp", None), P("tp", None), P()), P()
+        body = lambda *o: jax.lax.psum(kernel(*o), "tp")   # noqa: E731
     sharded = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)
-    loss = lambda f: lambda x, a, b: jnp.sum(f(x, w, a, b) * c)
-    got = jax.value_and_grad(loss(sharded), argnums=(0, 1, 2))(x, a, b)
-    want = jax.value_and_grad(loss(lambda *o: reference(*o, 2.0)), argnums=(0, 1, 2))(x, a, b)
-    jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=2e-5, atol=2e-4), got, want)
+    y, grads = value_and_grads(sharded, x, w, a, b, c)
+    y_ref, grads_ref = value_and_grads(functools.partial(reference, scale=SCALE), x, w, a, b, c)
+    assert rel(y, y_ref) < 1e-5
+    for name, g, g_ref in zip("xab", grads, grads_ref):
+        assert rel(g, g_ref) < 1e-5, (name, rel(g, g_ref))
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_jora_with_pallas_kernels_equals_jnp_path(tp):
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+def test_triton_lowering_for_cuda_inside_shard_map():
+    """Lower (not compile or run) for an H200: both kernels reach Triton, with masks (ragged
+    M, N, K and R), the transposed read of w, and shard_map(check_vma=True)."""
+    from jax.experimental.pallas import triton as plt
+    from jax.sharding import AbstractDevice, AbstractMesh, NamedSharding
+    dev = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    mesh = AbstractMesh((2,), ("tp",), (AxisType.Explicit,), abstract_device=dev)
+    specs = (P(), P(None, "tp"), P(), P(None, "tp"))   # column-parallel
+    sharded = jax.shard_map(lambda *o: lora_matmul(*o, SCALE), mesh=mesh, in_specs=specs,
+                            out_specs=P(None, "tp"), check_vma=True)
+
+    def step(x, w, a, b):
+        return jax.value_and_grad(lambda x, a, b: jnp.sum(sharded(x, w, a, b)),
+                                  argnums=(0, 1, 2))(x, a, b)
+
+    shapes = [((200, 4104), jnp.bfloat16), ((4104, 2752), jnp.bfloat16),
+              ((4104, 8), jnp.float32), ((8, 2752), jnp.float32)]
+    args = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, sp))
+            for (s, d), sp in zip(shapes, specs)]
+    try:
+        with jax.sharding.use_abstract_mesh(mesh):
+            exported = jax.export.export(
+                jax.jit(step), platforms=["cuda"],
+                disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+                    plt.CUSTOM_CALL_TARGET_NAME)])(*args)
+    except NotImplementedError as e:   # a jaxlib without the CUDA lowering rules
+        pytest.skip(f"cannot lower for cuda here: {e}")
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2   # forward and dx
+
+
+def test_jora_with_pallas_kernels_equals_its_jnp_path(tp=2):
+    """The integration: jora's loss and LoRA gradients with Options(kernels="pallas") equal
+    its jnp path's, with tp=2 (column- and row-parallel projections, all seven adapted)."""
+    import jora
+    from conftest import GQA, random_lora, random_params
+    if "kernels" not in {f.name for f in dataclasses.fields(jora.Options)}:
+        pytest.skip("jora.Options has no `kernels` switch")
+    if len(jax.devices()) < tp:
+        pytest.skip(f"needs {tp} devices")
     params = random_params(jax.random.key(0), GQA)
     lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ)
     lora = random_lora(jax.random.key(1), GQA, lcfg)
     batch = jora.make_batch(np.random.default_rng(0).integers(0, 128, (2, 17)))
     mesh = jora.make_mesh(tp, jax.devices()[:tp])
-    p, l, b = (jora.shard(params, jora.param_specs(), mesh),
-               jora.shard(lora, jora.lora_specs(lcfg), mesh),
-               jora.shard(batch, jora.batch_specs(), mesh))
+    p, lo, b = (jora.shard(params, jora.param_specs(), mesh),
+                jora.shard(lora, jora.lora_specs(lcfg), mesh),
+                jora.shard(batch, jora.batch_specs(), mesh))
     out = {}
     for kernels in ("xla", "pallas"):
         opts = jora.Options(kernels=kernels)
         out[kernels] = jax.value_and_grad(
-            lambda l: jora.loss(p, l, b, GQA, lcfg, opts, mesh=mesh))(l)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+            lambda lo: jora.loss(p, lo, b, GQA, lcfg, opts, mesh=mesh))(lo)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
                  out["pallas"], out["xla"])
