@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
-# Usage (device tool): bash bench/h200.sh PART...  PART in {check, qv, remat, long, fix, max, all7, kernels, decode}
+# Usage (device tool): bash bench/h200.sh PART...
+#   PART in {check, qv, remat, long, fix, max, all7, kernels, kernels32k, profile, flags, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -26,8 +27,16 @@ case "$part" in
   max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
-  kernels) python3 -m kernels.bench | tee -a "$OUT/kernels.md"
+  kernels) python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3
+         python3 -m kernels.bench --ms 2048,8192 | tee -a "$OUT/kernels.md"
          jora --seq-len 2048 --remat min --kernels pallas --bench-steps 5 ;;
+  kernels32k) python3 -m kernels.bench --ms 32768 | tee -a "$OUT/kernels.md" ;;
+  profile) jora --seq-len 2048 --remat min --bench-steps 3 --profile "$OUT/prof_qv"
+         python3 bench/profile.py "$OUT/prof_qv" | tee -a "$OUT/profile.md"
+         jora --seq-len 2048 --remat min --targets $ALL7 --bench-steps 3 --profile "$OUT/prof_all7"
+         python3 bench/profile.py "$OUT/prof_all7" | tee -a "$OUT/profile.md"
+         rm -rf "$OUT"/prof_* ;;
+  flags) XLA_FLAGS=--xla_gpu_enable_triton_gemm=false jora --seq-len 2048 --remat min --bench-steps 5 ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
 esac
 done
