@@ -18,7 +18,7 @@ def kind(name: str) -> str:
     n = name.lower()
     if any(s in n for s in ("cudnn", "flash", "fmha", "sdpa", "attention")):
         return "attention (cuDNN)"
-    if any(s in n for s in ("gemm", "xmma", "cutlass", "matmul", "dot", "wgmma", "cublas")):
+    if any(s in n for s in ("gemm", "nvjet", "xmma", "cutlass", "matmul", "dot", "wgmma", "cublas")):
         return "matmul"
     if "triton" in n:
         return "triton (Pallas or XLA)"
