@@ -142,6 +142,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
     params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))   # created already split: no device ever holds the whole model
+    params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place: +15%
     lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
     peak, results = jora.PEAK_FLOPS.get(jax.default_backend()), []
     rows = tcfg.batch_size * tcfg.grad_accum
@@ -214,6 +215,7 @@ def main(argv=None) -> dict:
         args.steps, args.lora_r = args.steps or 600, 32
         lcfg = lora_config(args)
     cfg, params = jora.load_hf(args.model, dtype, mesh)
+    params = jora.unstack_layers(params, free=True)   # faster steps, longer compile
     tok = jora.Tokenizer(args.tokenizer or args.model)
     if tok.vocab_size > cfg.vocab_size:
         sys.exit(f"error: tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "

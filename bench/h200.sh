@@ -36,12 +36,12 @@ case "$part" in
          jora --seq-len 2048 --remat min --targets $ALL7 --bench-steps 3 --profile "$OUT/prof_all7"
          python3 bench/profile.py "$OUT/prof_all7" | tee -a "$OUT/profile.md"
          rm -rf "$OUT"/prof_* ;;
-  flags) for f in --xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false \
-                  "--xla_gpu_enable_dynamic_slice_fusion=true --xla_gpu_enable_triton_gemm=false"; do
+  flags) IFS=';' read -ra sets <<< "${FLAGSETS:---xla_gpu_enable_dynamic_slice_fusion=true}"
+         for f in "${sets[@]}"; do   # FLAGSETS="flags A;flags B": one 2k run per set
            echo "{\"xla_flags\": \"$f\"}" >> "$OUT/results.jsonl"
            XLA_FLAGS="$f" jora --seq-len 2048 --remat min --bench-steps 5
          done ;;
-  hlo)   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text" jora --seq-len 2048 --remat min --bench-steps 1 --bench-warmup 0
+  hlo)   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" jora --seq-len 2048 --remat min --bench-steps 1 --bench-warmup 0
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
          rm -rf "$OUT/hlo" ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;

@@ -211,3 +211,37 @@ def test_sequence_parallelism_shrinks_activation_memory_per_device():
 
     one, four, four_sp = temp_mib(1, False), temp_mib(4, False), temp_mib(4, True)
     assert four < one and four_sp < 0.75 * four, (one, four, four_sp)
+
+
+def test_unstacked_layers_give_the_same_loss_grads_generation_and_export(setup, tmp_path):
+    """unstack_layers (the layout train.py runs on: unrolled, no per-layer weight copies) gives
+    the stacked scan's numbers, on a (2, 2) mesh, and consumes the stacked leaves."""
+    from safetensors.numpy import load_file
+    params, lora, batch = setup
+    want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
+    mesh = mesh_of(2, 2)
+    p, l, b = on(mesh, params, lora, batch)
+    u = jora.unstack_layers(p)
+    assert not p.layers.wq.is_deleted()
+    own = jax.tree.map(lambda x: x + 0, p)   # buffers of its own, shared with nothing
+    u = jora.unstack_layers(own, free=True)
+    assert own.layers.wq.is_deleted() and not p.layers.w_up.is_deleted()
+    assert len(u.layers.wq) == CFG.n_layers and u.layers.wq[1].shape == (1, 64, 128)
+    np.testing.assert_array_equal(u.layers.w_down[1][0], params.layers.w_down[1])
+    opts = jora.Options(remat="min")
+    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(u, l, b, CFG, LCFG, opts, mesh=mesh)))
+    loss, g = jax.device_get(f(l))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), g, want_g)
+
+    prompts = [[1, 5, 9], [3, 4, 5, 6, 7, 8, 2]]
+    want = jora.generate(params, prompts, CFG, 6, lora, LCFG)
+    assert jora.generate(u, prompts, CFG, 6, l, LCFG) == want
+
+    jora.export_merged(str(tmp_path / "stacked"), CFG, params, lora, LCFG, dtype=np.float32)
+    jora.export_merged(str(tmp_path / "unstacked"), CFG, u, l, LCFG, dtype=np.float32)
+    a = load_file(tmp_path / "stacked" / "model.safetensors")
+    z = load_file(tmp_path / "unstacked" / "model.safetensors")
+    assert a.keys() == z.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], z[k], err_msg=k)
