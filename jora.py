@@ -201,7 +201,7 @@ class Options:
 # 2. Parameters, and how each is split over the mesh
 # ---------------------------------------------------------------------------------------------
 
-class Layer(NamedTuple):      # every leaf has a leading L axis; lax.scan peels it off
+class Layer(NamedTuple):      # leaves (L, ...), or tuples of L (1, ...) slices: unstack_layers
     attn_norm: jax.Array      # (L, D)
     wq: jax.Array             # (L, D, N*H)   stored (in, out): HF's weight transposed
     wk: jax.Array             # (L, D, K*H)
@@ -281,14 +281,12 @@ def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
 def unstack_layers(params: Params, free: bool = False) -> Params:
     """Stacked layers (each leaf (L, ...)) -> each leaf a tuple of L one-layer slices (1, ...).
 
-    Why: under lax.scan, XLA copies every layer's weights out of the stack before its GEMMs
-    (cuBLAS reads whole buffers), in the forward and again in the backward: 16% of a 7B step
-    on an H200 at 2,048 tokens. Unstacked, the model unrolls its layer loop and every GEMM reads
-    its weight where it lies (+15% tokens/s). The price is compile time, which grows with the
-    layer count. The slices keep their ranks, so param_specs() still describes them.
-    free: delete each stacked leaf once split, so that memory peaks at one leaf more, not at
-    twice the model. Only when nothing else shares their buffers (a jax.device_put onto
-    devices that already hold the array may return one that does).
+    Why: under lax.scan XLA copies every layer's weights out of the stack before its GEMMs
+    (cuBLAS reads whole buffers), forward and backward: 16% of a 7B step on an H200. Unstacked,
+    the layer loop unrolls and each GEMM reads its weight in place (+15% tokens/s), at the price
+    of a longer compile. The slices keep their ranks, so param_specs() still describes them.
+    free: delete each stacked leaf once split (memory peaks at one leaf more, not twice the
+    model); only if nothing shares their buffers (jax.device_put may return arrays that do).
     """
     split = jax.jit(lambda a: tuple(a[i:i + 1] for i in range(a.shape[0])))
     layers = {}

@@ -149,7 +149,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
-                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r)
+                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r,
+                   kernels=opts.kernels, layers="unrolled")
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)

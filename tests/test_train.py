@@ -203,6 +203,7 @@ def _train_with_log(args, log):
     mesh = jora.make_mesh(1)
     cfg, params = jora.load_hf(args.model, np.float32 if args.dtype == "float32" else
                                jax.numpy.bfloat16, mesh)
+    params = jora.unstack_layers(params, free=True)   # as train.main: the same programs
     tok = jora.Tokenizer(args.model)
     records, fmt = jora.read_records(args.data)
     examples, _ = jora.tokenize_records(records, fmt, tok, args.seq_len)
