@@ -281,12 +281,11 @@ def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
 def unstack_layers(params: Params, free: bool = False) -> Params:
     """Stacked layers (each leaf (L, ...)) -> each leaf a tuple of L one-layer slices (1, ...).
 
-    Why: under lax.scan XLA copies every layer's weights out of the stack before its GEMMs
-    (cuBLAS reads whole buffers), forward and backward: 16% of a 7B step on an H200. Unstacked,
-    the layer loop unrolls and each GEMM reads its weight in place (+15% tokens/s), at the price
-    of a longer compile. The slices keep their ranks, so param_specs() still describes them.
-    free: delete each stacked leaf once split (memory peaks at one leaf more, not twice the
-    model); only if nothing shares their buffers (jax.device_put may return arrays that do).
+    Why: under lax.scan XLA copies each layer's weights out of the stack before its GEMMs
+    (cuBLAS reads whole buffers): 16% of a 7B step on an H200. Unstacked, the layer loop unrolls
+    and each GEMM reads its weight in place (+15% tokens/s; compiling takes longer). The slices
+    keep their ranks, so param_specs() still describes them. free: delete each stacked leaf once
+    split (peak: one leaf more, not twice the model), if no other array shares its buffer.
     """
     split = jax.jit(lambda a: tuple(a[i:i + 1] for i in range(a.shape[0])))
     layers = {}
@@ -504,20 +503,22 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     """
     from safetensors.numpy import save_file
     layer = lambda i, f: LoraAB(*(x[i:i + 1] for x in getattr(lora, TARGET[f])))
-    items = [("model.embed_tokens.weight", params.embed, lambda: to_host(params.embed))]
+    items = [("model.embed_tokens.weight", params.embed.shape, lambda: to_host(params.embed))]
+    shapes = param_shapes(cfg).layers
     for i in range(cfg.n_layers):
-        for f, hf in HF_NAME.items():
-            w = layer_slice(getattr(params.layers, f), i)                   # (1, I, O)
+        for f, hf in HF_NAME.items():   # layer i's (1, I, O) slice is taken only when written
+            w = getattr(params.layers, f)
             merge = lora is not None and getattr(lora, TARGET.get(f, "_"), None) is not None
-            get = (lambda w=w, i=i, f=f: merge_lora(w, layer(i, f), lcfg)[0].T) if merge \
-                else (lambda w=w: to_host(w)[0].T)
-            items.append((f"model.layers.{i}.{hf}.weight", w[0], get))
-    items.append(("model.norm.weight", params.final_norm, lambda: to_host(params.final_norm)))
+            get = (lambda w=w, i=i, f=f: merge_lora(layer_slice(w, i), layer(i, f), lcfg)[0].T) \
+                if merge else (lambda w=w, i=i: to_host(layer_slice(w, i))[0].T)
+            items.append((f"model.layers.{i}.{hf}.weight", getattr(shapes, f)[1:], get))
+    items.append(("model.norm.weight", params.final_norm.shape,
+                  lambda: to_host(params.final_norm)))
     if not cfg.tie_embeddings:
-        items.append(("lm_head.weight", params.embed,   # (V, D): the padding stays behind
+        items.append(("lm_head.weight", params.embed.shape,   # (V, D): padding stays behind
                       lambda: to_host(params.lm_head)[:, :cfg.vocab_size].T))
-    nbytes = lambda x: math.prod(x.shape) * jnp.dtype(dtype).itemsize
-    files, size = [[]], 0                      # plan the files from the shapes alone
+    nbytes = lambda shape: math.prod(shape) * jnp.dtype(dtype).itemsize
+    files, size = [[]], 0      # items (name, shape, read): plan the files from the shapes alone
     for item in items:
         if files[-1] and size + nbytes(item[1]) > shard_bytes:
             files.append([])
@@ -751,12 +752,11 @@ REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
 
 
 def over_layers(body, carry, layers: Layer, lora: Lora, n_layers: int):
-    """carry = body(carry, w, ab, i) for each layer i, where w and ab are layer i's weights and
-    LoRA factors (leading L axis removed): lax.scan over stacked layers (one compiled layer),
-    an unrolled loop over unstacked ones (see unstack_layers)."""
+    """carry = body(carry, w, ab, i) with layer i's weights and LoRA factors, for each layer:
+    lax.scan over stacked layers (one compiled layer), unrolled over unstacked ones."""
     if isinstance(layers.wq, tuple):
         for i in range(n_layers):
-            carry = body(carry, Layer(*(leaf[i][0] for leaf in layers)),
+            carry = body(carry, Layer(*(layer_slice(leaf, i)[0] for leaf in layers)),
                          jax.tree.map(lambda a: a[i], lora), i)
         return carry
     step = lambda c, xs: (body(c, *xs), None)

@@ -156,8 +156,9 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
                                jora.state_specs(lcfg), mesh)
             b = jora.make_batch(np.random.default_rng(0).integers(0, cfg.vocab_size,
                                                                   (rows, seq + 1)))
+            spec = jora.P(None, jora.DATA, None)   # (accumulation, rows, positions)
             b = jora.shard(jora.Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in b)),
-                           jora.Batch(*[jora.P(None, jora.DATA, None)] * 5), mesh)
+                           jora.Batch(*[spec] * len(jora.Batch._fields)), mesh)
             key, t = jax.random.key(2), time.time()
             step = jora.make_train_step(cfg, lcfg, tc, mesh, opts).lower(
                 state, params, b, key).compile()
