@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, fix, max, all7, kernels, kernels32k, profile, flags, decode}
+#   PART in {check, qv, remat, long, attn, hflong, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -24,6 +24,10 @@ case "$part" in
          hf --seq 16384 32768 --remat --steps 3 ;;
   fix)   jora --seq-len 2048 --remat min --bench-steps 5
          jora --seq-len 16384,32768,262144 --remat full --bench-steps 1 --bench-warmup 1 ;;
+  attn)  jora --seq-len 16384,32768 --remat attn --bench-steps 3
+         jora --seq-len 16384,32768 --remat attn_host --bench-steps 3 ;;
+  hflong) hf --seq 16384 --remat --steps 3 ;;
+  gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
   max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;

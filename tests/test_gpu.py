@@ -29,3 +29,25 @@ def test_cudnn_attention_matches_xla(packed):
     assert abs(lx - lc) < 2e-2 * abs(lx)
     for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gc)):
         assert np.linalg.norm(a - b) < 5e-2 * np.linalg.norm(a)
+
+
+def test_remat_attn_runs_the_attention_forward_once():
+    """remat=attn/attn_host keep the cuDNN kernel's outputs: one attention forward per layer in
+    the compiled step (full remat runs it again in the backward), and the same gradients."""
+    cfg = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), cfg))
+    lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=("q", "v"))
+    lora = random_lora(jax.random.key(1), cfg, lcfg)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 256))
+    batch = jora.make_batch(tokens)
+    fwd, grads = {}, {}
+    for remat in ("full", "attn", "attn_host"):
+        opts = jora.Options(remat=remat, attention="cudnn")
+        f = jax.jit(jax.grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts)))
+        hlo = f.lower(lora).compile().as_text()
+        fwd[remat] = hlo.count('fmhaSoftmax"') + hlo.count('fmhaSoftmaxF16"')
+        grads[remat] = jax.device_get(f(lora))
+    assert fwd["attn"] == fwd["attn_host"] == cfg.n_layers < fwd["full"], fwd
+    for remat in ("attn", "attn_host"):
+        for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["full"])):
+            assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), remat

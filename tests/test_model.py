@@ -232,3 +232,18 @@ def test_presets_have_llama2_parameter_counts():
     assert abs(count(jora.LLAMA2_7B) / 6.738e9 - 1) < 1e-3
     assert abs(count(jora.LLAMA2_13B) / 13.016e9 - 1) < 1e-3
     assert abs(count(jora.LLAMA2_70B) / 68.977e9 - 1) < 1e-3
+
+
+def test_remat_policies_change_memory_not_results():
+    params, lcfg, lora = _setup(targets=jora.PROJ)
+    tokens = np.asarray(jax.random.randint(jax.random.key(5), (2, 16), 0, GQA.vocab_size))
+    batch = jora.make_batch(tokens)
+    out = {r: jax.device_get(jax.jit(jax.value_and_grad(lambda l, r=r: jora.loss(
+        params, l, batch, GQA, lcfg, jora.Options(remat=r))))(lora)) for r in jora.REMAT}
+    want_loss, want_g = out.pop("none")
+    for r, (loss, g) in out.items():
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=r)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=r)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        jora.loss(params, lora, batch, GQA, lcfg, jora.Options(remat="some"))
