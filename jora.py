@@ -187,7 +187,7 @@ class LoraConfig:
 @dataclasses.dataclass(frozen=True)
 class Options:
     """How to run the model (never what it computes)."""
-    remat: str = "none"       # none|min|dots|full|attn|attn_host: what backward keeps (REMAT)
+    remat: str = "none"       # none | min | dots | full | attn: what backward keeps (REMAT)
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
@@ -742,25 +742,24 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
     return x + reduce(y), aux
 
 
-def keep_attention(dst: str | None = None):
+def keep_attention(prim, *_, **__) -> bool:
     """A remat policy: recompute everything except the cuDNN flash-attention forward, whose
     output and softmax statistics its backward reads. A checkpoint_name on the output would not
     do: the backward rule reads the kernel's own outputs, so the kernel would run again anyway.
-    dst="pinned_host" moves them to host memory until the backward needs them."""
-    keep = True if dst is None else jax.ad_checkpoint.Offloadable(src="device", dst=dst)
-    return lambda prim, *_, **__: prim.name.startswith("dot_product_attention_fwd") and keep
+    (Offloading them to host memory instead was slower and, on XLA GPU, took more device memory.)"""
+    return prim.name.startswith("dot_product_attention_fwd")
 
 
 # none: XLA keeps whatever autodiff wants (fast, most memory); min: keep the named matmul
 # outputs, recompute norms, RoPE, SiLU and the attention kernel; dots: keep every matmul output;
 # full: keep only each layer's input and recompute the layer (least memory, ~1/3 more FLOPs);
-# attn / attn_host: full, but the attention forward (O(T^2), the larger cost at long T) runs
-# once: its (B, T, D) output stays on the device / goes to host memory (cuDNN only).
+# attn: full, but the attention forward (O(T^2), the larger cost at long T) runs once: its
+# (B, T, D) output is kept too (cuDNN only; the XLA path recomputes it as in full).
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "min": jax.checkpoint_policies.save_only_these_names(
              "q", "k", "v", "attn", "resid", "gate", "up"),
-         "attn": keep_attention(), "attn_host": keep_attention("pinned_host")}
+         "attn": keep_attention}
 
 
 def over_layers(body, carry, layers: Layer, lora: Lora, n_layers: int):

@@ -49,6 +49,7 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=0.0)
     a("--clip", type=float, default=1.0)
     a("--remat", default="none", choices=list(jora.REMAT))
+    a("--loss-chunk", type=int, default=2048, help="positions per cross-entropy chunk")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
       help="LoRA projections: the fused Pallas kernel or XLA (auto: XLA, until the kernel is "
@@ -196,7 +197,7 @@ def main(argv=None) -> dict:
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
-    opts = jora.Options(remat=args.remat, attention=args.attention,
+    opts = jora.Options(remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
                         sequence_parallel=args.sequence_parallel,
                         kernels="pallas" if args.kernels == "pallas" else "xla")
     dtype = jnp.dtype(args.dtype)

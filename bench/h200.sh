@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, hflong, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -24,8 +24,8 @@ case "$part" in
          hf --seq 16384 32768 --remat --steps 3 ;;
   fix)   jora --seq-len 2048 --remat min --bench-steps 5
          jora --seq-len 16384,32768,262144 --remat full --bench-steps 1 --bench-warmup 1 ;;
-  attn)  jora --seq-len 16384,32768 --remat attn --bench-steps 3
-         jora --seq-len 16384,32768 --remat attn_host --bench-steps 3 ;;
+  attn)  jora --seq-len 16384,32768 --remat attn --bench-steps 3 ;;
+  chunk) for c in ${CHUNKS:-1024 512}; do jora --seq-len 16384 --remat attn --loss-chunk $c --bench-steps 3; done ;;
   hflong) hf --seq 16384 --remat --steps 3 ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
   max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;

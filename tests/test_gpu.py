@@ -1,4 +1,6 @@
 """GPU-only checks (skipped on CPU): cuDNN flash attention against the XLA path."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,22 +34,22 @@ def test_cudnn_attention_matches_xla(packed):
 
 
 def test_remat_attn_runs_the_attention_forward_once():
-    """remat=attn/attn_host keep the cuDNN kernel's outputs: one attention forward per layer in
+    """remat=attn keeps the cuDNN kernel's outputs: one attention forward per layer in
     the compiled step (full remat runs it again in the backward), and the same gradients."""
     cfg = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), cfg))
     lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=("q", "v"))
     lora = random_lora(jax.random.key(1), cfg, lcfg)
-    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 256))
-    batch = jora.make_batch(tokens)
+    tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 257))
+    batch = jora.make_batch(tokens)   # 256 positions: cuDNN wants even lengths
     fwd, grads = {}, {}
-    for remat in ("full", "attn", "attn_host"):
-        opts = jora.Options(remat=remat, attention="cudnn")
+    for remat in ("full", "attn"):
+        opts = jora.Options(remat=remat, attention="cudnn", packed=False)
         f = jax.jit(jax.grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts)))
         hlo = f.lower(lora).compile().as_text()
         fwd[remat] = hlo.count('fmhaSoftmax"') + hlo.count('fmhaSoftmaxF16"')
         grads[remat] = jax.device_get(f(lora))
-    assert fwd["attn"] == fwd["attn_host"] == cfg.n_layers < fwd["full"], fwd
-    for remat in ("attn", "attn_host"):
-        for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["full"])):
-            assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b), remat
+    calls = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
+    assert fwd["attn"] == cfg.n_layers < fwd["full"], (fwd, calls)
+    for a, b in zip(jax.tree.leaves(grads["attn"]), jax.tree.leaves(grads["full"])):
+        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
