@@ -32,8 +32,10 @@ TOL = 2e-2   # bf16 has 8 bits of mantissa: a few 1e-3 of rounding is the expect
 LLAMA_MS = (2048, 8192, 32768)
 LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 LLAMA_RANKS = (8, 16, 64)
-SWEEP = [Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 4, 4), Tiles(128, 256, 64, 8, 3),
-         Tiles(256, 128, 64, 8, 3), Tiles(64, 128, 64, 4, 4), Tiles(128, 128, 32, 4, 4)]
+SWEEP = [Tiles(128, 128, 64, 4, 3), Tiles(64, 128, 64, 4, 4), Tiles(64, 128, 64, 4, 3),
+         Tiles(64, 128, 64, 4, 5), Tiles(64, 64, 64, 4, 4), Tiles(64, 128, 32, 4, 5),
+         Tiles(64, 128, 64, 8, 4), Tiles(32, 128, 64, 4, 4), Tiles(64, 256, 64, 8, 4),
+         Tiles(128, 64, 64, 4, 4)]
 
 
 def seconds_per_call(f, *args, reps=7, target=0.02):
