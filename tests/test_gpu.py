@@ -36,6 +36,7 @@ def test_remat_attn_runs_the_attention_forward_once():
     differentiated program (full remat runs it again in the backward), and the same gradients."""
     cfg = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), cfg))
+    params = jora.unstack_layers(params)   # unrolled: each layer's attention is in the jaxpr
     lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=("q", "v"))
     lora = random_lora(jax.random.key(1), cfg, lcfg)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 257))
