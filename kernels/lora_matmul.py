@@ -142,15 +142,16 @@ def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, scale: float, bk: int, q_trans
 class Tiles:
     """Output tile (bm, bn), contraction step bk, and Triton's launch parameters.
 
-    Defaults measured on an H200 (`python -m kernels.bench --sweep`, M = 8192, 4096 -> 4096,
-    R = 16, forward + backward): 64 x 128 x 64, 4 warps, 4 stages took 1,312 us where the usual
-    Hopper starting point 128 x 128 x 64 / 4 warps / 3 stages took 3,165 us (and 128 x 256 x 64
-    / 8 warps 6,080): the larger fp32 accumulators do not fit the registers Triton gives them.
+    Defaults measured on an H200 (`python -m kernels.bench --ms 8192 --ranks 16 --sweep`,
+    forward + backward, 10 tilings; bench/kernels-h200-2026-11-29.md): 64 x 256 x 64, 8 warps,
+    4 stages was fastest at all three Llama projections (1,196 us at 4096 -> 4096); the usual
+    Hopper starting point 128 x 128 x 64 / 4 warps / 3 stages took 3,090 us, 64 x 128 x 64 /
+    4 warps 1,294: Triton's (non-wgmma) MMA with a 128-row fp32 accumulator spills registers.
     """
     bm: int = 64
-    bn: int = 128
+    bn: int = 256
     bk: int = 64
-    num_warps: int = 4
+    num_warps: int = 8
     num_stages: int = 4
     group_m: int = 8   # row bands per group of the grouped program order (L2 reuse)
 
