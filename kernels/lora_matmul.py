@@ -146,7 +146,7 @@ class Tiles:
     forward + backward, 10 tilings; bench/kernels-h200-2026-11-29.md): 64 x 256 x 64, 8 warps,
     4 stages was fastest at all three Llama projections (1,196 us at 4096 -> 4096); the usual
     Hopper starting point 128 x 128 x 64 / 4 warps / 3 stages took 3,090 us, 64 x 128 x 64 /
-    4 warps 1,294: Triton's (non-wgmma) MMA with a 128-row fp32 accumulator spills registers.
+    4 warps 1,294 (likely register pressure of the larger fp32 accumulator; not profiled).
     """
     bm: int = 64
     bn: int = 256
