@@ -743,18 +743,16 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
 
 
 def keep_attention(prim, *_, **__) -> bool:
-    """A remat policy: recompute everything except the cuDNN flash-attention forward, whose
-    output and softmax statistics its backward reads. A checkpoint_name on the output would not
-    do: the backward rule reads the kernel's own outputs, so the kernel would run again anyway.
-    (Offloading them to host memory instead was slower and, on XLA GPU, took more device memory.)"""
+    """Remat policy: save only the cuDNN attention forward's outputs (result and softmax stats).
+    Its backward rule reads those very outputs, so a checkpoint_name on the result would not
+    stop the kernel from running again. (Offloading them to host was slower, and bigger.)"""
     return prim.name.startswith("dot_product_attention_fwd")
 
 
 # none: XLA keeps whatever autodiff wants (fast, most memory); min: keep the named matmul
 # outputs, recompute norms, RoPE, SiLU and the attention kernel; dots: keep every matmul output;
-# full: keep only each layer's input and recompute the layer (least memory, ~1/3 more FLOPs);
-# attn: full, but the attention forward (O(T^2), the larger cost at long T) runs once: its
-# (B, T, D) output is kept too (cuDNN only; the XLA path recomputes it as in full).
+# full: keep each layer's input, recompute the layer (least memory, ~1/3 more FLOPs); attn: full,
+# but the O(T^2) attention forward runs once (cuDNN; +1 (B, T, D) a layer; XLA path: as full).
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "min": jax.checkpoint_policies.save_only_these_names(
@@ -1307,9 +1305,7 @@ def _generate_local(params, lora, tokens, pad, key, temperature, top_p, *, cfg, 
     logits, cache = run(tokens, 0, cache)
     out = jnp.full((B, max_new), cfg.eos_id, jnp.int32)
 
-    def cond(c):
-        i, _, _, done, _ = c
-        return (i < max_new) & ~jnp.all(done)
+    cond = lambda c: (c[0] < max_new) & ~jnp.all(c[3])   # c = (i, logits, cache, done, out)
 
     def step(c):
         i, logits, cache, done, out = c
