@@ -847,6 +847,8 @@ def _local_loss_sums(params, lora, batch: Batch, key, cfg, lcfg, opts):
     h = hidden_states(params, lora, batch.tokens, batch.positions, segments, cfg, lcfg, opts,
                       key)                                                   # (B, T, D)
     B, T, D = h.shape
+    if opts.loss_chunk < 1:
+        raise ValueError(f"loss_chunk must be >= 1 position, got {opts.loss_chunk}")
     C = min(opts.loss_chunk, T)
     pad = -T % C
     pad2 = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))

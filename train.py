@@ -151,7 +151,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
                    remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r,
-                   kernels=opts.kernels, layers="unrolled")
+                   kernels=opts.kernels, layers="unrolled", loss_chunk=opts.loss_chunk)
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)

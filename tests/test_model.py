@@ -235,6 +235,8 @@ def test_presets_have_llama2_parameter_counts():
 
 
 def test_remat_policies_change_memory_not_results():
+    """Every remat policy gives the loss and gradients of none (on CPU attn acts as full: its
+    cuDNN kernel is GPU-only; tests/test_gpu.py checks what it saves there)."""
     params, lcfg, lora = _setup(targets=jora.PROJ)
     tokens = np.asarray(jax.random.randint(jax.random.key(5), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
@@ -247,3 +249,5 @@ def test_remat_policies_change_memory_not_results():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=r)
     with pytest.raises(ValueError, match="remat must be one of"):
         jora.loss(params, lora, batch, GQA, lcfg, jora.Options(remat="some"))
+    with pytest.raises(ValueError, match="loss_chunk must be >= 1"):
+        jora.loss(params, lora, batch, GQA, lcfg, jora.Options(loss_chunk=0))
