@@ -29,8 +29,11 @@ pipelines the loads num_stages deep), then adds scale * u_tile @ v_tile and stor
 Measured on an H200 (jax 0.11.2, `python -m kernels.bench`, M in {2048, 8192, 32768}, the three
 Llama-2-7B projections, R in {8, 16, 64}; README and bench/kernels-h200-2026-11-29.md): forward +
 backward 0.67-0.86x XLA's unfused LoRA but 1.43-1.68x the frozen projection alone; the GEMM
-itself is 1.3-1.6x cuBLAS. Mosaic GPU (`plgpu`, wgmma + TMA), which could close that gap, has
-not been written or measured; this backend was kept because it runs, is exact, and beats XLA's
+itself is 1.3-1.6x cuBLAS. Mosaic GPU, measured (kernels/lora_matmul_mgpu.py, a plain
+one-warpgroup wgmma + TMA version of the forward GEMM; bench/kernels-mgpu-h200-2026-11-29.md):
+1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x, so it is the way to go, but only
+its forward exists (no transposed-w backward, no masks, no shard_map tests yet). This backend
+stays for now because it is complete (forward, backward, any shape, tp) and beats XLA's
 unfused op. In the whole model it is not faster (19,068 against 19,397 tok/s at 2,048), so
 jora's `--kernels auto` keeps XLA.
 
