@@ -1,8 +1,8 @@
 """kernels/lora_matmul_mgpu.py: the Mosaic GPU fused LoRA GEMM against a float32 numpy reference.
 
-On a CPU the kernel runs in Mosaic GPU interpret mode (TMA copies, barriers, wgmma and the
-pipeline emulated; docs/notes/pallas_tech.md §2.4 level 2), on a GPU natively. A cross-lowering
-test shows that it lowers for CUDA without a GPU (level 3). Shapes are small: interpret mode
+On a CPU the kernel runs in Mosaic GPU interpret mode (`plgpu.force_gpu_interpret_mode` on an
+abstract H200: TMA copies, barriers, wgmma and the pipeline emulated), on a GPU natively. A
+cross-lowering test shows that it lowers for CUDA without a GPU. Shapes are small: interpret mode
 takes about a second per 256 x 256 x 256 call."""
 import contextlib
 
