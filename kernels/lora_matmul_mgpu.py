@@ -66,7 +66,7 @@ def _padded_rank(r: int) -> int:
 
 def _kernel(x_gmem, w_gmem, xa_gmem, b_gmem, o_gmem, xa_smem, b_smem, o_smem, bars, *,
             scale: float, tile_m: int, tile_n: int, k_steps: int, max_concurrent_steps: int,
-            tr: tuple):
+            tr: tuple, w_transposed: bool):
     # One wgmma stays in flight (its SMEM slots held one step longer) when the pipeline has
     # at least two slots; with one slot (K = tile_k, or max_concurrent_steps=1) none does.
     delay = 1 if max_concurrent_steps > 1 else 0
@@ -77,10 +77,17 @@ def _kernel(x_gmem, w_gmem, xa_gmem, b_gmem, o_gmem, xa_smem, b_smem, o_smem, ba
     plgpu.copy_gmem_to_smem(xa_gmem.at[m_sl, :], xa_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(b_gmem.at[:, n_sl], b_smem, bars.at[1])
 
-    # 2. The K loop: acc = x_tile @ w_tile in fp32.
+    # 2. The K loop: acc = x_tile @ w_tile in fp32. With w_transposed the w tile arrives as
+    #    (tile_n, TILE_K), K-contiguous rows, and wgmma reads it through a transposed view
+    #    ((TILE_K, tile_n) logically): the transpose is in the descriptor, not in a copy.
+    if w_transposed:
+        w_block, w_index = (tile_n, TILE_K), (lambda k: (pn, k))
+    else:
+        w_block, w_index = (TILE_K, tile_n), (lambda k: (k, pn))
+
     def main_loop(acc_ref):
         def step(_, x_smem, w_smem):
-            plgpu.wgmma(acc_ref, x_smem, w_smem)
+            plgpu.wgmma(acc_ref, x_smem, w_smem.T if w_transposed else w_smem)
             plgpu.wgmma_wait(delay)   # the previous step's wgmma is done: its slots are free
 
         plgpu.emit_pipeline(
@@ -88,8 +95,7 @@ def _kernel(x_gmem, w_gmem, xa_gmem, b_gmem, o_gmem, xa_smem, b_smem, o_smem, ba
             in_specs=[
                 plgpu.BlockSpec((tile_m, TILE_K), lambda k: (pm, k), transforms=tr,
                                 delay_release=delay),
-                plgpu.BlockSpec((TILE_K, tile_n), lambda k: (k, pn), transforms=tr,
-                                delay_release=delay),
+                plgpu.BlockSpec(w_block, w_index, transforms=tr, delay_release=delay),
             ])(x_gmem, w_gmem)
         return acc_ref[...]   # reading an ACC waits for its wgmmas
     acc = pl.run_scoped(main_loop, plgpu.ACC((tile_m, tile_n), jnp.float32))
@@ -115,12 +121,22 @@ def _kernel(x_gmem, w_gmem, xa_gmem, b_gmem, o_gmem, xa_smem, b_smem, o_smem, ba
     plgpu.wait_smem_to_gmem(0)
 
 
-def gemm_lowrank_mgpu(x, w, xa, b, scale, *, tile_m=128, tile_n=128, max_concurrent_steps=4):
+def gemm_lowrank_mgpu(x, w, xa, b, scale, *, tile_m=128, tile_n=128, max_concurrent_steps=4,
+                      w_transposed: bool = False):
     """x @ w + scale * xa @ b in x.dtype, fp32 accumulation, one Mosaic GPU kernel (see module
-    docstring). x (M, K), w (K, N), xa (M, R), b (R, N), one 16-bit float dtype."""
-    (m, k), (k2, n), (m2, r), (r2, n2) = x.shape, w.shape, xa.shape, b.shape
-    if (k2, m2, r2, n2) != (k, m, r, n):
+    docstring). x (M, K), w (K, N), xa (M, R), b (R, N), one 16-bit float dtype.
+
+    w_transposed=True: w is given as (N, K) and the kernel computes x @ w.T + scale * xa @ b,
+    reading w's tiles transposed in SMEM (no transpose or copy of w in HBM); e.g. the LoRA
+    backward dx = dy @ w^T + scale * (dy @ b^T) @ a^T with w stored (K_in, N_out)."""
+    if x.ndim != 2 or w.ndim != 2 or xa.ndim != 2 or b.ndim != 2:
         raise ValueError(f"incompatible shapes x{x.shape} w{w.shape} xa{xa.shape} b{b.shape}")
+    (m, k), (m2, r), (r2, n2) = x.shape, xa.shape, b.shape
+    n, k2 = w.shape if w_transposed else w.shape[::-1]
+    if (k2, m2, r2, n2) != (k, m, r, n):
+        layout = "w (N, K), w_transposed=True" if w_transposed else "w (K, N)"
+        raise ValueError(f"incompatible shapes for {layout}: x{x.shape} w{w.shape} "
+                         f"xa{xa.shape} b{b.shape}")
     dt = jnp.dtype(x.dtype)
     if dt not in (jnp.bfloat16, jnp.float16) or {w.dtype, xa.dtype, b.dtype} != {dt}:
         raise ValueError(f"x, w, xa, b must share a 16-bit float dtype, got "
@@ -148,7 +164,8 @@ def gemm_lowrank_mgpu(x, w, xa, b, scale, *, tile_m=128, tile_n=128, max_concurr
     tr_o = _transforms(plgpu.find_swizzle(tile_n * isz * 8), isz)  # output tile
     kernel = functools.partial(
         _kernel, scale=float(scale), tile_m=tile_m, tile_n=tile_n, k_steps=k // TILE_K,
-        max_concurrent_steps=min(max_concurrent_steps, k // TILE_K), tr=tr)
+        max_concurrent_steps=min(max_concurrent_steps, k // TILE_K), tr=tr,
+        w_transposed=bool(w_transposed))
     return plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((m, n), dt),
