@@ -1,4 +1,4 @@
-"""Fused LoRA forward GEMM for Hopper in Mosaic GPU: y = x @ w + scale * xa @ b.
+"""Fused LoRA GEMM for Hopper in Mosaic GPU: y = x @ w + scale * xa @ b (or x @ w.T + ...).
 
 An experiment: the same op as kernels/lora_matmul.py's `gemm_lowrank` (there lowered through
 Triton by the generic `pl.pallas_call`), written against `jax.experimental.pallas.mosaic_gpu`
@@ -6,6 +6,10 @@ Triton by the generic `pl.pallas_call`), written against `jax.experimental.palla
 closes the Triton kernel's gap to cuBLAS (kernels/bench_mgpu.py does the timing).
 
 Shapes: x (M, K), w (K, N), xa (M, R), b (R, N), all bf16 (or all f16) -> y (M, N) in x's dtype.
+With w_transposed=True, w is given as (N, K) and y = x @ w.T + scale * xa @ b (w read transposed
+in SMEM, never transposed or copied in HBM): the LoRA backward dx = dy @ w^T + scale * u @ v
+with w stored (K_in, N_out), x = dy, xa = u = dy @ b^T, b = v = a^T (kernels/lora_matmul.py's
+`q_transposed=True`).
 xa = x @ a is computed outside (XLA). Both products accumulate in fp32 and the sum
 x @ w + scale * xa @ b is formed in fp32 before the single rounding to x's dtype; scale (a
 Python number) multiplies the fp32 rank-R product, never a bf16 operand, so it is exact for
@@ -17,7 +21,8 @@ the plain kernel first, to see where it stands).
   1. TMA starts copying the tile's rank operands, xa[tile_m, Rp] and b[Rp, tile_n], into SMEM;
      they arrive while the K loop runs.
   2. K loop: `plgpu.emit_pipeline` streams (tile_m, 64) x-tiles and (64, tile_n) w-tiles
-     through SMEM by TMA, max_concurrent_steps slots deep; each step issues one `plgpu.wgmma`
+     through SMEM by TMA, max_concurrent_steps slots deep (w_transposed: (tile_n, 64) tiles
+     of the (N, K) w, block (pn, k), see below); each step issues one `plgpu.wgmma`
      into a (tile_m, tile_n) fp32 `plgpu.ACC` and waits for the previous one
      (wgmma_wait(1) with delay_release=1: one wgmma in flight while the next tiles land).
   3. Epilogue, per 64 x 64 sub-tile: a wgmma of depth Rp computes xa_sub @ b_sub into a small
@@ -28,16 +33,27 @@ the plain kernel first, to see where it stands).
      `pl.run_state(..)(plgpu.ACC.init(v))`) lowers for CUDA but does not run in 0.11.2's
      Mosaic GPU interpreter, which the tests use, so the product comes in the epilogue.
   4. One TMA store of the output tile (SMEM -> GMEM).
-  Swizzles: x/w tiles 128 B (64 bf16 along K for x, along N for w); xa/b tiles
-  min(128, 2 * Rp) B (one swizzle for both operands of a wgmma: 32 B at Rp = 16); the output
-  tile the largest swizzle that fits tile_n (128 B for tile_n >= 64). SMEM at the defaults
-  (128 x 128, 4 slots): 4 * 32 KiB pipeline + 32 KiB output + 8 KiB rank operands (Rp = 16),
-  of the 227 KiB an H200 CTA may use; 128 x 256 with 4 slots (256 KiB) does not fit, and the
-  CUDA lowering raises "Mosaic GPU kernel exceeds available shared memory" (use 2-3 slots).
+  Transposed w (w_transposed=True): the (tile_n, 64) tile is TMA-copied as stored, K
+  contiguous, with the same (8, 64) tiling and 128 B swizzle as the x tile (64 bf16 along K);
+  the wgmma gets its `.T` view, a (64, tile_n) ref whose transforms end in a transpose. Mosaic
+  GPU folds that transpose into the wgmma's B descriptor (the operand is K-major; the plain
+  (64, tile_n) w tile is the N-major, "transposed" one for the instruction), so nothing is
+  moved in SMEM or registers either. Everything else (epilogue, rank operands, output tile,
+  SMEM use) is identical: the w slot holds tile_n x 64 elements in both layouts.
+  Swizzles: x/w tiles 128 B (64 bf16 along K for x, along N for w, along K for a transposed
+  w); xa/b tiles min(128, 2 * Rp) B (one swizzle for both operands of a wgmma: 32 B at
+  Rp = 16); the output tile the largest swizzle that fits tile_n (128 B for tile_n >= 64).
+  SMEM at the defaults (128 x 128, 4 slots): 4 * 32 KiB pipeline + 32 KiB output + 8 KiB rank
+  operands (Rp = 16), of the 227 KiB an H200 CTA may use; 128 x 256 with 4 slots (256 KiB)
+  does not fit, and the CUDA lowering raises "Mosaic GPU kernel exceeds available shared
+  memory" (use 2-3 slots).
 
-Constraints (a ValueError names the one that fails): M % tile_m == 0, N % tile_n == 0,
-K % tile_k == 0 (tile_k = 64); tile_m a multiple of 64 (wgmma's M), tile_n a multiple of 64 and
-<= 256 (wgmma's N with the 128 B swizzle of the w tile). R is zero-padded in the wrapper to
+Constraints (a ValueError names the one that fails), the same for both layouts of w (shape
+checks name the mismatched dimension in the layout asked for): M % tile_m == 0,
+N % tile_n == 0, K % tile_k == 0 (tile_k = 64); tile_m a multiple of 64 (wgmma's M), tile_n a
+multiple of 64 and <= 256 (wgmma's N; a whole number of 64-column epilogue sub-tiles and, for
+the plain w, of 128 B swizzle groups; the transposed w tile only needs tile_n % 8 == 0 for its
+(8, 64) tiling, so it adds no constraint). R is zero-padded in the wrapper to
 Rp = 16, 32 or a multiple of 64 (wgmma's K step for the rank operands' swizzle); zero rows of b
 and columns of xa add exact zeros. Nothing of size M x K or K x N is padded or copied.
 scale is a Python number (compiled into the kernel).
@@ -129,14 +145,19 @@ def gemm_lowrank_mgpu(x, w, xa, b, scale, *, tile_m=128, tile_n=128, max_concurr
     w_transposed=True: w is given as (N, K) and the kernel computes x @ w.T + scale * xa @ b,
     reading w's tiles transposed in SMEM (no transpose or copy of w in HBM); e.g. the LoRA
     backward dx = dy @ w^T + scale * (dy @ b^T) @ a^T with w stored (K_in, N_out)."""
+    shapes = f"x{x.shape} w{w.shape} xa{xa.shape} b{b.shape}"
+    layout = "w (N, K) with w_transposed=True" if w_transposed else "w (K, N)"
     if x.ndim != 2 or w.ndim != 2 or xa.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"incompatible shapes x{x.shape} w{w.shape} xa{xa.shape} b{b.shape}")
+        raise ValueError(f"incompatible shapes (all operands must be 2-D): {shapes}")
     (m, k), (m2, r), (r2, n2) = x.shape, xa.shape, b.shape
     n, k2 = w.shape if w_transposed else w.shape[::-1]
-    if (k2, m2, r2, n2) != (k, m, r, n):
-        layout = "w (N, K), w_transposed=True" if w_transposed else "w (K, N)"
-        raise ValueError(f"incompatible shapes for {layout}: x{x.shape} w{w.shape} "
-                         f"xa{xa.shape} b{b.shape}")
+    w_k, w_n = ("w.shape[1]", "w.shape[0]") if w_transposed else ("w.shape[0]", "w.shape[1]")
+    for ok, what in ((k2 == k, f"{w_k} == x.shape[1] (K)"),
+                     (m2 == m, "xa.shape[0] == x.shape[0] (M)"),
+                     (r2 == r, "b.shape[0] == xa.shape[1] (R)"),
+                     (n2 == n, f"b.shape[1] == {w_n} (N)")):
+        if not ok:
+            raise ValueError(f"incompatible shapes for {layout}: {what} fails; {shapes}")
     dt = jnp.dtype(x.dtype)
     if dt not in (jnp.bfloat16, jnp.float16) or {w.dtype, xa.dtype, b.dtype} != {dt}:
         raise ValueError(f"x, w, xa, b must share a 16-bit float dtype, got "
