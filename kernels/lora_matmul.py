@@ -31,8 +31,9 @@ Llama-2-7B projections, R in {8, 16, 64}; README and bench/kernels-h200-2026-11-
 backward 0.67-0.86x XLA's unfused LoRA but 1.43-1.68x the frozen projection alone; the GEMM
 itself is 1.3-1.6x cuBLAS. Mosaic GPU, measured (kernels/lora_matmul_mgpu.py, a plain
 one-warpgroup wgmma + TMA version of the forward GEMM; bench/kernels-mgpu-h200-2026-11-29.md):
-1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x, so it is the way to go, but only
-its forward exists (no transposed-w backward, no masks, no shard_map tests yet). This backend
+1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x, so it is the way to go, but it
+is not a full op yet (its transposed-w dx GEMM is tested only in the interpreter; no masks, no
+custom_vjp, no shard_map tests). This backend
 stays for now because it is complete (forward, backward, any shape, tp) and beats XLA's
 unfused op. In the whole model it is not faster (19,068 against 19,397 tok/s at 2,048), so
 jora's `--kernels auto` keeps XLA.
