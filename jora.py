@@ -196,6 +196,10 @@ class Options:
                               # (one example a row, padding at the end) needs no mask at all,
                               # which lets flash attention skip building a (T, T) one
 
+    def __post_init__(self):
+        if self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
+
 
 # ---------------------------------------------------------------------------------------------
 # 2. Parameters, and how each is split over the mesh
@@ -280,13 +284,10 @@ def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
 
 def unstack_layers(params: Params, free: bool = False) -> Params:
     """Stacked layers (each leaf (L, ...)) -> each leaf a tuple of L one-layer slices (1, ...).
-
-    Why: under lax.scan XLA copies each layer's weights out of the stack before its GEMMs
-    (cuBLAS reads whole buffers): 16% of a 7B step on an H200. Unstacked, the layer loop unrolls
-    and each GEMM reads its weight in place (+15% tokens/s; compiling takes longer). The slices
-    keep their ranks, so param_specs() still describes them. free: delete each stacked leaf once
-    split (peak: one leaf more, not twice the model), if no other array shares its buffer.
-    """
+    Under lax.scan XLA copies each layer's weights out of the stack for cuBLAS (16% of a 7B step
+    on an H200); unrolled, each GEMM reads its weight in place (+15%; longer compiles). Slices
+    keep their ranks, so param_specs() holds. free: delete each stacked leaf once split (peak:
+    one leaf more, not two models), only if no other array shares its buffer."""
     split = jax.jit(lambda a: tuple(a[i:i + 1] for i in range(a.shape[0])))
     layers = {}
     for f, leaf in params.layers._asdict().items():
@@ -847,8 +848,6 @@ def _local_loss_sums(params, lora, batch: Batch, key, cfg, lcfg, opts):
     h = hidden_states(params, lora, batch.tokens, batch.positions, segments, cfg, lcfg, opts,
                       key)                                                   # (B, T, D)
     B, T, D = h.shape
-    if opts.loss_chunk < 1:
-        raise ValueError(f"loss_chunk must be >= 1 position, got {opts.loss_chunk}")
     C = min(opts.loss_chunk, T)
     pad = -T % C
     pad2 = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))

@@ -1,4 +1,4 @@
-"""GPU-only checks (skipped on CPU): cuDNN flash attention against the XLA path."""
+"""GPU-only checks (skipped on CPU): cuDNN flash attention against the XLA path, remat=attn."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,14 +8,19 @@ from conftest import GQA, random_lora, random_params
 import jora
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+CFG = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})  # cuDNN: H=64
+
+
+def bf16_model(targets):
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), CFG))
+    lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=targets)
+    return params, lcfg, random_lora(jax.random.key(1), CFG, lcfg)
 
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_cudnn_attention_matches_xla(packed):
-    cfg = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), cfg))
-    lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=jora.PROJ)
-    lora = random_lora(jax.random.key(1), cfg, lcfg)
+    cfg = CFG
+    params, lcfg, lora = bf16_model(jora.PROJ)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (2, 257))
     segs = np.where(np.arange(257) < 100, 1, 2)[None].repeat(2, 0) if packed else None
@@ -34,11 +39,9 @@ def test_cudnn_attention_matches_xla(packed):
 def test_remat_attn_runs_the_attention_forward_once():
     """remat=attn keeps the cuDNN kernel's outputs: one attention forward per layer in the
     differentiated program (full remat runs it again in the backward), and the same gradients."""
-    cfg = jora.Config(**{**GQA.__dict__, "head_dim": 64, "n_heads": 4, "n_kv_heads": 2})
-    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_params(jax.random.key(0), cfg))
+    cfg = CFG
+    params, lcfg, lora = bf16_model(("q", "v"))
     params = jora.unstack_layers(params)   # unrolled: each layer's attention is in the jaxpr
-    lcfg = jora.LoraConfig(r=8, alpha=16.0, targets=("q", "v"))
-    lora = random_lora(jax.random.key(1), cfg, lcfg)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 257))
     batch = jora.make_batch(tokens)   # 256 positions: cuDNN wants even lengths
     fwd, grads = {}, {}
