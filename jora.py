@@ -190,6 +190,8 @@ class Options:
     remat: str = "none"       # none | min | dots | full | attn: what backward keeps (REMAT)
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
+    mlp_chunk: int = 0        # positions per MLP chunk (0: all): smaller backward transients
+                              # at long T; free with remat full/attn (see over_positions)
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
     kernels: str = "xla"      # xla | pallas: the fused LoRA kernel of kernels/ (if present)
     packed: bool = True       # rows hold several examples: mask attention by segment. False
@@ -199,6 +201,9 @@ class Options:
     def __post_init__(self):
         if self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
+        if self.mlp_chunk < 0:
+            raise ValueError(f"mlp_chunk must be >= 0 positions (0: no chunks), "
+                             f"got {self.mlp_chunk}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +711,8 @@ def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
 
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
-                  lcfg: LoraConfig | None, key=None, sp: bool = False, fused: bool = False):
+                  lcfg: LoraConfig | None, key=None, sp: bool = False, fused: bool = False,
+                  mlp_chunk=None):
     """One pre-norm Llama block. x (B, T, D), replicated over "model" -> ((B, T, D), aux).
 
     attn(q, k, v) -> (o, aux) does the attention proper: plain causal attention when training,
@@ -716,6 +722,7 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
     row-parallel sums are reduce-scattered back to slices instead of all-reduced. The same bytes
     move, but norms, residuals and the activations remat keeps shrink by tp.
     fused: LoRA projections through the Pallas kernel (see project).
+    mlp_chunk: None, or (positions, remat policy): run the MLP over chunks (over_positions).
     """
     if sp:
         gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
@@ -737,10 +744,34 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
     o = name(o.reshape(B, T, -1), "attn")
     x = name(x + reduce(project(o, w.wo, ab.o, lcfg, ko, fused)), "resid")       # row-parallel
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
-    g = name(project(h, w.w_gate, ab.gate, lcfg, kg, fused), "gate")              # (B, T, F/tp)
-    u = name(project(h, w.w_up, ab.up, lcfg, ku, fused), "up")
-    y = project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, kd, fused)
+
+    def mlp(h, i):   # h (B, C, D), positions [i C, (i + 1) C) -> this device's partial (B, C, D)
+        fold = lambda k: None if k is None or mlp_chunk is None else jax.random.fold_in(k, i)
+        g = name(project(h, w.w_gate, ab.gate, lcfg, fold(kg), fused), "gate")     # (B, C, F/tp)
+        u = name(project(h, w.w_up, ab.up, lcfg, fold(ku), fused), "up")
+        return project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, fold(kd), fused)
+
+    y = mlp(h, 0) if mlp_chunk is None else over_positions(mlp, h, *mlp_chunk)
     return x + reduce(y), aux
+
+
+def over_positions(f, h, chunk: int, policy):
+    """f(h (B, C, D), i) -> (B, C, O), applied to chunks of C positions of h (B, T, D) in turn.
+
+    Each chunk is checkpointed under `policy` (the layer's remat policy), so the backward pass
+    recomputes one chunk at a time: the MLP's (B, T, F) intermediates, several of them alive at
+    once in the backward and by far the largest transients at long T, shrink to (B, C, F).
+    With `full`/`attn` remat the layer is recomputed anyway, so this costs no extra FLOPs.
+    """
+    B, T, D = h.shape
+    C = min(chunk, T)
+    pad = -T % C
+    hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, C, D).swapaxes(0, 1)  # (T/C,B,C,D)
+    step = lambda _, xs: (None, f(*xs))
+    if policy is not None:   # (None: the layer is not rematerialised, nor are its chunks)
+        step = jax.checkpoint(step, policy=policy)
+    _, ys = jax.lax.scan(step, None, (hs, jnp.arange(hs.shape[0])))               # (T/C,B,C,O)
+    return ys.swapaxes(0, 1).reshape(B, T + pad, -1)[:, :T]
 
 
 def keep_attention(prim, *_, **__) -> bool:
@@ -792,10 +823,11 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
         k = None if key is None else jax.random.fold_in(key, i)
         attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
         return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp,
-                             opts.kernels == "pallas")[0]
+                             opts.kernels == "pallas", mlp_chunk)[0]
 
     if opts.remat not in REMAT:
         raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
+    mlp_chunk = (opts.mlp_chunk, REMAT[opts.remat]) if 0 < opts.mlp_chunk < T else None
     if opts.remat != "none":   # keep only what the policy saves; recompute the rest backward
         body = jax.checkpoint(body, policy=REMAT[opts.remat])
     x = over_layers(body, x, params.layers, lora, cfg.n_layers)

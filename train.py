@@ -50,6 +50,8 @@ def parse_args(argv=None):
     a("--clip", type=float, default=1.0)
     a("--remat", default="none", choices=list(jora.REMAT))
     a("--loss-chunk", type=int, default=2048, help="positions per cross-entropy chunk")
+    a("--mlp-chunk", type=int, default=0, help="positions per MLP chunk (0: all); less memory "
+                                               "at long sequences, free with --remat full/attn")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
       help="LoRA projections: the fused Pallas kernel or XLA (auto: XLA, which was faster in "
@@ -69,7 +71,8 @@ def parse_args(argv=None):
     a("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     a("--benchmark", action="store_true", help="time training of a random --size model")
     a("--size", default="7b", choices=list(jora.PRESETS))
-    a("--bench-steps", type=int, default=5)
+    a("--bench-steps", type=int, default=5, help="timed steps (0: compile and report XLA's "
+                                                   "planned memory only)")
     a("--bench-warmup", type=int, default=2)
     a("--profile", help="--benchmark: write a profiler trace of the timed steps to this folder")
     a("--generate", action="store_true", help="complete --prompt / --prompts and exit")
@@ -132,6 +135,10 @@ def demo_setup(out: str) -> tuple[str, str]:
     return base, data
 
 
+class _Planned(Exception):   # --bench-steps 0: the row ends after compiling
+    pass
+
+
 def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
               log=print, profile=None) -> list[dict]:
     """Time training steps of a random-initialised model on random tokens at each length,
@@ -151,7 +158,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
                    remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r,
-                   kernels=opts.kernels, layers="unrolled", loss_chunk=opts.loss_chunk)
+                   kernels=opts.kernels, layers="unrolled", loss_chunk=opts.loss_chunk,
+                   mlp_chunk=opts.mlp_chunk)
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
@@ -164,6 +172,12 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             step = jora.make_train_step(cfg, lcfg, tc, mesh, opts).lower(
                 state, params, b, key).compile()
             row["compile_s"] = round(time.time() - t, 1)
+            if (m := step.memory_analysis()) is not None:   # XLA's plan, before running it
+                row["planned_gib"] = round((m.argument_size_in_bytes + m.temp_size_in_bytes +
+                                            m.output_size_in_bytes - m.alias_size_in_bytes)
+                                           / 2**30, 2)
+            if steps < 1:   # --bench-steps 0: compile and plan only (what would fit?)
+                raise _Planned
             for _ in range(warmup):
                 state, m = step(state, params, b, key)
             jax.block_until_ready(state)
@@ -181,6 +195,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
                        peak_gib=round(mem / 2**30, 2), mfu=round(
                            tok_s * jora.flops_per_token(cfg, seq) / (peak * mesh.size), 4)
                        if peak else None)
+        except _Planned:
+            pass
         except Exception as e:   # report it and go on to the next length
             oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
             row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
@@ -198,6 +214,7 @@ def main(argv=None) -> dict:
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
     opts = jora.Options(remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
+                        mlp_chunk=args.mlp_chunk,
                         sequence_parallel=args.sequence_parallel,
                         kernels="pallas" if args.kernels == "pallas" else "xla")
     dtype = jnp.dtype(args.dtype)

@@ -59,12 +59,14 @@ def five_steps(mesh, params, lora, batch):
     return losses, jax.device_get(state.lora)
 
 
-@pytest.mark.parametrize("data,tp,sp", [m + (False,) for m in MESHES] +
-                         [(1, 2, True), (2, 2, True), (1, 8, True)])
-def test_loss_and_lora_grads_match_unsharded(setup, data, tp, sp):
+@pytest.mark.parametrize("data,tp,sp,mlp_chunk", [m + (False, 0) for m in MESHES] +
+                         [(1, 2, True, 0), (2, 2, True, 0), (1, 8, True, 0), (1, 4, False, 7),
+                          (2, 2, True, 7)])
+def test_loss_and_lora_grads_match_unsharded(setup, data, tp, sp, mlp_chunk):
     params, lora, batch = setup
     want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
-    opts = jora.Options(sequence_parallel=sp)
+    opts = jora.Options(sequence_parallel=sp, mlp_chunk=mlp_chunk,
+                        remat="full" if mlp_chunk else "none")
     loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch, opts)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     for t in LCFG.targets:
