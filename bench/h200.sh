@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, mgpu, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -27,6 +27,11 @@ case "$part" in
   attn)  jora --seq-len 16384,32768 --remat attn --bench-steps 3 ;;
   chunk) for c in ${CHUNKS:-1024 512}; do jora --seq-len 16384 --remat attn --loss-chunk $c --bench-steps 3; done ;;
   hflong) hf --seq 16384 --remat --steps 3 ;;
+  hflong32) hf --seq 32768 --remat --steps 3 ;;
+  mlpchunk) for c in ${MLPCHUNKS:-4096 2048}; do jora --seq-len 16384,32768 --remat ${REMAT:-attn} --mlp-chunk $c --bench-steps 3; done ;;
+  plan)  jora --seq-len ${PLANSEQ:-262144,393216,524288} --remat full --mlp-chunk ${MLPCHUNK:-4096} --bench-steps 0 ;;
+  mgpu)  python3 -m pytest -q tests/test_kernels_mgpu.py 2>&1 | tail -5
+         python3 -m kernels.bench_mgpu --ms 8192 --w-transposed | tee -a "$OUT/kernels_mgpu.md" ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
   max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
