@@ -760,18 +760,14 @@ def over_positions(f, h, chunk: int, policy):
 
     Each chunk is checkpointed under `policy` (the layer's remat policy), so the backward pass
     recomputes one chunk at a time: the MLP's (B, T, F) intermediates, several of them alive at
-    once in the backward and by far the largest transients at long T, shrink to (B, C, F).
-    With `full`/`attn` remat the layer is recomputed anyway, so this costs no extra FLOPs.
+    once in the backward and the largest transients at long T, shrink to (B, C, F). With
+    `full`/`attn` remat the layer is recomputed anyway, so this costs no extra FLOPs. Unrolled,
+    not a scan: XLA kept the attention kernel's whole scratch buffers alive around a scan.
     """
-    B, T, D = h.shape
-    C = min(chunk, T)
-    pad = -T % C
-    hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, C, D).swapaxes(0, 1)  # (T/C,B,C,D)
-    step = lambda _, xs: (None, f(*xs))
     if policy is not None:   # (None: the layer is not rematerialised, nor are its chunks)
-        step = jax.checkpoint(step, policy=policy)
-    _, ys = jax.lax.scan(step, None, (hs, jnp.arange(hs.shape[0])))               # (T/C,B,C,O)
-    return ys.swapaxes(0, 1).reshape(B, T + pad, -1)[:, :T]
+        f = jax.checkpoint(f, policy=policy, static_argnums=(1,))
+    T = h.shape[1]
+    return jnp.concatenate([f(h[:, s:s + chunk], i) for i, s in enumerate(range(0, T, chunk))], 1)
 
 
 def keep_attention(prim, *_, **__) -> bool:
@@ -851,9 +847,51 @@ def batch_specs() -> Batch:
     return Batch(*([P(DATA, None)] * len(Batch._fields)))
 
 
+def logits_matmul(h, w):
+    """h (..., D) @ w (D, V) -> fp32 logits, and a backward that multiplies in h's dtype.
+
+    Autodiff's own backward would multiply the fp32 logit gradient by w promoted to fp32: an
+    fp32 copy of lm_head (500 MiB at 7B) and fp32 GEMMs. Rounding the gradient to bf16 first
+    is what bf16 training does everywhere else (HF's logits are bf16 in both directions).
+    """
+    # Inside shard_map, h is the same on every vocab slice while w differs (and w is the same
+    # on every data shard): jnp would cast each to the axes it lacks ("varying") itself; done
+    # here, outside the custom_vjp, the casts' transposes sum dh over the vocab slices.
+    return _logits_matmul(*_vary_alike(h, w))
+
+
+def _vary_alike(*xs):   # each x cast to the union of the operands' varying mesh axes
+    types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in xs]
+    if any(t is None for t in types):   # not inside shard_map
+        return xs
+    union = frozenset().union(*(t.varying for t in types))
+    return tuple(jax.lax.pcast(x, tuple(sorted(union - t.varying)), to="varying")
+                 if union - t.varying else x for x, t in zip(xs, types))
+
+
+@jax.custom_vjp
+def _logits_matmul(h, w):
+    return jnp.einsum("...D,DV->...V", h, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h, w):
+    return _logits_matmul(h, w), (h, w)
+
+
+def _logits_bwd(res, g):                                                    # g (..., V) fp32
+    h, w = res
+    g = g.astype(h.dtype)
+    dh = jnp.einsum("...V,DV->...D", g, w, preferred_element_type=jnp.float32)
+    dw = jnp.einsum("...D,...V->DV", h, g, preferred_element_type=jnp.float32)  # (unused: frozen)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+_logits_matmul.defvjp(_logits_fwd, _logits_bwd)
+
+
 def _vocab_logits(h, lm_head, vocab_size):
     """h (..., D) @ lm_head (D, V'/tp) -> this device's fp32 logits; padding columns -inf."""
-    logits = jnp.einsum("...D,DV->...V", h, lm_head, preferred_element_type=jnp.float32)
+    logits = logits_matmul(h, lm_head)
     col = jax.lax.axis_index(MODEL) * logits.shape[-1] + jnp.arange(logits.shape[-1])
     return jnp.where(col < vocab_size, logits, -jnp.inf)
 

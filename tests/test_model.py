@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import DATA, GQA, SMALL, STORIES, needs_data, random_lora, random_params
@@ -278,3 +279,21 @@ def test_mlp_chunks_change_memory_not_results(remat):
     assert all(np.isfinite(a).all() for a in jax.tree.leaves(g))
     with pytest.raises(ValueError, match="mlp_chunk must be >= 0"):
         jora.Options(mlp_chunk=-1)
+
+
+def test_logits_backward_in_bf16_matches_fp32_autodiff():
+    """The loss head's custom backward (gradient rounded to bf16, no fp32 copy of lm_head) gives
+    autodiff's fp32 gradient within bf16 rounding, and exactly autodiff's in fp32."""
+    k1, k2, k3 = jax.random.split(jax.random.key(8), 3)
+    h = jax.random.normal(k1, (3, 5, 64), jnp.float32)
+    w = jax.random.normal(k2, (64, 96), jnp.float32) / 8
+    g = jax.random.normal(k3, (3, 5, 96), jnp.float32)
+    ref = lambda h, w: jnp.einsum("BTD,DV->BTV", h, w, precision="highest")
+    want = jax.vjp(ref, h, w)[1](g)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        out, vjp = jax.vjp(jora.logits_matmul, h.astype(dtype), w.astype(dtype))
+        assert out.dtype == jnp.float32
+        for got, ref_g in zip(vjp(g), want):
+            assert got.dtype == dtype
+            err = np.abs(np.asarray(got, np.float32) - ref_g).max() / np.abs(ref_g).max()
+            assert err < tol, (dtype, err)
