@@ -761,8 +761,10 @@ def over_positions(f, h, chunk: int, policy):
     Each chunk is checkpointed under `policy` (the layer's remat policy), so the backward pass
     recomputes one chunk at a time: the MLP's (B, T, F) intermediates, several of them alive at
     once in the backward and the largest transients at long T, shrink to (B, C, F). With
-    `full`/`attn` remat the layer is recomputed anyway, so this costs no extra FLOPs. Unrolled,
-    not a scan: XLA kept the attention kernel's whole scratch buffers alive around a scan.
+    `full`/`attn` remat the layer is recomputed anyway, so this costs no extra FLOPs.
+    Measured (7B, H200, 16,384 positions, `attn`): 2,048-position chunks lower the peak by
+    0.8 GiB, -2% speed; 4,096-position chunks, or a lax.scan over 2,048, raised it by 3 GiB
+    (XLA kept the attention kernel's scratch buffers alive): check the plan when changing it.
     """
     if policy is not None:   # (None: the layer is not rematerialised, nor are its chunks)
         f = jax.checkpoint(f, policy=policy, static_argnums=(1,))

@@ -8,19 +8,22 @@ import sys
 rows = [json.loads(line) for path in sys.argv[1:] for line in open(path) if line[0] == "{"]
 rows = [r for r in rows if "impl" in r]   # other lines are notes
 key = lambda r: ("all 7" if r["targets"].count(",") == 6 else "q,v", r["seq"])
-# jora: one row per (targets, seq, remat), XLA projections only; HF: one per (targets, seq)
-jora = {(*key(r), r["remat"]): r for r in rows
+# jora: one row per (targets, seq, remat + MLP chunk), XLA projections only; HF: one per (targets, seq)
+label = lambda r: r["remat"] + (f", mlp {r['mlp_chunk']}" if r.get("mlp_chunk") else "") + (
+    f" ({r['mlp_chunk_impl']})" if "mlp_chunk_impl" in r else "")
+jora = {(*key(r), label(r)): r for r in rows
         if r["impl"] == "jora" and r.get("kernels", "xla") == "xla"}
 hf = {key(r): r for r in rows if r["impl"] == "hf-peft"}
 print("| targets | seq | remat HF / jora | HF+PEFT tok/s | HF GiB | jora tok/s | jora GiB "
       "| jora MFU | speed |")
 print("|---|---|---|---|---|---|---|---|---|")
-cell = lambda r, f: f"{r[f]:,}" if f in r else r.get("error", "—")
+cell = lambda r, f: f"{r[f]:,}" if r.get(f) is not None else (
+    f"{r['planned_gib']} (planned)" if f == "peak_gib" and "planned_gib" in r else r.get("error", "—"))
 for k in sorted(set(jora) | {(*k, None) for k in hf if not any(j[:2] == k for j in jora)},
                 key=lambda k: (k[0], k[1], str(k[2]))):
     j, h = jora.get(k, {}), hf.get(k[:2], {})
     speed = f"{j['tokens_per_s'] / h['tok_s']:.2f}x" if "tokens_per_s" in j and "tok_s" in h else ""
-    remat = f"{'yes' if h.get('remat') else 'no' if h else '—'} / {j.get('remat', '—')}"
+    remat = f"{'yes' if h.get('remat') else 'no' if h else '—'} / {label(j) if j else '—'}"
     mfu = f"{j['mfu']:.1%}" if j.get("mfu") else ""
     print(f"| {k[0]} | {k[1]:,} | {remat} | {cell(h, 'tok_s')} | {cell(h, 'peak_gib')} | "
           f"{cell(j, 'tokens_per_s')} | {cell(j, 'peak_gib')} | {mfu} | {speed} |")
