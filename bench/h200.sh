@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, mgpu, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -29,7 +29,10 @@ case "$part" in
   hflong) hf --seq 16384 --remat --steps 3 ;;
   hflong32) hf --seq 32768 --remat --steps 3 ;;
   mlpchunk) for c in ${MLPCHUNKS:-4096 2048}; do jora --seq-len 16384,32768 --remat ${REMAT:-attn} --mlp-chunk $c --bench-steps 3; done ;;
-  plan)  jora --seq-len ${PLANSEQ:-262144,393216,524288} --remat full --mlp-chunk ${MLPCHUNK:-4096} --bench-steps 0 ;;
+  plan)  jora --seq-len ${PLANSEQ:-327680,393216} --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 0 ;;
+  all7long) jora --seq-len 16384 --remat attn --mlp-chunk 2048 --targets $ALL7 --bench-steps 3
+         jora --seq-len 32768 --remat attn --mlp-chunk 2048 --targets $ALL7 --bench-steps 3
+         hf --seq 16384 32768 --remat --targets $ALL7_HF --steps 3 ;;
   mgpu)  python3 -m pytest -q tests/test_kernels_mgpu.py 2>&1 | tail -5
          python3 -m kernels.bench_mgpu --ms 8192 --w-transposed | tee -a "$OUT/kernels_mgpu.md" ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;

@@ -31,10 +31,11 @@ Llama-2-7B projections, R in {8, 16, 64}; README and bench/kernels-h200-2026-11-
 backward 0.67-0.86x XLA's unfused LoRA but 1.43-1.68x the frozen projection alone; the GEMM
 itself is 1.3-1.6x cuBLAS. Mosaic GPU, measured (kernels/lora_matmul_mgpu.py, a plain
 one-warpgroup wgmma + TMA version of the forward GEMM; bench/kernels-mgpu-h200-2026-11-29.md):
-1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x, so it is the way to go, but it
-is not a full op yet (its transposed-w dx GEMM is tested only in the interpreter; no masks, no
-custom_vjp, no shard_map tests). This backend
-stays for now because it is complete (forward, backward, any shape, tp) and beats XLA's
+1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x; its transposed-w dx GEMM
+(tests passed natively) 1.16-1.20x at 4096 -> 4096 and 11008 -> 4096 but 1.45x at
+4096 -> 11008, slower there than XLA's unfused LoRA. It is not a full op (no masks, no
+custom_vjp, no shard_map), and as measured would not beat XLA at every shape. This backend
+stays because it is complete (forward, backward, any shape, tp) and beats XLA's
 unfused op. In the whole model it is not faster (19,068 against 19,397 tok/s at 2,048), so
 jora's `--kernels auto` keeps XLA.
 

@@ -257,7 +257,7 @@ def test_remat_policies_change_memory_not_results():
 
 @pytest.mark.parametrize("remat", ["none", "min", "full"])
 def test_mlp_chunks_change_memory_not_results(remat):
-    """The MLP over chunks of positions (5 does not divide 16: the last chunk is padded) gives
+    """The MLP over chunks of positions (5 does not divide 16: the last chunk is shorter) gives
     the unchunked loss and gradients, with every LoRA factor live (nonzero B); with dropout on,
     chunking changes only which masks are drawn."""
     params, lcfg, lora = _setup(targets=jora.PROJ)
