@@ -135,8 +135,23 @@ def demo_setup(out: str) -> tuple[str, str]:
     return base, data
 
 
-class _Planned(Exception):   # --bench-steps 0: the row ends after compiling
-    pass
+def _time_steps(step, state, rest, steps, warmup, trace_dir, tokens, flops_per_token,
+                mesh) -> dict:
+    """Warmup and timed steps of a compiled train step(state, *rest) -> the row's timings."""
+    for _ in range(warmup):
+        state, m = step(state, *rest)
+    jax.block_until_ready(state)
+    with jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext():
+        t = time.time()
+        for _ in range(steps):
+            state, m = step(state, *rest)
+        jax.block_until_ready(m)
+        dt = (time.time() - t) / steps
+    peak = jora.PEAK_FLOPS.get(jax.default_backend())
+    mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
+    return dict(tokens_per_s=round(tokens / dt), step_s=round(dt, 4), loss=float(m["loss"]),
+                peak_gib=round(mem / 2**30, 2),
+                mfu=round(tokens / dt * flops_per_token / (peak * mesh.size), 4) if peak else None)
 
 
 def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
@@ -152,8 +167,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
         jax.random.key(0))   # created already split: no device ever holds the whole model
     params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place: +15%
     lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
-    peak, results = jora.PEAK_FLOPS.get(jax.default_backend()), []
-    rows = tcfg.batch_size * tcfg.grad_accum
+    results, rows = [], tcfg.batch_size * tcfg.grad_accum
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
@@ -172,35 +186,18 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             step = jora.make_train_step(cfg, lcfg, tc, mesh, opts).lower(
                 state, params, b, key).compile()
             row["compile_s"] = round(time.time() - t, 1)
-            if (m := step.memory_analysis()) is not None:   # XLA's plan, before running it
-                row["planned_gib"] = round((m.argument_size_in_bytes + m.temp_size_in_bytes +
-                                            m.output_size_in_bytes - m.alias_size_in_bytes)
-                                           / 2**30, 2)
-            if steps < 1:   # --bench-steps 0: compile and plan only (what would fit?)
-                raise _Planned
-            for _ in range(warmup):
-                state, m = step(state, params, b, key)
-            jax.block_until_ready(state)
-            trace = jax.profiler.trace(f"{profile}/{seq}") if profile else contextlib.nullcontext()
-            with trace:
-                t = time.time()
-                for _ in range(steps):
-                    state, m = step(state, params, b, key)
-                jax.block_until_ready(m)
-                dt = (time.time() - t) / steps
-            tok_s = rows * seq / dt
-            mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
-                      for d in mesh.devices.flat)
-            row.update(tokens_per_s=round(tok_s), step_s=round(dt, 4), loss=float(m["loss"]),
-                       peak_gib=round(mem / 2**30, 2), mfu=round(
-                           tok_s * jora.flops_per_token(cfg, seq) / (peak * mesh.size), 4)
-                       if peak else None)
-        except _Planned:
-            pass
+            if (plan := step.memory_analysis()) is not None:   # XLA's plan, before running
+                row["planned_gib"] = round((plan.argument_size_in_bytes + plan.temp_size_in_bytes
+                                            + plan.output_size_in_bytes
+                                            - plan.alias_size_in_bytes) / 2**30, 3)
+            if steps > 0:   # (--bench-steps 0: compile and plan only: what would fit?)
+                row.update(_time_steps(step, state, (params, b, key), steps, warmup,
+                                       profile and f"{profile}/{seq}", rows * seq,
+                                       jora.flops_per_token(cfg, seq), mesh))
         except Exception as e:   # report it and go on to the next length
             oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
             row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
-        state = b = m = step = None   # free this length's buffers before the next
+        state = b = step = None   # free this length's buffers before the next
         log(json.dumps(row))
         results.append(row)
     return results

@@ -325,3 +325,8 @@ def test_benchmark_mode_reports_each_length():
                        "8", "--bench-steps", "1", "--bench-warmup", "1", "--remat", "min"])
     assert [r["seq"] for r in rows] == [64, 128]
     assert all(r["tokens_per_s"] > 0 and r["compile_s"] >= 0 and "error" not in r for r in rows)
+    assert all(r["planned_gib"] > 0 for r in rows)   # XLA's memory plan, on any backend
+    plans = train.main(["--benchmark", "--size", "tiny", "--seq-len", "128", "--batch-size", "8",
+                        "--bench-steps", "0", "--remat", "full", "--mlp-chunk", "32"])
+    assert plans[0]["planned_gib"] > 0 and plans[0]["mlp_chunk"] == 32
+    assert "tokens_per_s" not in plans[0] and "error" not in plans[0]
