@@ -35,7 +35,8 @@ sum_i (x_i W_i + s x_i A_i B) = x W + s x A B. With sequence parallelism each ps
 reduce-scatter over positions, and an all-gather precedes each column-parallel block.
 
 Dtypes: frozen weights and activations in `dtype` (bf16 by default); LoRA factors and AdamW
-moments fp32; RMSNorm statistics, RoPE angles, softmax, logits and the loss in fp32.
+moments fp32; RMSNorm statistics, RoPE angles, softmax, logits and the loss in fp32 (the logits'
+gradient meets lm_head in `dtype`, like every other matmul's: see logits_matmul).
 """
 
 from __future__ import annotations
