@@ -36,7 +36,7 @@ case "$part" in
   mgpu)  python3 -m pytest -q tests/test_kernels_mgpu.py 2>&1 | tail -5
          python3 -m kernels.bench_mgpu --ms 8192 --w-transposed | tee -a "$OUT/kernels_mgpu.md" ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
-  max)   jora --seq-len 262144,327680 --remat full --bench-steps 1 --bench-warmup 0 ;;
+  max)   jora --seq-len ${MAXSEQ:-262144,327680} --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 1 --bench-warmup 0 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
   kernels) python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3
