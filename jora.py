@@ -747,7 +747,7 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
 
     def mlp(h, i):   # h (B, C, D), positions [i C, (i + 1) C) -> this device's partial (B, C, D)
-        fold = lambda k: None if k is None or mlp_chunk is None else jax.random.fold_in(k, i)
+        fold = lambda k: None if k is None else jax.random.fold_in(k, i)   # a mask per chunk
         g = name(project(h, w.w_gate, ab.gate, lcfg, fold(kg), fused), "gate")     # (B, C, F/tp)
         u = name(project(h, w.w_up, ab.up, lcfg, fold(ku), fused), "up")
         return project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, fold(kd), fused)
