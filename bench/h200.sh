@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7, kernels, kernels32k, profile, flags, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7, profilelong, kernels, kernels32k, profile, flags, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -36,13 +36,18 @@ case "$part" in
   mgpu)  python3 -m pytest -q tests/test_kernels_mgpu.py 2>&1 | tail -5
          python3 -m kernels.bench_mgpu --ms 8192 --w-transposed | tee -a "$OUT/kernels_mgpu.md" ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
-  max)   jora --seq-len ${MAXSEQ:-262144,327680} --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 1 --bench-warmup 0 ;;
+  max)   for n in ${MAXSEQ:-327680 294912}; do   # longest first; stop at the first that trains
+           jora --seq-len $n --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 1 --bench-warmup 0
+           grep -q "\"seq\": $n,.*tokens_per_s" "$OUT/results.jsonl" && break; done ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
   kernels) python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3
          python3 -m kernels.bench --ms 2048,8192 | tee -a "$OUT/kernels.md"
          jora --seq-len 2048 --remat min --kernels pallas --bench-steps 5 ;;
   kernels32k) python3 -m kernels.bench --ms 32768 | tee -a "$OUT/kernels.md" ;;
+  profilelong) for n in ${PROFSEQ:-16384}; do   # what limits the long rows (attn + MLP chunks)
+           jora --seq-len $n --remat attn --mlp-chunk 2048 --bench-steps 2 --profile "$OUT/prof_$n"
+           python3 bench/profile.py "$OUT/prof_$n" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof_$n"; done ;;
   profile) jora --seq-len 2048 --remat min --bench-steps 3 --profile "$OUT/prof_qv"
          python3 bench/profile.py "$OUT/prof_qv" | tee -a "$OUT/profile.md"
          jora --seq-len 2048 --remat min --targets $ALL7 --bench-steps 3 --profile "$OUT/prof_all7"
@@ -53,7 +58,7 @@ case "$part" in
            echo "{\"xla_flags\": \"$f\"}" >> "$OUT/results.jsonl"
            XLA_FLAGS="$f" jora --seq-len 2048 --remat min --bench-steps 5
          done ;;
-  hlo)   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" jora --seq-len 2048 --remat min --bench-steps 1 --bench-warmup 0
+  hlo)   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" jora --seq-len ${HLOSEQ:-2048} ${HLOARGS:---remat min} --bench-steps 1 --bench-warmup 0
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
          rm -rf "$OUT/hlo" ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
