@@ -1632,7 +1632,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         summary.update(scores)
 
     peak = PEAK_FLOPS.get(jax.default_backend())
-    pending, tokens_seen, t0, t_start, summary = [], 0, time.time(), time.time(), {}
+    pending, tokens_seen, summary = [], 0, {}   # (t0, t_start: set once the step compiled)
     if eval_every and eval_examples and start == 0:
         run_eval(0)   # the baseline that later evaluations are compared with
     try:
@@ -1640,26 +1640,40 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
             tokens, weights, segs, position = next(data)
             b = make_batch(tokens, weights, segs)
             b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
+            if step == start:   # the first call compiles: minutes for unrolled layers at long T
+                log(f"compiling the training step (seq {tcfg.seq_len}, remat {opts.remat}) ...")
+                t_compile = time.time()
             state, m = step_fn(state, params, shard(b, specs, mesh), key)
             pending.append(m)
-            tokens_seen += int((segs > 0).sum())
             done = step + 1
+            tokens_seen += int((segs > 0).sum())
+            if step == start:   # one host sync, so that tokens/s and the ETA leave compile out
+                jax.block_until_ready(m)
+                log(f"compiled and ran step {done} in {time.time() - t_compile:.0f} s")
+                first, tokens_seen, t0 = tokens_seen, 0, time.time()
+                t_start = t0
             if done % log_every == 0 or done == tcfg.steps or interrupted:
-                ms = jax.device_get(pending)   # the only host sync: once per log interval
+                ms = jax.device_get(pending)   # the host syncs: once per log interval (and step 1)
                 if int(state.bad_step):
                     checkpoint(done)           # raises, naming the step
-                dt = time.time() - t0
                 row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
-                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
-                           tokens_per_s=tokens_seen / dt)
+                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]))
                 line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
-                        f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
+                        f"  grad_norm {row['grad_norm']:.3f}")
+                if done == start + 1:   # an interval of only the compiling step: say so
+                    row["tokens_per_s"] = first / (time.time() - t_compile)
+                    line += f"  tokens/s {row['tokens_per_s']:,.0f} (compile included)"
+                else:
+                    row["tokens_per_s"] = tokens_seen / (time.time() - t0)
+                    line += f"  tokens/s {row['tokens_per_s']:,.0f}"
                 if peak:
                     row["mfu"] = (row["tokens_per_s"] * flops_per_token(cfg, tcfg.seq_len)
                                   / (peak * mesh.size))
                     line += f"  MFU {row['mfu']:.1%}"
-                eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
-                log(line + f"  ETA {eta / 60:.1f} min")
+                if done > start + 1:   # from the steps timed so far (all but the compiling one)
+                    eta = (time.time() - t_start) / (done - start - 1) * (tcfg.steps - done)
+                    line += f"  ETA {eta / 60:.1f} min"
+                log(line)
                 record(row)
                 summary.update(row)
                 pending, tokens_seen, t0 = [], 0, time.time()

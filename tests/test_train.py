@@ -216,6 +216,20 @@ def _train_with_log(args, log):
     return summary
 
 
+def test_progress_says_compiling_and_throughput_leaves_compile_out(demo, tmp_path):
+    lines = []
+    args = train.parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "3"])
+    _train_with_log(args, lines.append)
+    assert lines[0].startswith("compiling the training step (seq 48")
+    assert lines[1].startswith("compiled and ran step 1 in ")
+    assert lines[2].startswith("step 1/3") and lines[2].endswith("(compile included)")
+    assert all("tokens/s" in line and "ETA" in line and "compile" not in line
+               for line in lines[3:5]), lines
+    with open(os.path.join(str(tmp_path / "run"), "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert all(r["tokens_per_s"] > 0 for r in rows) and len(rows) == 3
+
+
 def test_sigint_in_a_subprocess_then_resume(demo, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     cmd = [sys.executable, os.path.join(ROOT, "train.py")] + demo + ["--steps", "40"]
