@@ -182,6 +182,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             spec = jora.P(None, jora.DATA, None)   # (accumulation, rows, positions)
             b = jora.shard(jora.Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in b)),
                            jora.Batch(*[spec] * len(jora.Batch._fields)), mesh)
+            if jax.process_index() == 0:   # progress on stderr; stdout keeps one JSON row a line
+                print(f"seq {seq}: compiling ...", file=sys.stderr, flush=True)
             key, t = jax.random.key(2), time.time()
             step = jora.make_train_step(cfg, lcfg, tc, mesh, opts).lower(
                 state, params, b, key).compile()

@@ -334,10 +334,13 @@ def test_demo_loss_falls_below_half(tmp_path):
     assert summary["loss"] < 0.5 * summary["first_loss"], summary
 
 
-def test_benchmark_mode_reports_each_length():
+def test_benchmark_mode_reports_each_length(capsys):
     rows = train.main(["--benchmark", "--size", "tiny", "--seq-len", "64,128", "--batch-size",
                        "8", "--bench-steps", "1", "--bench-warmup", "1", "--remat", "min"])
     assert [r["seq"] for r in rows] == [64, 128]
+    out, err = capsys.readouterr()   # rows as JSON lines on stdout, progress on stderr
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [64, 128]
+    assert "seq 64: compiling" in err and "seq 128: compiling" in err
     assert all(r["tokens_per_s"] > 0 and r["compile_s"] >= 0 and "error" not in r for r in rows)
     assert all(r["planned_gib"] > 0 for r in rows)   # XLA's memory plan, on any backend
     plans = train.main(["--benchmark", "--size", "tiny", "--seq-len", "128", "--batch-size", "8",
