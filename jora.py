@@ -759,13 +759,9 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
 def over_positions(f, h, chunk: int, policy):
     """f(h (B, C, D), i) -> (B, C, O), applied to chunks of C positions of h (B, T, D) in turn.
 
-    Each chunk is checkpointed under `policy` (the layer's remat policy), so the backward pass
-    recomputes one chunk at a time: the MLP's (B, T, F) intermediates, several of them alive at
-    once in the backward and the largest transients at long T, shrink to (B, C, F). With
-    `full`/`attn` remat the layer is recomputed anyway, so this costs no extra FLOPs.
-    Measured (7B, H200, 16,384 positions, `attn`): 2,048-position chunks lower the peak by
-    0.8 GiB, -2% speed; 4,096-position chunks, or a lax.scan over 2,048, raised it by 3 GiB
-    (XLA kept the attention kernel's scratch buffers alive): check the plan when changing it.
+    Each chunk is checkpointed under `policy` (the layer's), so the backward recomputes one chunk
+    at a time: the MLP's (B, T, F) transients, the largest at long T, shrink to (B, C, F); free
+    with `full`/`attn` remat. Unrolled chunks of 2,048 measured best (bench/NOTES.md, change 10).
     """
     if policy is not None:   # (None: the layer is not rematerialised, nor are its chunks)
         f = jax.checkpoint(f, policy=policy, static_argnums=(1,))
@@ -1632,48 +1628,43 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         summary.update(scores)
 
     peak = PEAK_FLOPS.get(jax.default_backend())
-    pending, tokens_seen, summary = [], 0, {}   # (t0, t_start: set once the step compiled)
+    pending, tokens_seen, compiled, summary = [], 0, {}, {}
     if eval_every and eval_examples and start == 0:
         run_eval(0)   # the baseline that later evaluations are compared with
+    t0 = t_start = time.time()
     try:
         for step in range(start, tcfg.steps):
             tokens, weights, segs, position = next(data)
             b = make_batch(tokens, weights, segs)
-            b = Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b))
-            if step == start:   # the first call compiles: minutes for unrolled layers at long T
-                log(f"compiling the training step (seq {tcfg.seq_len}, remat {opts.remat}) ...")
-                t_compile = time.time()
-            state, m = step_fn(state, params, shard(b, specs, mesh), key)
+            b = shard(Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b)),
+                      specs, mesh)
+            if tokens.shape not in compiled:   # a new length: compile it here, in view and
+                t = time.time()                # off the clocks (minutes for 7B at long T)
+                log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
+                compiled[tokens.shape] = step_fn.lower(state, params, b, key).compile()
+                spent = time.time() - t
+                log(f"compiled in {spent:.1f} s")
+                t0, t_start = t0 + spent, t_start + spent
+            state, m = compiled[tokens.shape](state, params, b, key)
             pending.append(m)
-            done = step + 1
             tokens_seen += int((segs > 0).sum())
-            if step == start:   # one host sync, so that tokens/s and the ETA leave compile out
-                jax.block_until_ready(m)
-                log(f"compiled and ran step {done} in {time.time() - t_compile:.0f} s")
-                first, tokens_seen, t0 = tokens_seen, 0, time.time()
-                t_start = t0
+            done = step + 1
             if done % log_every == 0 or done == tcfg.steps or interrupted:
-                ms = jax.device_get(pending)   # the host syncs: once per log interval (and step 1)
+                ms = jax.device_get(pending)   # the only host sync: once per log interval
                 if int(state.bad_step):
                     checkpoint(done)           # raises, naming the step
+                dt = time.time() - t0
                 row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
-                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]))
+                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
+                           tokens_per_s=tokens_seen / dt)
                 line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
-                        f"  grad_norm {row['grad_norm']:.3f}")
-                if done == start + 1:   # an interval of only the compiling step: say so
-                    row["tokens_per_s"] = first / (time.time() - t_compile)
-                    line += f"  tokens/s {row['tokens_per_s']:,.0f} (compile included)"
-                else:
-                    row["tokens_per_s"] = tokens_seen / (time.time() - t0)
-                    line += f"  tokens/s {row['tokens_per_s']:,.0f}"
+                        f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
                 if peak:
                     row["mfu"] = (row["tokens_per_s"] * flops_per_token(cfg, tcfg.seq_len)
                                   / (peak * mesh.size))
                     line += f"  MFU {row['mfu']:.1%}"
-                if done > start + 1:   # from the steps timed so far (all but the compiling one)
-                    eta = (time.time() - t_start) / (done - start - 1) * (tcfg.steps - done)
-                    line += f"  ETA {eta / 60:.1f} min"
-                log(line)
+                eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
+                log(line + f"  ETA {eta / 60:.1f} min")
                 record(row)
                 summary.update(row)
                 pending, tokens_seen, t0 = [], 0, time.time()
