@@ -1269,6 +1269,16 @@ def tokenize_records(records, fmt: str, tok: Tokenizer, seq_len: int, path: str 
     return out, report
 
 
+def padded_length(n: int, limit: int, bucket: int = 64) -> int:
+    """n positions rounded up to a multiple of `bucket`, one that doubles each time n doubles past
+    16 buckets (8 lengths a doubling: at most 1/8 padding), capped at `limit`. Each length
+    compiles its own step (minutes at long T with 7B): 1,024 to 32,768 are 40 lengths, not 496."""
+    step = bucket
+    while step * 16 < n:
+        step *= 2
+    return min(limit, -(-n // step) * step)
+
+
 def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
             position: tuple[int, int] = (0, 0), bucket: int = 64):
     """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
@@ -1276,7 +1286,7 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
     Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
     `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
     examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...); otherwise one example a
-    row, padded to the batch's longest, T rounded up to `bucket` (few shapes to compile).
+    row, padded to the batch's longest, T rounded up by padded_length (few shapes to compile).
     """
     epoch, cursor = position
     while True:
@@ -1296,7 +1306,7 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
                 lens.append(used)
             if len(group) < rows:           # the epoch's tail: start the next epoch instead
                 break
-            T1 = 1 + (seq_len if pack else min(seq_len, -(-(max(lens) - 1) // bucket) * bucket))
+            T1 = 1 + (seq_len if pack else padded_length(max(lens) - 1, seq_len, bucket))
             tokens = np.zeros((rows, T1), np.int32)
             weights = np.zeros((rows, T1), np.float32)
             segs = np.zeros((rows, T1), np.int32)

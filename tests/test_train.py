@@ -102,6 +102,19 @@ def test_batches_are_deterministic_resumable_and_packed():
     assert (t.shape[1] - 1) % 16 == 0 and t.shape[1] < 64 and s.max() == 1   # padded to the longest
 
 
+def test_padded_lengths_are_few_and_pad_at_most_an_eighth():
+    n = np.arange(1, 40_000)
+    got = np.array([jora.padded_length(int(k), 32_768) for k in n])
+    assert (got % 64 == 0).all() and (got >= np.minimum(n, 32_768)).all() and got.max() == 32_768
+    short = n <= 1024   # every multiple of 64 up to 1,024, as before
+    np.testing.assert_array_equal(got[short], -(-n[short] // 64) * 64)
+    fits = (n > 1024) & (n <= 32_768)
+    assert (got[fits] <= n[fits] * 1.125).all()   # padding: at most 1/8 of the example
+    assert len(np.unique(got[fits])) == 5 * 8     # 8 lengths in each doubling 1k..32k
+    assert (got[n > 32_768] == 32_768).all()      # capped at --seq-len
+    assert jora.padded_length(70, 1000, bucket=48) == 96
+
+
 def test_alpaca_template_and_answer_only_loss(tmp_path):
     base, _ = train.demo_setup(str(tmp_path))
     tok = jora.Tokenizer(base)
