@@ -1606,6 +1606,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         pass
 
     def checkpoint(step):
+        nonlocal last_saved
         bad = int(state.bad_step)
         if bad:
             raise FloatingPointError(f"non-finite loss or gradient at step {bad}; stopped, the "
@@ -1616,6 +1617,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                      if n.startswith("step_") and "." not in n) if main else []
         for n in old[:-keep]:
             shutil.rmtree(os.path.join(out, "checkpoints", n))
+        last_saved = step
 
     def record(row):
         if main:
@@ -1638,13 +1640,13 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         summary.update(scores)
 
     peak = PEAK_FLOPS.get(jax.default_backend())
-    pending, tokens_seen, compiled, summary = [], 0, {}, {}
+    pending, tokens_seen, compiled, summary, done, last_saved = [], 0, {}, {}, start, start
     if eval_every and eval_examples and start == 0:
         run_eval(0)   # the baseline that later evaluations are compared with
     t0 = t_start = time.time()
     try:
         for step in range(start, tcfg.steps):
-            tokens, weights, segs, position = next(data)
+            tokens, weights, segs, after = next(data)
             b = make_batch(tokens, weights, segs)
             b = shard(Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b)),
                       specs, mesh)
@@ -1656,6 +1658,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                 log(f"compiled in {spent:.1f} s")
                 t0, t_start = t0 + spent, t_start + spent
             state, m = compiled[tokens.shape](state, params, b, key)
+            position = after   # where the data continues once this step counts as done
             pending.append(m)
             tokens_seen += int((segs > 0).sum())
             done = step + 1
@@ -1690,6 +1693,15 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
             if save_every and done % save_every == 0 and done < tcfg.steps:
                 checkpoint(done)
         checkpoint(tcfg.steps)
+    except Exception as e:   # a crash (out of memory at a new length, ...): keep the steps done
+        # if their state survived (a failed step may have consumed its donated input); with
+        # several processes the others may be gone, so they cannot save together
+        if (done > last_saved and not isinstance(e, FloatingPointError)
+                and jax.process_count() == 1
+                and not any(x.is_deleted() for x in jax.tree.leaves(state))):
+            checkpoint(done)
+            log(f"stopped by an error after step {done}: checkpoint saved; continue with --resume")
+        raise
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)

@@ -290,8 +290,21 @@ def main(argv=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main, with the errors a user can act on said in a line instead of a traceback."""
     try:
-        main()
-    except (ValueError, OSError, FloatingPointError) as e:   # bad input: one line, no traceback
+        return main(argv)
+    except (ValueError, OSError, FloatingPointError) as e:   # bad input
         sys.exit(f"error: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        sys.exit(f"error: out of device memory ({str(e).splitlines()[0][:300]})\n"
+                 "To use less: --remat full (or attn) with --mlp-chunk 2048, a smaller "
+                 "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
+                 "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
+                 "planned peak (planned_gib) without running.")
+
+
+if __name__ == "__main__":
+    cli()

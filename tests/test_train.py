@@ -211,6 +211,28 @@ def test_resume_after_interrupt_is_bit_identical(demo, tmp_path):
     assert all(np.array_equal(x[k], y[k]) for k in x)
 
 
+def test_a_crash_keeps_the_steps_done_and_resume_continues_exactly(demo, tmp_path, monkeypatch):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train.main(demo + ["--out", full, "--steps", "7"])
+    calls, make_batch = [], jora.make_batch
+
+    def crash_on_batch_5(*a):   # batch 5 has been drawn, step 5 has not run: a crash there
+        calls.append(1)         # (say, out of memory compiling a new length) must keep steps
+        if len(calls) == 5:     # 1-4 and resume with batch 5, not skip it
+            raise RuntimeError("simulated crash")
+        return make_batch(*a)
+    monkeypatch.setattr(jora, "make_batch", crash_on_batch_5)
+    args = train.parse_args(demo + ["--out", part, "--steps", "7"])
+    lines = []
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train_with_log(args, lines.append)
+    assert lines[-1] == "stopped by an error after step 4: checkpoint saved; continue with --resume"
+    assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["step_00000004"]
+    monkeypatch.setattr(jora, "make_batch", make_batch)
+    train.main(demo + ["--out", part, "--steps", "7", "--resume"])
+    assert losses(part) == losses(full) and len(losses(full)) == 7
+
+
 def _train_with_log(args, log):
     """train.main's data path, but with a log callback (to interrupt at a chosen step)."""
     mesh = jora.make_mesh(1)
@@ -363,3 +385,25 @@ def test_benchmark_mode_reports_each_length(capsys):
                         "--bench-steps", "0", "--remat", "full", "--mlp-chunk", "32"])
     assert plans[0]["planned_gib"] > 0 and plans[0]["mlp_chunk"] == 32
     assert "tokens_per_s" not in plans[0] and "error" not in plans[0]
+
+
+def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
+    def oom(argv):
+        raise jax.errors.JaxRuntimeError(
+            "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 216.00GiB.\ndetails")
+    monkeypatch.setattr(train, "main", oom)
+    with pytest.raises(SystemExit) as e:
+        train.cli([])
+    msg = str(e.value.code)
+    assert msg.startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory while "
+                          "trying to allocate 216.00GiB.)") and "details" not in msg
+    assert "--remat full" in msg and "--mlp-chunk" in msg and "--grad-accum" in msg
+
+    def other(argv):   # other runtime errors keep their traceback
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+    monkeypatch.setattr(train, "main", other)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        train.cli([])
+    monkeypatch.setattr(train, "main", lambda argv: jora.read_records("/nonexistent.json"))
+    with pytest.raises(SystemExit, match="error: .*nonexistent.json"):
+        train.cli([])
