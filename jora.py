@@ -1640,7 +1640,8 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         summary.update(scores)
 
     peak = PEAK_FLOPS.get(jax.default_backend())
-    pending, tokens_seen, compiled, summary, done, last_saved = [], 0, {}, {}, start, start
+    pending, tokens_seen, flops_seen, compiled, summary = [], 0, 0.0, {}, {}
+    done = last_saved = start
     if eval_every and eval_examples and start == 0:
         run_eval(0)   # the baseline that later evaluations are compared with
     t0 = t_start = time.time()
@@ -1660,7 +1661,9 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
             state, m = compiled[tokens.shape](state, params, b, key)
             position = after   # where the data continues once this step counts as done
             pending.append(m)
-            tokens_seen += int((segs > 0).sum())
+            real = int((segs > 0).sum())   # tokens; attention FLOPs at this batch's length
+            tokens_seen, flops_seen = tokens_seen + real, flops_seen + real * flops_per_token(
+                cfg, tokens.shape[1] - 1)
             done = step + 1
             if done % log_every == 0 or done == tcfg.steps or interrupted:
                 ms = jax.device_get(pending)   # the only host sync: once per log interval
@@ -1673,14 +1676,13 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                 line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
                         f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
                 if peak:
-                    row["mfu"] = (row["tokens_per_s"] * flops_per_token(cfg, tcfg.seq_len)
-                                  / (peak * mesh.size))
+                    row["mfu"] = flops_seen / dt / (peak * mesh.size)
                     line += f"  MFU {row['mfu']:.1%}"
                 eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
                 log(line + f"  ETA {eta / 60:.1f} min")
                 record(row)
                 summary.update(row)
-                pending, tokens_seen, t0 = [], 0, time.time()
+                pending, tokens_seen, flops_seen, t0 = [], 0, 0.0, time.time()
             if eval_every and eval_examples and (done % eval_every == 0 or done == tcfg.steps):
                 run_eval(done)
             if eval_generate and eval_examples and done % eval_generate == 0:

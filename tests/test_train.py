@@ -407,3 +407,16 @@ def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
     monkeypatch.setattr(train, "main", lambda argv: jora.read_records("/nonexistent.json"))
     with pytest.raises(SystemExit, match="error: .*nonexistent.json"):
         train.cli([])
+
+
+def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(jora, "PEAK_FLOPS", {jax.default_backend(): 1e12})
+    args = train.parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "2"])
+    args.seq_len = 400   # the demo's examples are < 64 tokens: rows are padded to 64, not 400
+    _train_with_log(args, lambda line: None)
+    with open(os.path.join(str(tmp_path / "run"), "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    cfg, devices = jora.load_hf(args.model, np.float32)[0], jora.make_mesh(1).size
+    for r in rows:   # MFU is per device: the data-parallel mesh spans every (CPU) device
+        assert r["mfu"] == pytest.approx(
+            r["tokens_per_s"] * jora.flops_per_token(cfg, 64) / (1e12 * devices), rel=1e-9)
