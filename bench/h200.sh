@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7, profilelong, kernels, kernels32k, profile, flags, hlo, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7, profilelong, kernels, kernels32k, prof, profile, flags, hlo, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -48,15 +48,17 @@ case "$part" in
   profilelong) for n in ${PROFSEQ:-16384}; do   # what limits the long rows (attn + MLP chunks)
            jora --seq-len $n --remat attn --mlp-chunk 2048 --bench-steps 2 --profile "$OUT/prof_$n"
            python3 bench/profile.py "$OUT/prof_$n" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof_$n"; done ;;
+  prof)  jora ${PROFARGS:---seq-len 4096 --remat none} --bench-steps 3 --profile "$OUT/prof"
+         python3 bench/profile.py "$OUT/prof" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof" ;;
   profile) jora --seq-len 2048 --remat min --bench-steps 3 --profile "$OUT/prof_qv"
          python3 bench/profile.py "$OUT/prof_qv" | tee -a "$OUT/profile.md"
          jora --seq-len 2048 --remat min --targets $ALL7 --bench-steps 3 --profile "$OUT/prof_all7"
          python3 bench/profile.py "$OUT/prof_all7" | tee -a "$OUT/profile.md"
          rm -rf "$OUT"/prof_* ;;
   flags) IFS=';' read -ra sets <<< "${FLAGSETS:---xla_gpu_enable_dynamic_slice_fusion=true}"
-         for f in "${sets[@]}"; do   # FLAGSETS="flags A;flags B": one 2k run per set
+         for f in "${sets[@]}"; do   # FLAGSETS="flags A;flags B" (" " = none): a run per set
            echo "{\"xla_flags\": \"$f\"}" >> "$OUT/results.jsonl"
-           XLA_FLAGS="$f" jora --seq-len 2048 --remat min --bench-steps 5
+           XLA_FLAGS="$f" jora ${FLAGARGS:---seq-len 2048 --remat min} --bench-steps 5
          done ;;
   hlo)   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" jora --seq-len ${HLOSEQ:-2048} ${HLOARGS:---remat min} --bench-steps 1 --bench-warmup 0
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
