@@ -605,10 +605,17 @@ def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
         c = json.load(f)
     if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("use_rslora"):
         raise ValueError(f"{folder}: only plain LoRA adapters are supported")
-    targets = tuple(t for t in PROJ if PEFT_NAME[t].split(".")[1] in c["target_modules"])
+    w = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    # The targets are the modules with factors in the file (target_modules may be a list, a
+    # regular expression or "all-linear"); a factor on any other module could not be applied.
+    modules = {n.split(".")[-3] for n in w if ".lora_" in n}
+    known = {PEFT_NAME[t].split(".")[1]: t for t in PROJ}
+    if modules - set(known) or not modules:
+        raise ValueError(f"{folder}: adapter has LoRA factors on {sorted(modules) or 'nothing'}; "
+                         f"only {sorted(known)} are supported")
+    targets = tuple(known[m] for m in modules)
     lcfg = LoraConfig(r=int(c["r"]), alpha=float(c["lora_alpha"]),
                       dropout=float(c.get("lora_dropout", 0.0)), targets=targets)
-    w = load_file(os.path.join(folder, "adapter_model.safetensors"))
     out = {}
     for t in targets:
         i_, o_ = proj_shape(cfg, t)

@@ -50,6 +50,26 @@ def test_merged_and_adapter_exports_reproduce_factored_logits(model, tmp_path, t
     assert np.abs(base - want).max() > 1e-3
 
 
+def test_adapter_targets_come_from_its_tensors(model, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    _, _, lora, _, _ = model
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=("q", "v", "down"))
+    lora = jora.Lora(**{t: getattr(lora, t) for t in lcfg.targets})
+    folder = tmp_path / "a"
+    jora.export_adapter(str(folder), GQA, lora, lcfg)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    for modules in ("all-linear", ".*(q_proj|v_proj|down_proj)"):   # PEFT allows both forms
+        (folder / "adapter_config.json").write_text(json.dumps(dict(config,
+                                                                    target_modules=modules)))
+        assert jora.load_adapter(str(folder), GQA)[1] == lcfg
+    tensors = load_file(folder / "adapter_model.safetensors")   # a factor we cannot apply
+    tensors["base_model.model.lm_head.lora_A.weight"] = np.ones((4, 64), np.float32)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"a: adapter has LoRA factors on \['down_proj', "
+                                         r"'lm_head', 'q_proj', 'v_proj'\]; only"):
+        jora.load_adapter(str(folder), GQA)
+
+
 def test_adapter_has_exact_peft_names_and_shapes(model, tmp_path):
     from safetensors.numpy import load_file
     _, _, lora, lcfg, _ = model
