@@ -1646,6 +1646,26 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         record(dict(step=step, **scores))
         summary.update(scores)
 
+    def report(done):   # a metrics row for the steps since the last: the loop's only host sync
+        nonlocal pending, tokens_seen, flops_seen, t0
+        ms = jax.device_get(pending)
+        if int(state.bad_step):
+            checkpoint(done)           # raises, naming the step
+        dt = time.time() - t0
+        row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
+                   lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
+                   tokens_per_s=tokens_seen / dt)
+        line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
+                f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
+        if peak:
+            row["mfu"] = flops_seen / dt / (peak * mesh.size)
+            line += f"  MFU {row['mfu']:.1%}"
+        eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
+        log(line + f"  ETA {eta / 60:.1f} min")
+        record(row)
+        summary.update(row)
+        pending, tokens_seen, flops_seen, t0 = [], 0, 0.0, time.time()
+
     peak = PEAK_FLOPS.get(jax.default_backend())
     pending, tokens_seen, flops_seen, compiled, summary = [], 0, 0.0, {}, {}
     done = last_saved = start
@@ -1673,23 +1693,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                 cfg, tokens.shape[1] - 1)
             done = step + 1
             if done % log_every == 0 or done == tcfg.steps or interrupted:
-                ms = jax.device_get(pending)   # the only host sync: once per log interval
-                if int(state.bad_step):
-                    checkpoint(done)           # raises, naming the step
-                dt = time.time() - t0
-                row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
-                           lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
-                           tokens_per_s=tokens_seen / dt)
-                line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
-                        f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
-                if peak:
-                    row["mfu"] = flops_seen / dt / (peak * mesh.size)
-                    line += f"  MFU {row['mfu']:.1%}"
-                eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
-                log(line + f"  ETA {eta / 60:.1f} min")
-                record(row)
-                summary.update(row)
-                pending, tokens_seen, flops_seen, t0 = [], 0, 0.0, time.time()
+                report(done)
             if eval_every and eval_examples and (done % eval_every == 0 or done == tcfg.steps):
                 run_eval(done)
             if eval_generate and eval_examples and done % eval_generate == 0:
@@ -1708,6 +1712,8 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         if (done > last_saved and not isinstance(e, FloatingPointError)
                 and jax.process_count() == 1
                 and not any(x.is_deleted() for x in jax.tree.leaves(state))):
+            if pending:   # the steps since the last row: their metrics too
+                report(done)
             checkpoint(done)
             log(f"stopped by an error after step {done}: checkpoint saved; continue with --resume")
         raise

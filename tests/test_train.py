@@ -225,15 +225,18 @@ def test_a_crash_keeps_the_steps_done_and_resume_continues_exactly(demo, tmp_pat
     args = train.parse_args(demo + ["--out", part, "--steps", "7"])
     lines = []
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _train_with_log(args, lines.append)
+        _train_with_log(args, lines.append, log_every=3)
     assert lines[-1] == "stopped by an error after step 4: checkpoint saved; continue with --resume"
+    assert lines[-2].startswith("step 4/7")   # step 4's metrics row, logged before the save
     assert sorted(os.listdir(os.path.join(part, "checkpoints"))) == ["step_00000004"]
     monkeypatch.setattr(jora, "make_batch", make_batch)
     train.main(demo + ["--out", part, "--steps", "7", "--resume"])
-    assert losses(part) == losses(full) and len(losses(full)) == 7
+    with open(os.path.join(part, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [3, 4, 5, 6, 7]
+    assert losses(part)[1:] == losses(full)[3:] and len(losses(full)) == 7
 
 
-def _train_with_log(args, log):
+def _train_with_log(args, log, log_every=1):
     """train.main's data path, but with a log callback (to interrupt at a chosen step)."""
     mesh = jora.make_mesh(1)
     cfg, params = jora.load_hf(args.model, np.float32 if args.dtype == "float32" else
@@ -247,7 +250,7 @@ def _train_with_log(args, log):
     tcfg = jora.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed)
     _, summary = jora.train(cfg, params, train.lora_config(args), tcfg, examples, args.out, mesh,
-                            log_every=1, log=log)
+                            log_every=log_every, log=log)
     return summary
 
 
