@@ -768,7 +768,7 @@ def over_positions(f, h, chunk: int, policy):
 
     Each chunk is checkpointed under `policy` (the layer's), so the backward recomputes one chunk
     at a time: the MLP's (B, T, F) transients, the largest at long T, shrink to (B, C, F); free
-    with `full`/`attn` remat. Unrolled chunks of 2,048 measured best (bench/NOTES.md, change 10).
+    with `full`/`attn` remat. Unrolled chunks of 2,048 are measured (bench/NOTES.md, change 10).
     """
     if policy is not None:   # (None: the layer is not rematerialised, nor are its chunks)
         f = jax.checkpoint(f, policy=policy, static_argnums=(1,))
