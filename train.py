@@ -205,6 +205,11 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     return results
 
 
+def _count(n: float) -> str:   # 6.74G, 2.1M
+    return next(f"{n / f:.3g}{u}" for f, u in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+                if n >= f or f == 1)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -233,8 +238,13 @@ def main(argv=None) -> dict:
         args.targets, args.seq_len, args.batch_size, args.log_every = "all", 64, 16, 25
         args.steps, args.lora_r = args.steps or 600, 32
         lcfg = lora_config(args)
+    t = time.time()
+    say(f"loading {args.model} ...", flush=True)   # 7B: 13 GB read from the safetensors files
     cfg, params = jora.load_hf(args.model, dtype, mesh)
     params = jora.unstack_layers(params, free=True)   # faster steps, longer compile
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    say(f"loaded {_count(n_params)} parameters ({cfg.n_layers} layers, {dtype.name}) in "
+        f"{time.time() - t:.1f} s")
     tok = jora.Tokenizer(args.tokenizer or args.model)
     if tok.vocab_size > cfg.vocab_size:
         sys.exit(f"error: tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
@@ -261,7 +271,8 @@ def main(argv=None) -> dict:
     say(f"data: {args.data} ({fmt}) {len(records)} records -> {report}")
     n_eval = int(len(examples) * args.eval_split)
     split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()
-    eval_ex, train_ex = [examples[i] for i in split[:n_eval]], [examples[i] for i in split[n_eval:]]
+    eval_ex = [examples[i] for i in split[:n_eval]]
+    train_ex = [examples[i] for i in split[n_eval:]]
     rows = args.batch_size * args.grad_accum
     steps = args.steps or max(1, int(args.epochs * len(train_ex) / rows))
     tcfg = jora.TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -278,10 +289,13 @@ def main(argv=None) -> dict:
         dict(vars(args)), args.eval_generate, tok)
     if "interrupted" in summary:
         return summary
+    t, merged_dtype = time.time(), jnp.dtype(jnp.bfloat16 if not demo else jnp.float32)
+    say(f"writing {out}/adapter (PEFT) and {out}/merged (HF, {merged_dtype.name}, "
+        f"~{_count(n_params * merged_dtype.itemsize)}B) ...", flush=True)
     jora.export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=args.model)
     jora.export_merged(os.path.join(out, "merged"), cfg, params, lora, lcfg, source=args.model,
-                       dtype=jnp.bfloat16 if not demo else jnp.float32)
-    say(f"wrote {out}/adapter (PEFT) and {out}/merged (HF)")
+                       dtype=merged_dtype)
+    say(f"wrote {out}/adapter and {out}/merged in {time.time() - t:.1f} s")
     if demo:
         say("after: ", tok.decode(jora.generate(params, sample, cfg, 40, lora, lcfg)[0]))
     with open(os.path.join(out, "metrics.jsonl")) as f:
