@@ -1232,15 +1232,20 @@ class Example(NamedTuple):
     weights: np.ndarray       # (n,) fp32: 1 on answer tokens and EOS (the tokens to predict)
 
 
-def tokenize_records(records, fmt: str, tok: Tokenizer, seq_len: int, path: str = "data"):
+def tokenize_records(records, fmt: str, tok: Tokenizer, seq_len: int, path: str = "data",
+                     log=None):
     """-> (examples, report). An example is at most seq_len + 1 tokens (one row's inputs and
     targets). RAFT examples that are too long lose distractor documents first (longest first;
     never the oracle, never the answer); what still does not fit is skipped; other formats
     are truncated at the end of the answer if the prompt fits, else skipped. Nothing silent:
-    `report` counts every such case."""
+    `report` counts every such case. log: called with a progress line every 10 s."""
+    import time
     report = dict(examples=0, dropped_distractors=0, shortened_raft=0, truncated=0, skipped=0)
-    out, limit = [], seq_len + 1
-    for r in records:
+    out, limit, shown = [], seq_len + 1, time.time()
+    for i, r in enumerate(records):
+        if log and time.time() - shown > 10:   # ~700 long RAFT records a second
+            log(f"{path}: tokenized {i:,} of {len(records):,} records")
+            shown = time.time()
         answer = tok.encode(r[FORMAT_KEYS[fmt][1]]) + [tok.eos_id]
         if fmt == "alpaca":
             prompt = tok.encode(alpaca_prompt(r["instruction"], r.get("input", "")), bos=True)

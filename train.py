@@ -267,7 +267,8 @@ def main(argv=None) -> dict:
         return dict(outputs=outs)
 
     records, fmt = jora.read_records(args.data, args.format)
-    examples, report = jora.tokenize_records(records, fmt, tok, args.seq_len, args.data)
+    examples, report = jora.tokenize_records(records, fmt, tok, args.seq_len, args.data,
+                                             log=lambda line: say(line, flush=True))
     say(f"data: {args.data} ({fmt}) {len(records)} records -> {report}")
     n_eval = int(len(examples) * args.eval_split)
     split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()

@@ -423,3 +423,15 @@ def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, mo
     for r in rows:   # MFU is per device: the data-parallel mesh spans every (CPU) device
         assert r["mfu"] == pytest.approx(
             r["tokens_per_s"] * jora.flops_per_token(cfg, 64) / (1e12 * devices), rel=1e-9)
+
+
+def test_tokenizing_shows_progress_on_long_work(tmp_path, monkeypatch):
+    base, _ = train.demo_setup(str(tmp_path))
+    records = [{"prompt": f"Spell {i % 10}:", "completion": " one"} for i in range(30)]
+    clock = iter(range(0, 10_000, 4))   # each look at the clock: 4 s later
+    monkeypatch.setattr("time.time", lambda: next(clock))
+    lines = []
+    ex, _ = jora.tokenize_records(records, "completion", jora.Tokenizer(base), 64, "d.jsonl",
+                                  log=lines.append)
+    assert len(ex) == 30 and lines and len(lines) < 30
+    assert lines[0] == "d.jsonl: tokenized 2 of 30 records"   # 2 done when the clock reads 12 s
