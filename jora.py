@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+import time
 from typing import NamedTuple
 
 import jax
@@ -1239,7 +1240,6 @@ def tokenize_records(records, fmt: str, tok: Tokenizer, seq_len: int, path: str 
     never the oracle, never the answer); what still does not fit is skipped; other formats
     are truncated at the end of the answer if the prompt fits, else skipped. Nothing silent:
     `report` counts every such case. log: called with a progress line every 10 s."""
-    import time
     report = dict(examples=0, dropped_distractors=0, shortened_raft=0, truncated=0, skipped=0)
     out, limit, shown = [], seq_len + 1, time.time()
     for i, r in enumerate(records):
@@ -1573,7 +1573,6 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     and token F1 of the text after '<ANSWER>:', or of the whole answer), decoded by `tokenizer`.
     """
     import signal
-    import time
     main = jax.process_index() == 0      # on several hosts, process 0 logs and writes
     log = log if main else (lambda *_: None)
     has_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or latest_checkpoint(out)

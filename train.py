@@ -197,12 +197,15 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
                                        profile and f"{profile}/{seq}", rows * seq,
                                        jora.flops_per_token(cfg, seq), mesh))
         except Exception as e:   # report it and go on to the next length
-            oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
-            row["error"] = "out of memory" if oom else f"{type(e).__name__}: {str(e)[:300]}"
+            row["error"] = "out of memory" if _oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
         state = b = step = None   # free this length's buffers before the next
         log(json.dumps(row))
         results.append(row)
     return results
+
+
+def _oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
 def _count(n: float) -> str:   # 6.74G, 2.1M
@@ -312,7 +315,7 @@ def cli(argv=None):
     except (ValueError, OSError, FloatingPointError) as e:   # bad input
         sys.exit(f"error: {e}")
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
+        if not _oom(e):
             raise
         sys.exit(f"error: out of device memory ({str(e).splitlines()[0][:300]})\n"
                  "To use less: --remat full (or attn) with --mlp-chunk 2048, a smaller "
