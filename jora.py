@@ -194,6 +194,9 @@ class Options:
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
     mlp_chunk: int = 0        # positions per MLP chunk (0: all): smaller backward transients
                               # at long T; free with remat full/attn (see over_positions)
+    full_layers: int = 0      # the first N layers remat "full" whatever `remat` says: memory
+                              # a layer at a time (each keeps one (B, T, D) instead of what the
+                              # policy keeps); unrolled layers only (unstack_layers)
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
     kernels: str = "xla"      # xla | pallas: the fused LoRA kernel of kernels/ (if present)
     packed: bool = True       # rows hold several examples: mask attention by segment. False
@@ -206,6 +209,8 @@ class Options:
         if self.mlp_chunk < 0:
             raise ValueError(f"mlp_chunk must be >= 0 positions (0: no chunks), "
                              f"got {self.mlp_chunk}")
+        if self.full_layers < 0:
+            raise ValueError(f"full_layers must be >= 0, got {self.full_layers}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -677,11 +682,13 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None, fused=Fa
     if key is not None and lcfg.dropout > 0:
         keep = jax.random.bernoulli(key, 1.0 - lcfg.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lcfg.dropout), 0).astype(x.dtype)
-    # x @ A in the activation dtype with fp32 accumulation; (B, T, R) is the only extra tensor.
-    xa = jnp.einsum("BTI,IR->BTR", x, ab.a.astype(x.dtype), preferred_element_type=jnp.float32)
-    xab = jnp.einsum("BTR,RO->BTO", xa.astype(x.dtype), ab.b.astype(x.dtype),
-                     preferred_element_type=jnp.float32)
-    return (y + lcfg.scale * xab).astype(y.dtype)
+    # Both rank-R matmuls in the activation dtype (fp32 accumulation inside, as every matmul):
+    # (B, T, R) is the only extra tensor, and with a bf16 (B, T, O) result XLA adds it to y in
+    # the GEMM's epilogue instead of writing fp32 (B, T, O) and adding in a kernel of its own
+    # (+0.6% at 16k, +1.1% at 4k on an H200: bench/NOTES.md change 14).
+    xa = jnp.einsum("BTI,IR->BTR", x, ab.a.astype(x.dtype))
+    xab = jnp.einsum("BTR,RO->BTO", xa, ab.b.astype(x.dtype))
+    return y + (lcfg.scale * xab).astype(y.dtype)
 
 
 def attend_masked(q, k, v, allowed):
@@ -822,17 +829,26 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
             raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
         x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
-    def body(x, w, ab, i):
-        k = None if key is None else jax.random.fold_in(key, i)
-        attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
-        return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp,
-                             opts.kernels == "pallas", mlp_chunk)[0]
+    def layer(policy):   # one layer's body under a remat policy ("none": no checkpoint)
+        chunk = (opts.mlp_chunk, REMAT[policy]) if 0 < opts.mlp_chunk < T else None
+
+        def body(x, w, ab, i):
+            k = None if key is None else jax.random.fold_in(key, i)
+            attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
+            return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp,
+                                 opts.kernels == "pallas", chunk)[0]
+        # keep only what the policy saves; recompute the rest backward
+        return body if policy == "none" else jax.checkpoint(body, policy=REMAT[policy])
 
     if opts.remat not in REMAT:
         raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
-    mlp_chunk = (opts.mlp_chunk, REMAT[opts.remat]) if 0 < opts.mlp_chunk < T else None
-    if opts.remat != "none":   # keep only what the policy saves; recompute the rest backward
-        body = jax.checkpoint(body, policy=REMAT[opts.remat])
+    body = layer(opts.remat)
+    if opts.full_layers:
+        if not isinstance(params.layers.wq, tuple):
+            raise ValueError("Options.full_layers needs unrolled layers (jora.unstack_layers): "
+                             "a lax.scan runs one body for every layer")
+        rest, full = body, layer("full")   # (i is a Python int when layers are unrolled)
+        body = lambda x, w, ab, i: (full if i < opts.full_layers else rest)(x, w, ab, i)
     x = over_layers(body, x, params.layers, lora, cfg.n_layers)
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     return jax.lax.all_gather(x, MODEL, axis=1, tiled=True) if sp else x

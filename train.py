@@ -52,6 +52,9 @@ def parse_args(argv=None):
     a("--loss-chunk", type=int, default=2048, help="positions per cross-entropy chunk")
     a("--mlp-chunk", type=int, default=0, help="positions per MLP chunk (0: all); less memory "
                                                "at long sequences, free with --remat full/attn")
+    a("--full-layers", type=int, default=0, help="the first N layers remat full whatever "
+      "--remat says: saves one (T, D) activation a layer with --remat attn, for a second "
+      "attention forward in each")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
       help="LoRA projections: the fused Pallas kernel or XLA (auto: XLA, which was faster in "
@@ -173,7 +176,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
                    remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r,
                    kernels=opts.kernels, layers="unrolled", loss_chunk=opts.loss_chunk,
-                   mlp_chunk=opts.mlp_chunk)
+                   mlp_chunk=opts.mlp_chunk, full_layers=opts.full_layers)
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
@@ -221,7 +224,7 @@ def main(argv=None) -> dict:
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
     opts = jora.Options(remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
-                        mlp_chunk=args.mlp_chunk,
+                        mlp_chunk=args.mlp_chunk, full_layers=args.full_layers,
                         sequence_parallel=args.sequence_parallel,
                         kernels="pallas" if args.kernels == "pallas" else "xla")
     dtype = jnp.dtype(args.dtype)

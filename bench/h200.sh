@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7, profilelong, kernels, kernels32k, prof, profile, flags, hlo, decode}
-# Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried).
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, final, all7, profilelong, kernels, kernels32k, prof, profile, flags, hlo, decode}
+# Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried), run
+# through bench/hf_on_gpu.py: the script unchanged, its model built on the GPU (seconds, not minutes).
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-HF=.dev/hf_peft_baseline.py
 jora() { python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0 "$@" 2>&1 | tee -a "$OUT/jora.log" | grep '^{' >> "$OUT/results.jsonl"; }
-hf() { python3 $HF --size 7b --batch 1 "$@" 2>&1 | tee -a "$OUT/hf.log" | grep '^{' >> "$OUT/results.jsonl"; }
+hf() { python3 -P bench/hf_on_gpu.py --size 7b --batch 1 "$@" 2>&1 | tee -a "$OUT/hf.log" | grep '^{' >> "$OUT/results.jsonl"; }
 ALL7=q,k,v,o,gate,up,down
 ALL7_HF=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 for part in "$@"; do
@@ -39,6 +39,14 @@ case "$part" in
   max)   for n in ${MAXSEQ:-327680 294912}; do   # longest first; stop at the first that trains
            jora --seq-len $n --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 1 --bench-warmup 0
            grep -q "\"seq\": $n,.*tokens_per_s" "$OUT/results.jsonl" && break; done ;;
+  all7x32) hf --seq 32768 --remat --targets $ALL7_HF --steps 3   # the first N layers remat full
+         jora --seq-len 32768 --remat attn --mlp-chunk 2048 --full-layers ${FULL:-4} --targets $ALL7 --bench-steps 3 ;;
+  final) jora --seq-len 2048,4096 --bench-steps 5      # the README table's rows, one call
+         hf --seq 2048 4096 --steps 5
+         jora --seq-len 16384,32768 --remat attn --mlp-chunk 2048 --bench-steps 3
+         hf --seq 16384 32768 --remat --steps 3
+         jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
+         hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
   kernels) python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3

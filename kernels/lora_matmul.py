@@ -68,7 +68,8 @@ _MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
 def reference(x, w, a, b, scale):
     """The op's definition in plain jnp, with the kernel's numerics: fp32 accumulation,
     a and b cast to x's dtype, the rank-R intermediate rounded to x's dtype, output in x's
-    dtype (the jnp path of jora.project computes the same)."""
+    dtype. (jora.project's jnp path rounds both terms to x's dtype before adding them, so XLA
+    can add in the GEMM's epilogue: the same op within one bf16 rounding.)"""
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
     xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32)
     y += scale * jnp.dot(xa.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)

@@ -281,6 +281,35 @@ def test_mlp_chunks_change_memory_not_results(remat):
         jora.Options(mlp_chunk=-1)
 
 
+def test_full_layers_save_less_and_change_nothing_else(capsys):
+    """Options.full_layers=1 under remat "min": the first layer keeps only its input (fewer saved
+    residuals than "min" everywhere, more than "full" everywhere), and the loss and gradients
+    (every LoRA factor live) are those of no remat. Stacked layers are refused by name."""
+    params, lcfg, lora = _setup(targets=jora.PROJ)
+    unrolled = jora.unstack_layers(params)
+    tokens = np.asarray(jax.random.randint(jax.random.key(9), (2, 16), 0, GQA.vocab_size))
+    batch = jora.make_batch(tokens)
+    f = lambda opts: lambda l: jora.loss(unrolled, l, batch, GQA, lcfg, opts)
+    saved = {}
+    for k, o in dict(min=jora.Options(remat="min"), full=jora.Options(remat="full"),
+                     mixed=jora.Options(remat="min", full_layers=1)).items():
+        capsys.readouterr()
+        jax.ad_checkpoint.print_saved_residuals(f(o), lora)   # one line a saved value
+        saved[k] = len(capsys.readouterr().out.splitlines())
+    assert saved["full"] < saved["mixed"] < saved["min"], saved
+    want_loss, want_g = jax.device_get(jax.value_and_grad(f(jora.Options()))(lora))
+    loss, g = jax.device_get(jax.jit(jax.value_and_grad(
+        f(jora.Options(remat="min", full_layers=1))))(lora))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="full_layers needs unrolled layers"):
+        jora.loss(params, lora, batch, GQA, lcfg, jora.Options(remat="min", full_layers=1))
+    with pytest.raises(ValueError, match="full_layers must be >= 0"):
+        jora.Options(full_layers=-1)
+
+
 def test_logits_backward_in_bf16_matches_fp32_autodiff():
     """The loss head's custom backward (gradient rounded to bf16, no fp32 copy of lm_head) gives
     autodiff's fp32 gradient within bf16 rounding, and exactly autodiff's in fp32."""
