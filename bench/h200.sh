@@ -57,6 +57,7 @@ case "$part" in
            jora --seq-len $n --remat attn --mlp-chunk 2048 --bench-steps 2 --profile "$OUT/prof_$n"
            python3 bench/profile.py "$OUT/prof_$n" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof_$n"; done ;;
   prof)  jora ${PROFARGS:---seq-len 4096 --remat none} --bench-steps 3 --profile "$OUT/prof"
+         sed -i '$ s/^{/{"profiled": true, /' "$OUT/results.jsonl"   # timed under the profiler
          python3 bench/profile.py "$OUT/prof" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof" ;;
   profile) jora --seq-len 2048 --remat min --bench-steps 3 --profile "$OUT/prof_qv"
          python3 bench/profile.py "$OUT/prof_qv" | tee -a "$OUT/profile.md"

@@ -6,7 +6,8 @@ import json
 import sys
 
 rows = [json.loads(line) for path in sys.argv[1:] for line in open(path) if line[0] == "{"]
-rows = [r for r in rows if "impl" in r and not r.get("xla_dump")]   # notes; dumps run slow
+rows = [r for r in rows if "impl" in r and not r.get("xla_dump") and not r.get("profiled")]
+# (notes, and rows timed under an HLO dump or the profiler: those run slow)
 key = lambda r: ("all 7" if r["targets"].count(",") == 6 else "q,v", r["seq"])
 # jora: one row per (targets, seq, remat + MLP chunk), XLA projections only; HF: one per (targets, seq)
 label = lambda r: r["remat"] + (f", first {r['full_layers']} full" if r.get("full_layers") else
