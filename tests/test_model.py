@@ -168,6 +168,32 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
                                np.asarray(jora.forward(mha, t, mha_cfg)), atol=1e-5)
 
 
+def test_bf16_lora_projection_is_within_bf16_rounding_of_float64():
+    """project() in bf16 (the training path: rank-R matmuls with bf16 outputs, fp32 accumulation)
+    against a float64 NumPy transcription of y = x W + s x A B and of its gradients through
+    x, A and B: relative errors of a few bf16 ulps (2^-8 = 3.9e-3), not more."""
+    ks = jax.random.split(jax.random.key(11), 5)
+    T, I, O, R = 96, 256, 192, 16
+    x = jax.random.normal(ks[0], (2, T, I)).astype(jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (I, O)) / 16).astype(jnp.bfloat16)
+    ab = jora.LoraAB(a=jax.random.normal(ks[2], (I, R)) / 16, b=jax.random.normal(ks[3], (R, O)))
+    g = jax.random.normal(ks[4], (2, T, O)).astype(jnp.bfloat16)   # an upstream gradient
+    lcfg = jora.LoraConfig(r=R, alpha=32.0)
+    f = lambda x, a, b: jora.project(x, w, jora.LoraAB(a, b), lcfg)
+    y, vjp = jax.vjp(f, x, ab.a, ab.b)
+    dx, da, db = vjp(g)
+    X, W, A, Bm, G = (np.asarray(v, np.float64) for v in (x, w, ab.a, ab.b, g))
+    s = lcfg.scale
+    want = {"y": X @ W + s * X @ A @ Bm, "dx": G @ W.T + s * G @ Bm.T @ A.T,
+            "da": s * np.einsum("bti,btr->ir", X, G @ Bm.T),
+            "db": s * np.einsum("btr,bto->ro", X @ A, G)}
+    for k, got in dict(y=y, dx=dx, da=da, db=db).items():
+        got = np.asarray(got, np.float64)
+        assert y.dtype == jnp.bfloat16 and got.shape == want[k].shape, k
+        rel = np.linalg.norm(got - want[k]) / np.linalg.norm(want[k])
+        assert rel < 1e-2, (k, rel)
+
+
 def test_zero_b_equals_base_and_merge_equals_factored():
     params, lcfg, lora = _setup(targets=jora.PROJ)
     t = np.asarray(jax.random.randint(jax.random.key(6), (2, 12), 0, GQA.vocab_size))
