@@ -795,6 +795,7 @@ def keep_attention(prim, *_, **__) -> bool:
 # outputs, recompute norms, RoPE, SiLU and the attention kernel; dots: keep every matmul output;
 # full: keep each layer's input, recompute the layer (least memory, ~1/3 more FLOPs); attn: full,
 # but the O(T^2) attention forward runs once (cuDNN; +1 (B, T, D) a layer; XLA path: as full).
+# Options.full_layers mixes them: the first N layers full, the rest under the chosen policy.
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "min": jax.checkpoint_policies.save_only_these_names(
