@@ -42,6 +42,7 @@ gradient meets lm_head in `dtype`, like every other matmul's: see logits_matmul)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -682,13 +683,57 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None, fused=Fa
     if key is not None and lcfg.dropout > 0:
         keep = jax.random.bernoulli(key, 1.0 - lcfg.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lcfg.dropout), 0).astype(x.dtype)
-    # Both rank-R matmuls in the activation dtype (fp32 accumulation inside, as every matmul):
-    # (B, T, R) is the only extra tensor, and with a bf16 (B, T, O) result XLA adds it to y in
-    # the GEMM's epilogue instead of writing fp32 (B, T, O) and adding in a kernel of its own
-    # (+0.6% at 16k, +1.1% at 4k on an H200: bench/NOTES.md change 14).
-    xa = jnp.einsum("BTI,IR->BTR", x, ab.a.astype(x.dtype))
-    xab = jnp.einsum("BTR,RO->BTO", xa, ab.b.astype(x.dtype))
-    return y + (lcfg.scale * xab).astype(y.dtype)
+    return y + lora_delta(x, ab.a, ab.b, lcfg.scale)
+
+
+def lora_delta(x, a, b, scale: float):
+    """scale * x (B, T, I) @ A (I, R) @ B (R, O) -> (B, T, O) in x's dtype.
+
+    Every (B, T, .) tensor stays in x's dtype (bf16), so XLA adds the result to x @ W inside
+    that GEMM's epilogue (fp32 out would cost a (B, T, O) fp32 write and an add kernel: +0.6%
+    at 16k, +1.1% at 4k on an H200, bench/NOTES.md change 14). Every matmul accumulates in
+    fp32, and the scale multiplies only (B, T, R) tensors. The backward is written out
+    (_lora_bwd) so that dA and dB, sums over all B x T positions, come out of fp32 accumulators
+    in fp32: autodiff's were bf16, and under jit on XLA's CPU backend 5x less accurate.
+    """
+    # Inside shard_map, a row-parallel A differs per model slice while B does not: cast alike
+    # here, outside the custom_vjp, the casts' transposes sum B's gradient over the slices.
+    return _lora_delta(*_vary_alike(x, a, b), scale)
+
+
+def _vary_alike(*xs):   # each x cast to the union of the operands' varying mesh axes
+    types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in xs]
+    if any(t is None for t in types):   # not inside shard_map
+        return xs
+    union = frozenset().union(*(t.varying for t in types))
+    return tuple(jax.lax.pcast(x, tuple(sorted(union - t.varying)), to="varying")
+                 if union - t.varying else x for x, t in zip(xs, types))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _lora_delta(x, a, b, scale):
+    return _lora_fwd(x, a, b, scale)[0]
+
+
+def _lora_fwd(x, a, b, scale):
+    f32, dt = jnp.float32, x.dtype
+    xa = (scale * jnp.einsum("BTI,IR->BTR", x, a.astype(dt), preferred_element_type=f32))
+    xa = xa.astype(dt)                                                          # (B, T, R)
+    return jnp.einsum("BTR,RO->BTO", xa, b.astype(dt)), (x, xa, a, b)
+
+
+def _lora_bwd(scale, res, g):   # g (B, T, O): the output's gradient, in x's dtype
+    x, xa, a, b = res
+    f32, dt = jnp.float32, x.dtype
+    gb = scale * jnp.einsum("BTO,RO->BTR", g, b.astype(dt), preferred_element_type=f32)
+    gb = gb.astype(dt)                                  # (B, T, R): the gradient of x @ A
+    dx = jnp.einsum("BTR,IR->BTI", gb, a.astype(dt))                            # (B, T, I)
+    da = jnp.einsum("BTI,BTR->IR", x, gb, preferred_element_type=f32)
+    db = jnp.einsum("BTR,BTO->RO", xa, g, preferred_element_type=f32)
+    return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+_lora_delta.defvjp(_lora_fwd, _lora_bwd)
 
 
 def attend_masked(q, k, v, allowed):
@@ -879,18 +924,9 @@ def logits_matmul(h, w):
     is what bf16 training does everywhere else (HF's logits are bf16 in both directions).
     """
     # Inside shard_map, h is the same on every vocab slice while w differs (and w is the same
-    # on every data shard): jnp would cast each to the axes it lacks ("varying") itself; done
-    # here, outside the custom_vjp, the casts' transposes sum dh over the vocab slices.
+    # on every data shard): cast alike here (as in lora_delta), outside the custom_vjp, the
+    # casts' transposes sum dh over the vocab slices.
     return _logits_matmul(*_vary_alike(h, w))
-
-
-def _vary_alike(*xs):   # each x cast to the union of the operands' varying mesh axes
-    types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in xs]
-    if any(t is None for t in types):   # not inside shard_map
-        return xs
-    union = frozenset().union(*(t.varying for t in types))
-    return tuple(jax.lax.pcast(x, tuple(sorted(union - t.varying)), to="varying")
-                 if union - t.varying else x for x, t in zip(xs, types))
 
 
 @jax.custom_vjp

@@ -169,9 +169,10 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 
 def test_bf16_lora_projection_is_within_bf16_rounding_of_float64():
-    """project() in bf16 (the training path: rank-R matmuls with bf16 outputs, fp32 accumulation)
-    against a float64 NumPy transcription of y = x W + s x A B and of its gradients through
-    x, A and B: relative errors of a few bf16 ulps (2^-8 = 3.9e-3), not more."""
+    """project() in bf16 (the training path: bf16 tensors, fp32 accumulation, under jit) against
+    a float64 NumPy transcription of y = x W + s x A B and of its gradients through x, A and B:
+    relative errors of about one bf16 rounding (2^-8 = 3.9e-3), not more. (Autodiff's own
+    backward gave 1.6e-2 for dA and dB on XLA's CPU backend.)"""
     ks = jax.random.split(jax.random.key(11), 5)
     T, I, O, R = 96, 256, 192, 16
     x = jax.random.normal(ks[0], (2, T, I)).astype(jnp.bfloat16)
@@ -180,8 +181,13 @@ def test_bf16_lora_projection_is_within_bf16_rounding_of_float64():
     g = jax.random.normal(ks[4], (2, T, O)).astype(jnp.bfloat16)   # an upstream gradient
     lcfg = jora.LoraConfig(r=R, alpha=32.0)
     f = lambda x, a, b: jora.project(x, w, jora.LoraAB(a, b), lcfg)
-    y, vjp = jax.vjp(f, x, ab.a, ab.b)
-    dx, da, db = vjp(g)
+
+    @jax.jit   # compiled, as in training (XLA's CPU backend then sums bf16 dots in bf16)
+    def y_and_grads(x, a, b):
+        y, vjp = jax.vjp(f, x, a, b)
+        return y, *vjp(g)
+
+    y, dx, da, db = y_and_grads(x, ab.a, ab.b)
     X, W, A, Bm, G = (np.asarray(v, np.float64) for v in (x, w, ab.a, ab.b, g))
     s = lcfg.scale
     want = {"y": X @ W + s * X @ A @ Bm, "dx": G @ W.T + s * G @ Bm.T @ A.T,
@@ -191,7 +197,7 @@ def test_bf16_lora_projection_is_within_bf16_rounding_of_float64():
         got = np.asarray(got, np.float64)
         assert y.dtype == jnp.bfloat16 and got.shape == want[k].shape, k
         rel = np.linalg.norm(got - want[k]) / np.linalg.norm(want[k])
-        assert rel < 1e-2, (k, rel)
+        assert rel < 6e-3, (k, rel)
 
 
 def test_zero_b_equals_base_and_merge_equals_factored():
