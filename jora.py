@@ -689,19 +689,20 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None, fused=Fa
 def lora_delta(x, a, b, scale: float):
     """scale * x (B, T, I) @ A (I, R) @ B (R, O) -> (B, T, O) in x's dtype.
 
-    Every (B, T, .) tensor stays in x's dtype (bf16), so XLA adds the result to x @ W inside
-    that GEMM's epilogue (fp32 out would cost a (B, T, O) fp32 write and an add kernel: +0.6%
-    at 16k, +1.1% at 4k on an H200, bench/NOTES.md change 14). Every matmul accumulates in
-    fp32, and the scale multiplies only (B, T, R) tensors. The backward is written out
-    (_lora_bwd) so that dA and dB, sums over all B x T positions, come out of fp32 accumulators
-    in fp32: autodiff's were bf16, and under jit on XLA's CPU backend 5x less accurate.
+    Every (B, T, .) tensor stays in x's dtype, so XLA adds the result to x @ W in that GEMM's
+    epilogue (an fp32 result cost an fp32 write and an add kernel: bench/NOTES.md change 14).
+    Every matmul accumulates in fp32; the scale multiplies only (B, T, R) tensors. The backward
+    is written out so that dA and dB, sums over all positions, are fp32 (autodiff's are bf16:
+    5x less accurate under jit on XLA's CPU backend).
     """
-    # Inside shard_map, a row-parallel A differs per model slice while B does not: cast alike
-    # here, outside the custom_vjp, the casts' transposes sum B's gradient over the slices.
     return _lora_delta(*_vary_alike(x, a, b), scale)
 
 
-def _vary_alike(*xs):   # each x cast to the union of the operands' varying mesh axes
+def _vary_alike(*xs):
+    """Inside shard_map: each x cast to the union of the operands' varying mesh axes. Done
+    before a custom_vjp (whose rule sees operands already alike), the casts' transposes sum
+    the gradient of an operand that is the same on every slice of an axis over that axis
+    (a row-parallel LoRA A differs per model slice, B does not; so does lm_head, h not)."""
     types = [getattr(jax.typeof(x), "manual_axis_type", None) for x in xs]
     if any(t is None for t in types):   # not inside shard_map
         return xs
@@ -717,8 +718,8 @@ def _lora_delta(x, a, b, scale):
 
 def _lora_fwd(x, a, b, scale):
     f32, dt = jnp.float32, x.dtype
-    xa = (scale * jnp.einsum("BTI,IR->BTR", x, a.astype(dt), preferred_element_type=f32))
-    xa = xa.astype(dt)                                                          # (B, T, R)
+    xa = (scale * jnp.einsum("BTI,IR->BTR", x, a.astype(dt), preferred_element_type=f32)
+          ).astype(dt)                                                          # (B, T, R)
     return jnp.einsum("BTR,RO->BTO", xa, b.astype(dt)), (x, xa, a, b)
 
 
@@ -923,10 +924,7 @@ def logits_matmul(h, w):
     fp32 copy of lm_head (500 MiB at 7B) and fp32 GEMMs. Rounding the gradient to bf16 first
     is what bf16 training does everywhere else (HF's logits are bf16 in both directions).
     """
-    # Inside shard_map, h is the same on every vocab slice while w differs (and w is the same
-    # on every data shard): cast alike here (as in lora_delta), outside the custom_vjp, the
-    # casts' transposes sum dh over the vocab slices.
-    return _logits_matmul(*_vary_alike(h, w))
+    return _logits_matmul(*_vary_alike(h, w))   # dh summed over the vocab slices
 
 
 @jax.custom_vjp
