@@ -195,6 +195,9 @@ class Options:
     loss_chunk: int = 2048    # positions per cross-entropy chunk: (B, chunk, V/tp) fp32 logits
     mlp_chunk: int = 0        # positions per MLP chunk (0: all): smaller backward transients
                               # at long T; free with remat full/attn (see over_positions)
+    chunk_layers: int = 0     # only the last N layers chunk their MLP (0: all of them): the
+                              # peak is there, where every earlier layer's saved tensors are
+                              # alive; earlier layers skip the chunks' cost. Unrolled layers only
     full_layers: int = 0      # the first N layers remat "full" whatever `remat` says: memory
                               # a layer at a time (each keeps one (B, T, D) instead of what the
                               # policy keeps); unrolled layers only (unstack_layers)
@@ -210,8 +213,9 @@ class Options:
         if self.mlp_chunk < 0:
             raise ValueError(f"mlp_chunk must be >= 0 positions (0: no chunks), "
                              f"got {self.mlp_chunk}")
-        if self.full_layers < 0:
-            raise ValueError(f"full_layers must be >= 0, got {self.full_layers}")
+        for f in ("chunk_layers", "full_layers"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -876,8 +880,9 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
             raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
         x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
-    def layer(policy):   # one layer's body under a remat policy ("none": no checkpoint)
-        chunk = (opts.mlp_chunk, REMAT[policy]) if 0 < opts.mlp_chunk < T else None
+    @functools.cache
+    def layer(policy, chunked):   # one layer's body under a remat policy ("none": no checkpoint)
+        chunk = (opts.mlp_chunk, REMAT[policy]) if chunked and 0 < opts.mlp_chunk < T else None
 
         def body(x, w, ab, i):
             k = None if key is None else jax.random.fold_in(key, i)
@@ -889,13 +894,18 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
 
     if opts.remat not in REMAT:
         raise ValueError(f"remat must be one of {list(REMAT)}, got {opts.remat!r}")
-    body = layer(opts.remat)
-    if opts.full_layers:
-        if not isinstance(params.layers.wq, tuple):
-            raise ValueError("Options.full_layers needs unrolled layers (jora.unstack_layers): "
+    for f in ("full_layers", "chunk_layers"):
+        if getattr(opts, f) and not isinstance(params.layers.wq, tuple):
+            raise ValueError(f"Options.{f} needs unrolled layers (jora.unstack_layers): "
                              "a lax.scan runs one body for every layer")
-        rest, full = body, layer("full")   # (i is a Python int when layers are unrolled)
-        body = lambda x, w, ab, i: (full if i < opts.full_layers else rest)(x, w, ab, i)
+
+    def body(x, w, ab, i):   # i: a Python int when layers are unrolled, else traced
+        if isinstance(i, int):
+            full = i < opts.full_layers
+            chunked = not opts.chunk_layers or i >= cfg.n_layers - opts.chunk_layers
+            return layer("full" if full else opts.remat, chunked)(x, w, ab, i)
+        return layer(opts.remat, True)(x, w, ab, i)
+
     x = over_layers(body, x, params.layers, lora, cfg.n_layers)
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     return jax.lax.all_gather(x, MODEL, axis=1, tiled=True) if sp else x

@@ -55,6 +55,8 @@ def parse_args(argv=None):
     a("--full-layers", type=int, default=0, help="the first N layers remat full whatever "
       "--remat says: saves one (T, D) activation a layer with --remat attn, for a second "
       "attention forward in each")
+    a("--chunk-layers", type=int, default=0, help="with --mlp-chunk: only the last N layers "
+      "chunk their MLP (0: all), where the memory peaks; the others run faster unchunked")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
       help="LoRA projections: the fused Pallas kernel or XLA (auto: XLA, which was faster in "
@@ -176,7 +178,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
                    remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r,
                    kernels=opts.kernels, layers="unrolled", loss_chunk=opts.loss_chunk,
-                   mlp_chunk=opts.mlp_chunk, full_layers=opts.full_layers)
+                   mlp_chunk=opts.mlp_chunk, chunk_layers=opts.chunk_layers,
+                   full_layers=opts.full_layers)
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
@@ -224,7 +227,8 @@ def main(argv=None) -> dict:
     lcfg = lora_config(args)
     mesh = jora.make_mesh(args.tp)
     opts = jora.Options(remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
-                        mlp_chunk=args.mlp_chunk, full_layers=args.full_layers,
+                        mlp_chunk=args.mlp_chunk, chunk_layers=args.chunk_layers,
+                        full_layers=args.full_layers,
                         sequence_parallel=args.sequence_parallel,
                         kernels="pallas" if args.kernels == "pallas" else "xla")
     dtype = jnp.dtype(args.dtype)

@@ -12,6 +12,7 @@ key = lambda r: ("all 7" if r["targets"].count(",") == 6 else "q,v", r["seq"])
 # jora: one row per (targets, seq, remat + MLP chunk), XLA projections only; HF: one per (targets, seq)
 label = lambda r: r["remat"] + (f", first {r['full_layers']} full" if r.get("full_layers") else
                                 "") + (f", mlp {r['mlp_chunk']}" if r.get("mlp_chunk") else "") + (
+    f" on the last {r['chunk_layers']}" if r.get("chunk_layers") else "") + (
     f", loss {r['loss_chunk']}" if r.get("loss_chunk", 2048) != 2048 else "") + (
     f" ({r['mlp_chunk_impl']})" if "mlp_chunk_impl" in r else "")
 jora = {(*key(r), label(r)): r for r in rows

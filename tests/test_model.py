@@ -313,6 +313,43 @@ def test_mlp_chunks_change_memory_not_results(remat):
         jora.Options(mlp_chunk=-1)
 
 
+def _count(jaxpr, prim: str) -> int:
+    """Uses of a primitive in a jaxpr, each use of a nested jaxpr counted."""
+    n = 0
+    for e in jaxpr.eqns:
+        n += e.primitive.name == prim
+        for v in e.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                n += _count(sub, prim) if hasattr(sub, "eqns") else 0
+    return n
+
+
+def test_chunk_layers_chunk_only_the_last_layers():
+    """Options.chunk_layers=1: only the last of the 2 layers runs its MLP over chunks (one
+    concatenation of chunks in the forward instead of two), with the loss and gradients of no
+    chunks (every LoRA factor live). Stacked layers are refused by name."""
+    params, lcfg, lora = _setup(targets=jora.PROJ)
+    unrolled = jora.unstack_layers(params)
+    tokens = np.asarray(jax.random.randint(jax.random.key(10), (2, 16), 0, GQA.vocab_size))
+    batch = jora.make_batch(tokens)
+    f = lambda p, **o: lambda l: jora.loss(p, l, batch, GQA, lcfg, jora.Options(remat="full", **o))
+    joins = lambda **o: _count(jax.make_jaxpr(f(unrolled, **o))(lora).jaxpr, "concatenate")
+    base = joins()
+    assert joins(mlp_chunk=5) - base == 2 and joins(mlp_chunk=5, chunk_layers=1) - base == 1
+    want_loss, want_g = jax.device_get(jax.value_and_grad(f(unrolled))(lora))
+    loss, g = jax.device_get(jax.jit(jax.value_and_grad(
+        f(unrolled, mlp_chunk=5, chunk_layers=1)))(lora))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
+        assert np.abs(b).max() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk_layers needs unrolled layers"):
+        f(params, mlp_chunk=5, chunk_layers=1)(lora)
+    with pytest.raises(ValueError, match="chunk_layers must be >= 0"):
+        jora.Options(chunk_layers=-1)
+
+
 def test_full_layers_save_less_and_change_nothing_else(capsys):
     """Options.full_layers=1 under remat "min": the first layer keeps only its input (fewer saved
     residuals than "min" everywhere, more than "full" everywhere), and the loss and gradients
