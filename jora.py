@@ -880,7 +880,7 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
             raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
         x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
-    @functools.cache
+    @functools.cache   # one body per (policy, chunked), shared by the layers that use it
     def layer(policy, chunked):   # one layer's body under a remat policy ("none": no checkpoint)
         chunk = (opts.mlp_chunk, REMAT[policy]) if chunked and 0 < opts.mlp_chunk < T else None
 
