@@ -326,7 +326,7 @@ def cli(argv=None):
             raise
         sys.exit(f"error: out of device memory ({str(e).splitlines()[0][:300]})\n"
                  "To use less: --remat full (or attn, with --full-layers N for the first N "
-                 "layers full) with --mlp-chunk 2048, a smaller "
+                 "layers full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
                  "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
                  "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
                  "planned peak (planned_gib) without running.")
