@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profile, flags, hlo, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profile, flags, hlo, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried), run
 # through bench/hf_on_gpu.py: the script unchanged, its model built on the GPU (seconds, not minutes).
 set -uo pipefail
@@ -41,6 +41,8 @@ case "$part" in
            grep -q "\"seq\": $n,.*tokens_per_s" "$OUT/results.jsonl" && break; done ;;
   all7x32) hf --seq 32768 --remat --targets $ALL7_HF --steps 3   # the first N layers remat full
          jora --seq-len 32768 --remat attn --mlp-chunk 2048 --full-layers ${FULL:-4} --targets $ALL7 --bench-steps 3 ;;
+  all7x) hf --seq 16384 32768 --remat --targets $ALL7_HF --steps 3   # the README's all-7 long rows
+         jora --seq-len 16384,32768 --remat attn --mlp-chunk 2048 --chunk-layers 4 --full-layers ${FULL:-4} --targets $ALL7 --bench-steps 3 ;;
   chunklast) for n in ${CHUNKLAYERS:-4 0}; do   # MLP chunks on the last N layers only (0: all)
            jora --seq-len ${CHUNKSEQ:-16384,32768} --remat attn --mlp-chunk 2048 --chunk-layers $n --bench-steps 3; done ;;
   final) jora --seq-len 2048,4096 --bench-steps 5      # the README table's rows, one call
