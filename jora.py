@@ -216,6 +216,9 @@ class Options:
         for f in ("chunk_layers", "full_layers"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.chunk_layers and not self.mlp_chunk:
+            raise ValueError(f"chunk_layers={self.chunk_layers} chooses which layers run their "
+                             f"MLP over chunks: it needs mlp_chunk > 0, the chunk size")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -363,6 +363,8 @@ def test_chunk_layers_chunk_only_the_last_layers():
         f(params, mlp_chunk=5, chunk_layers=1)(lora)
     with pytest.raises(ValueError, match="chunk_layers must be >= 0"):
         jora.Options(chunk_layers=-1)
+    with pytest.raises(ValueError, match="chunk_layers=4 .* needs mlp_chunk > 0"):
+        jora.Options(chunk_layers=4)
 
 
 def test_full_layers_save_less_and_change_nothing_else(capsys):
