@@ -573,9 +573,7 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     _atomic_dir(folder, write)
 
 
-PEFT_NAME = dict(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                 o="self_attn.o_proj", gate="mlp.gate_proj", up="mlp.up_proj",
-                 down="mlp.down_proj")
+PEFT_NAME = {t: HF_NAME[w] for t, w in WEIGHT.items()}   # q -> "self_attn.q_proj", ...
 
 
 def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,

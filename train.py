@@ -176,10 +176,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
-                   remat=opts.remat, targets=",".join(lcfg.targets), r=lcfg.r,
-                   kernels=opts.kernels, layers="unrolled", loss_chunk=opts.loss_chunk,
-                   mlp_chunk=opts.mlp_chunk, chunk_layers=opts.chunk_layers,
-                   full_layers=opts.full_layers)
+                   targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
+                   **dataclasses.asdict(opts))   # remat, chunks, kernels...: every option
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
@@ -326,10 +324,10 @@ def cli(argv=None):
             raise
         sys.exit(f"error: out of device memory ({str(e).splitlines()[0][:300]})\n"
                  "To use less: --remat full (or attn, with --full-layers N for the first N "
-                 "layers full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
-                 "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
-                 "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
-                 "planned peak (planned_gib) without running.")
+                 "layers full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a "
+                 "smaller --batch-size with a larger --grad-accum, a shorter --seq-len, or more "
+                 "devices (--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints "
+                 "XLA's planned peak (planned_gib) without running.")
 
 
 if __name__ == "__main__":
