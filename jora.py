@@ -773,10 +773,6 @@ def attend(q, k, v, segment_ids, impl: str):
 name = checkpoint_name   # tags a value for the remat policy; otherwise the identity
 
 
-def _layer_keys(key, n):   # n independent dropout keys (or Nones) for one layer
-    return [None] * n if key is None else list(jax.random.split(key, n))
-
-
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
                   lcfg: LoraConfig | None, key=None, sp: bool = False, fused: bool = False,
                   mlp_chunk=None):
@@ -796,7 +792,8 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
         reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
     else:
         gather, reduce = (lambda h: h), (lambda y: jax.lax.psum(y, MODEL))
-    kq, kk, kv, ko, kg, ku, kd = _layer_keys(key, 7)
+    # one dropout key a projection (or none)
+    kq, kk, kv, ko, kg, ku, kd = [None] * 7 if key is None else list(jax.random.split(key, 7))
     if key is not None:   # row-parallel inputs differ per device: so must their dropout masks
         ko, kd = (jax.random.fold_in(k, jax.lax.axis_index(MODEL)) for k in (ko, kd))
     h = gather(rms_norm(x, w.attn_norm, cfg.norm_eps))
