@@ -1,8 +1,10 @@
 """Where the GPU time of a step goes: summarise a trace written by `train.py --benchmark --profile DIR`.
 
-    python bench/profile.py DIR [--top 25]
+    python bench/profile.py DIR [--top 25] [--tsv FILE]
 Reads every *.xplane.pb under DIR with jax's own profile reader (no TensorBoard needed) and prints,
 per device, GPU busy time by kernel kind (matmul, attention, fusion, ...) and the top kernels.
+--tsv: every kernel with the HLO instruction that launched it, its launches and total time, one
+per line; `python bench/hlo_join.py TSV HLO` joins them with the compiled step (bytes, FLOPs).
 """
 import argparse
 import collections
@@ -31,18 +33,32 @@ def kind(name: str) -> str:
     return "other fusions (elementwise)"
 
 
-def summarise(path: str, top: int):
+def hlo_op(event) -> str:
+    try:
+        return next((str(v) for k, v in event.stats if k == "hlo_op"), "")
+    except Exception:   # stats are reader-version dependent; the name alone still counts
+        return ""
+
+
+def summarise(path: str, top: int, tsv=None):
     data = ProfileData.from_file(path)
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         kernels, busy = collections.Counter(), 0.0
+        per_op, counts = collections.Counter(), collections.Counter()
         for line in plane.lines:
             if not line.name.startswith("Stream"):
                 continue   # "XLA Ops"/"XLA Modules" lines repeat the same time as annotations
             for e in line.events:
                 kernels[e.name] += e.duration_ns
                 busy += e.duration_ns
+                op = hlo_op(e)   # which HLO instruction launched it (cuBLAS kernels: the GEMM)
+                per_op[e.name, op] += e.duration_ns
+                counts[e.name, op] += 1
+        if tsv:   # kernel, HLO op, launches, ms
+            for (k, op), t in per_op.most_common():
+                tsv.write(f"{k}\t{op}\t{counts[k, op]}\t{t / 1e6:.3f}\n")
         if not busy:
             print(f"{plane.name}: no kernel events (lines: {[ln.name for ln in plane.lines]})")
             continue
@@ -62,9 +78,11 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--tsv", help="write every (kernel, HLO op, launches, ms) to this file")
     a = ap.parse_args()
     files = sorted(glob.glob(os.path.join(a.folder, "**", "*.xplane.pb"), recursive=True))
     if not files:
         sys.exit(f"error: no *.xplane.pb under {a.folder}")
+    tsv = open(a.tsv, "w") if a.tsv else None
     for f in files:
-        summarise(f, a.top)
+        summarise(f, a.top, tsv)
