@@ -206,6 +206,10 @@ class Options:
     packed: bool = True       # rows hold several examples: mask attention by segment. False
                               # (one example a row, padding at the end) needs no mask at all,
                               # which lets flash attention skip building a (T, T) one
+    max_segments: int = 16    # packed rows: at most this many runs of one segment id (examples
+                              # and the padding tail; `batches` keeps to it). cuDNN takes the
+                              # runs' offsets, a static (B, M + 1), instead of a (T, T) mask,
+                              # and skips the work across runs; 0: the mask (see attend)
 
     def __post_init__(self):
         if self.loss_chunk < 1:
@@ -216,6 +220,9 @@ class Options:
         for f in ("chunk_layers", "full_layers"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.max_segments < 0 or self.max_segments == 1:
+            raise ValueError(f"max_segments must be 0 (a (T, T) mask) or >= 2 (an example and "
+                             f"the padding after it), got {self.max_segments}")
         if self.chunk_layers and not self.mlp_chunk:
             raise ValueError(f"chunk_layers={self.chunk_layers} chooses which layers run their "
                              f"MLP over chunks: it needs mlp_chunk > 0, the chunk size")
@@ -753,14 +760,42 @@ def attend_masked(q, k, v, allowed):
     return jnp.einsum("BKGTS,BSKH->BTKGH", p.astype(v.dtype), v).reshape(B, T, N, H)
 
 
-def attend(q, k, v, segment_ids, impl: str):
+def segment_runs(segment_ids, max_runs: int):
+    """segment_ids (B, T) -> (starts (B, M + 1), lengths (B, M)) int32 of each row's runs of
+    equal id, in order, -1 past the last (cuDNN's packed layout); M = max_runs. A row with
+    more runs than M is not representable: `loss` refuses such batches (count_runs)."""
+    B, T = segment_ids.shape
+    new = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    run = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1                     # (B, T): its run
+    r = jnp.arange(max_runs + 1, dtype=jnp.int32)
+    starts = jnp.sum(run[:, :, None] < r, axis=1, dtype=jnp.int32)   # (B, M+1): T past the end
+    present = r < run[:, -1:] + 1                                            # (B, M+1)
+    lengths = jnp.where(present[:, :-1], starts[:, 1:] - starts[:, :-1], -1)
+    return jnp.where(present, starts, -1), lengths
+
+
+def count_runs(segment_ids) -> int:   # on the host: the most runs in any row of a batch
+    s = np.asarray(segment_ids)
+    return int((1 + (s[:, 1:] != s[:, :-1]).sum(1)).max()) if s.size else 0
+
+
+def attend(q, k, v, segment_ids, impl: str, max_segments: int = 0):
     """Causal self-attention over one sequence. q (B, T, N, H), k/v (B, T, K, H) -> like q.
 
     segment_ids (B, T) or None: a position attends only within its own segment (packing).
+    cuDNN with max_segments > 0 gets each row's runs of one segment id as offsets (at most
+    max_segments of them) and attends within each run alone, skipping the blocks across runs;
+    otherwise it gets a (T, T) mask, which jax turns into an additive bias the kernel reads.
     """
     if impl == "auto":
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
     T = q.shape[1]
+    if impl == "cudnn" and segment_ids is not None and max_segments:
+        # jax's public API takes no offsets (0.11.2); its cuDNN wrapper does
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+        starts, lengths = segment_runs(segment_ids, max_segments)
+        return dot_product_attention(q, k, v, None, None, lengths, lengths, starts, starts,
+                                     scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL)
     same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
     if impl == "cudnn":   # flash attention: (T, T) scores are never stored
         return jax.nn.dot_product_attention(q, k, v, mask=None if same is None else
@@ -884,7 +919,8 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
 
         def body(x, w, ab, i):
             k = None if key is None else jax.random.fold_in(key, i)
-            attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention), None)
+            attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention,
+                                            opts.max_segments), None)
             return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp,
                                  opts.kernels == "pallas", chunk)[0]
         # keep only what the policy saves; recompute the rest backward
@@ -1014,7 +1050,18 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
     Inside your own jit, pass `mesh` (it is read from the arrays' placement otherwise).
     """
     mesh = _mesh_of(params) if mesh is None else mesh
+    _check_runs(batch.segment_ids, opts)
     return _loss_sums(params, lora, batch, key, cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
+
+
+def _check_runs(segment_ids, opts: Options):   # concrete batches only (a jit traces its own)
+    if (opts.packed and opts.max_segments and segment_ids is not None
+            and not isinstance(segment_ids, jax.core.Tracer)
+            and getattr(segment_ids, "is_fully_addressable", True)
+            and count_runs(segment_ids) > opts.max_segments):
+        raise ValueError(f"a packed row holds {count_runs(segment_ids)} runs of one segment id "
+                         f"(examples and padding), more than Options.max_segments="
+                         f"{opts.max_segments}: raise it, or pack fewer examples a row")
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "mesh"))
@@ -1062,6 +1109,7 @@ def forward(params: Params, tokens, cfg: Config, lora: Lora | None = None,
     For inspection and tests: it materialises all logits (training uses the chunked loss).
     """
     mesh = _mesh_of(params) if mesh is None else mesh
+    _check_runs(segment_ids, opts)
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions is None else positions
@@ -1351,14 +1399,16 @@ def padded_length(n: int, limit: int, bucket: int = 64) -> int:
 
 
 def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
-            position: tuple[int, int] = (0, 0), bucket: int = 64):
+            position: tuple[int, int] = (0, 0), bucket: int = 64, max_segments: int = 16):
     """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
 
     Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
     `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
-    examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...); otherwise one example a
-    row, padded to the batch's longest, T rounded up by padded_length (few shapes to compile).
+    examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...), at most max_segments - 1
+    of them (the padding tail is one run more: Options.max_segments; 0: no limit); otherwise one
+    example a row, padded to the batch's longest, T rounded up by padded_length.
     """
+    most = max_segments - 1 if pack and max_segments else None
     epoch, cursor = position
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(len(examples))
@@ -1369,7 +1419,7 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
                 row, used = [], 0
                 while cursor < len(order):
                     n = len(examples[order[cursor]].tokens)
-                    if row and (not pack or used + n > seq_len + 1):
+                    if row and (not pack or used + n > seq_len + 1 or len(row) == most):
                         break
                     row.append(examples[order[cursor]])
                     used, cursor = used + n, cursor + 1
@@ -1666,7 +1716,8 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                       state_specs(lcfg), mesh)
     step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
     key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
-    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position)
+    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position,
+                   max_segments=opts.max_segments)
     specs = Batch(*([P(None, DATA, None)] * len(Batch._fields)))
     interrupted, handlers = [], {}
     try:   # a signal asks for a checkpoint after the step in flight, then a clean stop

@@ -40,6 +40,8 @@ def parse_args(argv=None):
     a("--grad-accum", type=int, default=1)
     a("--seq-len", default="1024", help="tokens per row (--benchmark: a list, 2048,4096)")
     a("--pack", action="store_true", help="pack several examples into each row")
+    a("--max-segments", type=int, default=16, help="with --pack: at most N - 1 examples a row "
+      "(with the padding, N runs: cuDNN attends within each; 0: a (T, T) mask instead)")
     a("--lora-r", type=int, default=16)
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.05)
@@ -79,6 +81,8 @@ def parse_args(argv=None):
     a("--bench-steps", type=int, default=5, help="timed steps (0: compile and report XLA's "
                                                    "planned memory only)")
     a("--bench-warmup", type=int, default=2)
+    a("--bench-doc", type=int, default=0, help="--benchmark: rows packed from examples of N "
+      "tokens each (0: one sequence a row)")
     a("--profile", help="--benchmark: write a profiler trace of the timed steps to this folder")
     a("--generate", action="store_true", help="complete --prompt / --prompts and exit")
     a("--adapter", help="PEFT adapter folder to apply when generating")
@@ -160,13 +164,15 @@ def _time_steps(step, state, rest, steps, warmup, trace_dir, tokens, flops_per_t
 
 
 def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
-              log=print, profile=None) -> list[dict]:
+              log=print, profile=None, doc=0) -> list[dict]:
     """Time training steps of a random-initialised model on random tokens at each length,
     reusing one model: tokens/s, step seconds, MFU, per-device peak memory (GiB; it only grows
     within a process, so give lengths in increasing order), compile seconds, or an error.
-    `profile`: a folder for a jax.profiler trace of the timed steps (bench/profile.py reads it)."""
+    `profile`: a folder for a jax.profiler trace of the timed steps (bench/profile.py reads it).
+    doc > 0: each row packs examples of `doc` tokens (segment ids 1, 2, ...); else one a row.
+    MFU counts every position attending to the whole row (flops_per_token) either way."""
     jora.check_tp(cfg, mesh.shape[jora.MODEL])
-    opts = dataclasses.replace(opts, packed=False)   # one sequence a row: no attention mask
+    opts = dataclasses.replace(opts, packed=doc > 0)   # one sequence a row: no attention mask
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
     params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))   # created already split: no device ever holds the whole model
@@ -175,14 +181,15 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     results, rows = [], tcfg.batch_size * tcfg.grad_accum
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
-        row = dict(seq=seq, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
+        row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
                    targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
                    **dataclasses.asdict(opts))   # remat, chunks, kernels...: every option
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
+            segs = np.arange(seq + 1)[None].repeat(rows, 0) // doc + 1 if doc else None
             b = jora.make_batch(np.random.default_rng(0).integers(0, cfg.vocab_size,
-                                                                  (rows, seq + 1)))
+                                                                  (rows, seq + 1)), None, segs)
             spec = jora.P(None, jora.DATA, None)   # (accumulation, rows, positions)
             b = jora.shard(jora.Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in b)),
                            jora.Batch(*[spec] * len(jora.Batch._fields)), mesh)
@@ -227,7 +234,7 @@ def main(argv=None) -> dict:
     opts = jora.Options(remat=args.remat, attention=args.attention, loss_chunk=args.loss_chunk,
                         mlp_chunk=args.mlp_chunk, chunk_layers=args.chunk_layers,
                         full_layers=args.full_layers,
-                        sequence_parallel=args.sequence_parallel,
+                        sequence_parallel=args.sequence_parallel, max_segments=args.max_segments,
                         kernels="pallas" if args.kernels == "pallas" else "xla")
     dtype = jnp.dtype(args.dtype)
     if args.benchmark:   # --seq-len may list several lengths: 2048,4096
@@ -236,7 +243,8 @@ def main(argv=None) -> dict:
         tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
         return benchmark(jora.PRESETS[args.size], lcfg, tcfg, mesh, opts, seqs,
                          args.bench_steps, args.bench_warmup, dtype,
-                         log=lambda line: say(tag + line[1:], flush=True), profile=args.profile)
+                         log=lambda line: say(tag + line[1:], flush=True), profile=args.profile,
+                         doc=args.bench_doc)
     demo = args.model is None and not args.generate
     if demo:
         if args.resume is None and os.path.exists(os.path.join(args.out, "metrics.jsonl")):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, profile, flags, hlo, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, profile, flags, hlo, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried), run
 # through bench/hf_on_gpu.py: the script unchanged, its model built on the GPU (seconds, not minutes).
 set -uo pipefail
@@ -84,6 +84,11 @@ case "$part" in
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
          rm -rf "$OUT/hlo"   # the kernels' HLO op names are the compiled step's instruction names
          python3 bench/hlo_join.py "$OUT/kernels.tsv" "$OUT/step_hlo.txt.gz" --steps 2 | tee -a "$OUT/profile.md" ;;
+  packed) for ms in 0 16; do   # packed rows: a (T, T) mask (0) against cuDNN's segment offsets
+           jora --seq-len 8192 --remat full --bench-doc ${DOC:-2048} --max-segments $ms --bench-steps 3; done
+         jora --seq-len 8192 --remat full --bench-steps 3   # one sequence a row, for reference
+         for ms in 0 16; do
+           jora --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc ${DOC:-2048} --max-segments $ms --bench-steps 3; done ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
 esac
 done

@@ -412,3 +412,39 @@ def test_logits_backward_in_bf16_matches_fp32_autodiff():
             assert got.dtype == dtype
             err = np.abs(np.asarray(got, np.float32) - ref_g).max() / np.abs(ref_g).max()
             assert err < tol, (dtype, err)
+
+
+def test_segment_runs_match_a_python_transcription():
+    """cuDNN's packed layout: each row's runs of one segment id as starts (B, M + 1) and lengths
+    (B, M), -1 past the last; checked against a loop over fresh random rows."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        B, T, M = 3, int(rng.integers(1, 40)), int(rng.integers(2, 9))
+        rows = []
+        for _ in range(B):   # runs of random lengths and ids (adjacent ids differ), <= M runs
+            ids, row = rng.permutation(50)[:M], []
+            for i in range(int(rng.integers(1, M + 1))):
+                row += [ids[i]] * int(rng.integers(1, 8))
+            rows.append((row + [ids[len(set(row)) - 1]] * T)[:T])   # tail extends the last run
+        seg = np.array(rows)
+        starts, lengths = map(np.asarray, jora.segment_runs(jnp.asarray(seg), M))
+        for b in range(B):
+            s = [t for t in range(T) if t == 0 or seg[b, t] != seg[b, t - 1]]
+            n = [e - a for a, e in zip(s, s[1:] + [T])]
+            assert list(starts[b]) == s + [-1] * (M + 1 - len(s))
+            assert list(lengths[b]) == n + [-1] * (M - len(n))
+        assert jora.count_runs(seg) == max(len([t for t in range(T) if t == 0 or
+                                                seg[b, t] != seg[b, t - 1]]) for b in range(B))
+
+
+def test_too_many_segments_are_refused_by_name():
+    params = random_params(jax.random.key(0), GQA)
+    seg = np.repeat(np.arange(1, 7), 3)[None]            # 6 runs of 3 positions
+    batch = jora.make_batch(np.ones((1, 19), np.int32), segment_ids=np.c_[seg, [[6]]])
+    with pytest.raises(ValueError, match="6 runs.*max_segments=4"):
+        jora.loss(params, None, batch, GQA, opts=jora.Options(max_segments=4))
+    with pytest.raises(ValueError, match="max_segments=4"):
+        jora.forward(params, seg, GQA, opts=jora.Options(max_segments=4), segment_ids=seg)
+    assert np.isfinite(jora.loss(params, None, batch, GQA, opts=jora.Options(max_segments=6)))
+    with pytest.raises(ValueError, match="max_segments must be 0"):
+        jora.Options(max_segments=1)

@@ -435,3 +435,19 @@ def test_tokenizing_shows_progress_on_long_work(tmp_path, monkeypatch):
                                   log=lines.append)
     assert len(ex) == 30 and lines and len(lines) < 30
     assert lines[0] == "d.jsonl: tokenized 2 of 30 records"   # 2 done when the clock reads 12 s
+
+
+def test_packing_keeps_to_max_segments():
+    """Rows hold at most max_segments - 1 examples (the padding tail is one run more), so the
+    static offsets cuDNN gets always cover every row; 0 packs as many as fit."""
+    rng = np.random.default_rng(1)
+    ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
+          for n in rng.integers(2, 6, 200)]
+    for most in (2, 3, 5):
+        b = jora.batches(ex, 2, 127, pack=True, seed=0, max_segments=most)
+        for _ in range(10):
+            _, _, segs, _ = next(b)
+            assert segs.max() == most - 1                  # short examples: the cap binds
+            assert jora.count_runs(segs[:, :-1]) <= most   # what the model sees: T positions
+    _, _, segs, _ = next(jora.batches(ex, 2, 127, pack=True, seed=0, max_segments=0))
+    assert segs.max() > 16                                 # no cap: as many as fit
