@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, profile, flags, hlo, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, profile, flags, hlo, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried), run
 # through bench/hf_on_gpu.py: the script unchanged, its model built on the GPU (seconds, not minutes).
 set -uo pipefail
@@ -89,6 +89,11 @@ case "$part" in
          jora --seq-len 8192 --remat full --bench-steps 3   # one sequence a row, for reference
          for ms in 0 16; do
            jora --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc ${DOC:-2048} --max-segments $ms --bench-steps 3; done ;;
+  segmem) for ms in ${SEGS:-4 8 32}; do   # memory against max_segments, compile only (planned)
+           jora --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc 2048 --max-segments $ms --bench-steps 0; done
+         jora --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc 2048 --max-segments 8 --bench-steps 3
+         for ms in 0 16; do   # RAFT-like: 8 examples of 1,024 a row
+           jora --seq-len 8192 --remat full --bench-doc 1024 --max-segments $ms --bench-steps 3; done ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
 esac
 done
