@@ -206,10 +206,11 @@ class Options:
     packed: bool = True       # rows hold several examples: mask attention by segment. False
                               # (one example a row, padding at the end) needs no mask at all,
                               # which lets flash attention skip building a (T, T) one
-    max_segments: int = 16    # packed rows: at most this many runs of one segment id (examples
+    max_segments: int = 8     # packed rows: at most this many runs of one segment id (examples
                               # and the padding tail; `batches` keeps to it). cuDNN takes the
                               # runs' offsets, a static (B, M + 1), instead of a (T, T) mask,
-                              # and skips the work across runs; 0: the mask (see attend)
+                              # and skips the work across runs, but its backward keeps an fp32
+                              # (T, N/tp, H) per run: memory grows with M. 0: the mask (attend)
 
     def __post_init__(self):
         if self.loss_chunk < 1:
@@ -1399,7 +1400,7 @@ def padded_length(n: int, limit: int, bucket: int = 64) -> int:
 
 
 def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
-            position: tuple[int, int] = (0, 0), bucket: int = 64, max_segments: int = 16):
+            position: tuple[int, int] = (0, 0), bucket: int = 64, max_segments: int = 8):
     """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
 
     Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);

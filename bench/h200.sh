@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
 # Usage (device tool): bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, profile, flags, hlo, decode}
+#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried), run
 # through bench/hf_on_gpu.py: the script unchanged, its model built on the GPU (seconds, not minutes).
 set -uo pipefail
@@ -77,7 +77,7 @@ case "$part" in
          sed -i '$ s/^{/{"xla_dump": true, /' "$OUT/results.jsonl"   # dumping slows the step: not a figure
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
          rm -rf "$OUT/hlo" ;;
-  profhlo) XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
+  profhlo) XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step --xla_gpu_enable_command_buffer=" \
            jora ${PROFARGS:---seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4} --bench-steps 2 --profile "$OUT/prof"
          sed -i '$ s/^{/{"profiled": true, "xla_dump": true, /' "$OUT/results.jsonl"
          python3 bench/profile.py "$OUT/prof" --tsv "$OUT/kernels.tsv" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof"
@@ -94,6 +94,8 @@ case "$part" in
          jora --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc 2048 --max-segments 8 --bench-steps 3
          for ms in 0 16; do   # RAFT-like: 8 examples of 1,024 a row
            jora --seq-len 8192 --remat full --bench-doc 1024 --max-segments $ms --bench-steps 3; done ;;
+  packed32) for ms in 0 8; do   # packed rows at 32,768: examples of 4,096, mask (0) or offsets
+           jora --seq-len 32768 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc 4096 --max-segments $ms --bench-steps 3; done ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
 esac
 done

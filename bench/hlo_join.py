@@ -69,8 +69,11 @@ def main():
     a = ap.parse_args()
     table, n = parse(a.hlo), a.steps
     rows = [line.rstrip("\n").split("\t") for line in open(a.tsv)]
-    rows = [(k, op.replace("_", ".") if op not in table else op, int(c), float(ms))
-            for k, op, c, ms in rows]
+    merged = collections.defaultdict(lambda: [0, 0.0])   # ops outside the HLO (command buffers,
+    for k, op, c, ms in rows:                            # which XLA_FLAGS can turn off): by kernel
+        m = merged[k, op if op in table else ""]
+        m[0] += int(c); m[1] += float(ms)
+    rows = [(k, op, c, ms) for (k, op), (c, ms) in merged.items()]
     total = sum(r[3] for r in rows) / n
     print(f"{total:.1f} ms of kernels a step\n")
 
@@ -90,7 +93,8 @@ def main():
         for (shape, f), (c, ms, fl) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
             print(f"| {shape} | {f:.2e} | {c:.0f} | {ms:.2f} | {fl / ms / 1e9:.0f} |")
     else:
-        print("no kernel carried its HLO op: GEMM rates need a profile with hlo_op stats")
+        print("no kernel carried its GEMM's HLO op: profile with "
+              "XLA_FLAGS=--xla_gpu_enable_command_buffer= (command buffers hide the ops)")
     print(f"\nother kernels: {sum(r[3] for r in other) / n:.1f} ms a step")
     print("| kernel | launches a step | ms a step | MB a launch | GB/s | shape | jax op |")
     print("|---|---|---|---|---|---|---|")
