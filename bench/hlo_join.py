@@ -78,14 +78,15 @@ def main():
     print(f"{total:.1f} ms of kernels a step\n")
 
     groups = collections.defaultdict(lambda: [0, 0.0, 0.0])   # (shape, FLOP) -> launches, ms, FLOP
-    other = []
+    other = {}   # kernel name -> [an HLO op that launched it, launches, ms]
     for k, op, c, ms in rows:
-        if op in table and "__cublas" in table[op][3]:
+        if op in table and "__cublas" in table[op][3] and not k.lower().startswith("mem"):
             out, flop = gemm(table, op)
             g = groups[f"{out[0]}{out[1]}", flop]
             g[0] += c / n; g[1] += ms / n; g[2] += flop * c / n
         elif not any(s in k for s in ("nvjet", "cudnn", "cutlass", "xmma", "gemm")):
-            other.append((k, op, c, ms))
+            o = other.setdefault(k, [op, 0, 0.0])   # one XLA kernel may serve many instructions
+            o[1] += c; o[2] += ms
     if groups:
         ms, flop = sum(g[1] for g in groups.values()), sum(g[2] for g in groups.values())
         print(f"cuBLAS GEMMs: {ms:.1f} ms a step, {flop:.3e} FLOP, {flop / ms / 1e9:.0f} TFLOP/s")
@@ -95,12 +96,13 @@ def main():
     else:
         print("no kernel carried its GEMM's HLO op: profile with "
               "XLA_FLAGS=--xla_gpu_enable_command_buffer= (command buffers hide the ops)")
+    other = [(k, op, c, ms) for k, (op, c, ms) in other.items()]
     print(f"\nother kernels: {sum(r[3] for r in other) / n:.1f} ms a step")
     print("| kernel | launches a step | ms a step | MB a launch | GB/s | shape | jax op |")
     print("|---|---|---|---|---|---|---|")
     for k, op, c, ms in sorted(other, key=lambda r: -r[3])[:a.top]:
         name = op if op in table else re.sub(r"_(\d+)$", r".\1", k)   # XLA kernels: the HLO name
-        if name not in table:
+        if name not in table or k.lower().startswith("mem"):   # memsets: bytes not the op's
             print(f"| {k[:40]} | {c / n:.0f} | {ms / n:.2f} | | | | |")
             continue
         b = moved(table, name)
