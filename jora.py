@@ -764,7 +764,8 @@ def attend_masked(q, k, v, allowed):
 def segment_runs(segment_ids, max_runs: int):
     """segment_ids (B, T) -> (starts (B, M + 1), lengths (B, M)) int32 of each row's runs of
     equal id, in order, -1 past the last (cuDNN's packed layout); M = max_runs. A row with
-    more runs than M is not representable: `loss` refuses such batches (count_runs)."""
+    more runs than M does not fit (its starts[:, M] is then >= 0): `loss` refuses such
+    batches on the host (count_runs), and attend turns them into NaN under jit."""
     B, T = segment_ids.shape
     new = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
     run = jnp.cumsum(new, axis=1, dtype=jnp.int32) - 1                     # (B, T): its run
@@ -795,8 +796,11 @@ def attend(q, k, v, segment_ids, impl: str, max_segments: int = 0):
         # jax's public API takes no offsets (0.11.2); its cuDNN wrapper does
         from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
         starts, lengths = segment_runs(segment_ids, max_segments)
-        return dot_product_attention(q, k, v, None, None, lengths, lengths, starts, starts,
-                                     scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL)
+        o = dot_product_attention(q, k, v, None, None, lengths, lengths, starts, starts,
+                                  scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL)
+        # a row with more runs than the offsets hold has a start in their last slot: NaN, so
+        # that a jitted step flags it (a non-finite loss) instead of attending across examples
+        return jnp.where((starts[:, -1] >= 0)[:, None, None, None], jnp.nan, o)
     same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
     if impl == "cudnn":   # flash attention: (T, T) scores are never stored
         return jax.nn.dot_product_attention(q, k, v, mask=None if same is None else
@@ -1051,11 +1055,13 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
     Inside your own jit, pass `mesh` (it is read from the arrays' placement otherwise).
     """
     mesh = _mesh_of(params) if mesh is None else mesh
-    _check_runs(batch.segment_ids, opts)
+    check_runs(batch.segment_ids, opts)
     return _loss_sums(params, lora, batch, key, cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
 
 
-def _check_runs(segment_ids, opts: Options):   # concrete batches only (a jit traces its own)
+def check_runs(segment_ids, opts: Options):
+    """Refuse a concrete batch whose packed rows have more runs of one segment id than
+    Options.max_segments (under jit, traced batches cannot be read: attend flags them)."""
     if (opts.packed and opts.max_segments and segment_ids is not None
             and not isinstance(segment_ids, jax.core.Tracer)
             and getattr(segment_ids, "is_fully_addressable", True)
@@ -1110,7 +1116,7 @@ def forward(params: Params, tokens, cfg: Config, lora: Lora | None = None,
     For inspection and tests: it materialises all logits (training uses the chunked loss).
     """
     mesh = _mesh_of(params) if mesh is None else mesh
-    _check_runs(segment_ids, opts)
+    check_runs(segment_ids, opts)
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions is None else positions

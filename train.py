@@ -173,7 +173,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     doc > 0: each row packs examples of `doc` tokens (segment ids 1, 2, ...); else one a row.
     MFU counts every position attending to the whole row (flops_per_token) either way."""
     jora.check_tp(cfg, mesh.shape[jora.MODEL])
-    opts = dataclasses.replace(opts, packed=doc > 0)   # one sequence a row: no attention mask
+    opts = dataclasses.replace(opts, packed=doc > 0)   # else one sequence a row: no mask at all
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
     params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))   # created already split: no device ever holds the whole model
@@ -182,8 +182,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     results, rows = [], tcfg.batch_size * tcfg.grad_accum
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
-        row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL], devices=mesh.size,
-                   targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
+        row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
+                   devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
                    **dataclasses.asdict(opts))   # remat, chunks, kernels...: every option
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
@@ -191,6 +191,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             segs = np.arange(seq + 1)[None].repeat(rows, 0) // doc + 1 if doc else None
             b = jora.make_batch(np.random.default_rng(0).integers(0, cfg.vocab_size,
                                                                   (rows, seq + 1)), None, segs)
+            jora.check_runs(b.segment_ids, opts)   # the step is jitted: it cannot refuse them
             spec = jora.P(None, jora.DATA, None)   # (accumulation, rows, positions)
             b = jora.shard(jora.Batch(*(x.reshape(tc.grad_accum, tc.batch_size, -1) for x in b)),
                            jora.Batch(*[spec] * len(jora.Batch._fields)), mesh)

@@ -1,4 +1,4 @@
-"""Join a profile's kernels with the compiled step: what each kernel moves or computes, and how fast.
+"""Join a profile's kernels with the compiled step: what each kernel moves or computes, how fast.
 
     python bench/hlo_join.py KERNELS.tsv STEP_HLO.txt[.gz] --steps N [--top 40]
 KERNELS.tsv from `bench/profile.py DIR --tsv`, STEP_HLO from XLA's dump after optimisations (`bash
@@ -90,7 +90,8 @@ def main():
     if groups:
         ms, flop = sum(g[1] for g in groups.values()), sum(g[2] for g in groups.values())
         print(f"cuBLAS GEMMs: {ms:.1f} ms a step, {flop:.3e} FLOP, {flop / ms / 1e9:.0f} TFLOP/s")
-        print("| output | FLOP each | launches a step | ms a step | TFLOP/s |\n|---|---|---|---|---|")
+        print("| output | FLOP each | launches a step | ms a step | TFLOP/s |")
+        print("|---|---|---|---|---|")
         for (shape, f), (c, ms, fl) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
             print(f"| {shape} | {f:.2e} | {c:.0f} | {ms:.2f} | {fl / ms / 1e9:.0f} |")
     else:
@@ -101,7 +102,7 @@ def main():
     print("| kernel | launches a step | ms a step | MB a launch | GB/s | shape | jax op |")
     print("|---|---|---|---|---|---|---|")
     for k, op, c, ms in sorted(other, key=lambda r: -r[3])[:a.top]:
-        name = op if op in table else re.sub(r"_(\d+)$", r".\1", k)   # XLA kernels: the HLO name
+        name = op if op in table else re.sub(r"_(\d+)$", r".\1", k)   # XLA kernels: HLO name
         if name not in table or k.lower().startswith("mem"):   # memsets: bytes not the op's
             print(f"| {k[:40]} | {c / n:.0f} | {ms / n:.2f} | | | | |")
             continue

@@ -388,6 +388,10 @@ def test_benchmark_mode_reports_each_length(capsys):
                         "--bench-steps", "0", "--remat", "full", "--mlp-chunk", "32"])
     assert plans[0]["planned_gib"] > 0 and plans[0]["mlp_chunk"] == 32
     assert "tokens_per_s" not in plans[0] and "error" not in plans[0]
+    packed = train.main(["--benchmark", "--size", "tiny", "--seq-len", "64,128", "--batch-size",
+                         "8", "--bench-steps", "0", "--bench-doc", "16", "--max-segments", "5"])
+    assert packed[0]["packed"] and packed[0]["doc"] == 16 and "error" not in packed[0]  # 4 runs
+    assert "8 runs" in packed[1]["error"] and "max_segments=5" in packed[1]["error"]  # 8 > 5
 
 
 def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
