@@ -798,9 +798,10 @@ def attend(q, k, v, segment_ids, impl: str, max_segments: int = 0):
         starts, lengths = segment_runs(segment_ids, max_segments)
         o = dot_product_attention(q, k, v, None, None, lengths, lengths, starts, starts,
                                   scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL)
-        # a row with more runs than the offsets hold has a start in their last slot: NaN, so
-        # that a jitted step flags it (a non-finite loss) instead of attending across examples
-        return jnp.where((starts[:, -1] >= 0)[:, None, None, None], jnp.nan, o)
+        # a row with more runs than the offsets hold has a start in their last slot, and cuDNN
+        # then spoils other rows too (seen on an H200): all NaN, so that a jitted step flags it
+        # (a non-finite loss) instead of training on attention across examples
+        return jnp.where(jnp.any(starts[:, -1] >= 0), jnp.nan, o)
     same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
     if impl == "cudnn":   # flash attention: (T, T) scores are never stored
         return jax.nn.dot_product_attention(q, k, v, mask=None if same is None else
