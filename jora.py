@@ -781,6 +781,18 @@ def count_runs(segment_ids) -> int:   # on the host: the most runs in any row of
     return int((1 + (s[:, 1:] != s[:, :-1]).sum(1)).max()) if s.size else 0
 
 
+def check_runs(segment_ids, opts: Options):
+    """Refuse a concrete batch whose packed rows have more runs of one segment id than
+    Options.max_segments (under jit, traced batches cannot be read: attend flags them)."""
+    if (opts.packed and opts.max_segments and segment_ids is not None
+            and not isinstance(segment_ids, jax.core.Tracer)
+            and getattr(segment_ids, "is_fully_addressable", True)
+            and count_runs(segment_ids) > opts.max_segments):
+        raise ValueError(f"a packed row holds {count_runs(segment_ids)} runs of one segment id "
+                         f"(examples and padding), more than Options.max_segments="
+                         f"{opts.max_segments}: raise it, or pack fewer examples a row")
+
+
 def attend(q, k, v, segment_ids, impl: str, max_segments: int = 0):
     """Causal self-attention over one sequence. q (B, T, N, H), k/v (B, T, K, H) -> like q.
 
@@ -1058,18 +1070,6 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
     mesh = _mesh_of(params) if mesh is None else mesh
     check_runs(batch.segment_ids, opts)
     return _loss_sums(params, lora, batch, key, cfg=cfg, lcfg=lcfg, opts=opts, mesh=mesh)
-
-
-def check_runs(segment_ids, opts: Options):
-    """Refuse a concrete batch whose packed rows have more runs of one segment id than
-    Options.max_segments (under jit, traced batches cannot be read: attend flags them)."""
-    if (opts.packed and opts.max_segments and segment_ids is not None
-            and not isinstance(segment_ids, jax.core.Tracer)
-            and getattr(segment_ids, "is_fully_addressable", True)
-            and count_runs(segment_ids) > opts.max_segments):
-        raise ValueError(f"a packed row holds {count_runs(segment_ids)} runs of one segment id "
-                         f"(examples and padding), more than Options.max_segments="
-                         f"{opts.max_segments}: raise it, or pack fewer examples a row")
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "mesh"))
