@@ -35,7 +35,8 @@ def parse_args(argv=None):
     a("--tokenizer", help="sentencepiece tokenizer.model (default: the model's)")
     a("--out", default="out", help="run folder: checkpoints, metrics, exports")
     a("--steps", type=int, help="optimizer steps (default: --epochs)")
-    a("--epochs", type=float, default=1.0)
+    a("--epochs", type=float, default=1.0, help="passes over the training examples (packed: "
+      "the packer's rows of them), when --steps is not given")
     a("--batch-size", type=int, default=8)
     a("--grad-accum", type=int, default=1)
     a("--seq-len", default="1024", help="tokens per row (--benchmark: a list, 2048,4096)")
@@ -217,6 +218,16 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     return results
 
 
+def _packed_batches(examples, rows, seq_len, seed, max_segments) -> int:
+    """Batches in the first epoch of packed rows (what --epochs counts), by running the packer."""
+    n = 0
+    for *_, (epoch, _) in jora.batches(examples, rows, seq_len, True, seed,
+                                       max_segments=max_segments):
+        if epoch > 0:   # this batch already belongs to the next epoch
+            return n
+        n += 1
+
+
 def _oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
@@ -293,7 +304,9 @@ def main(argv=None) -> dict:
     eval_ex = [examples[i] for i in split[:n_eval]]
     train_ex = [examples[i] for i in split[n_eval:]]
     rows = args.batch_size * args.grad_accum
-    steps = args.steps or max(1, int(args.epochs * len(train_ex) / rows))
+    per_epoch = (_packed_batches(train_ex, rows, args.seq_len, args.seed, args.max_segments)
+                 if args.pack else len(train_ex) / rows)   # packed: several examples a row
+    steps = args.steps or max(1, int(args.epochs * per_epoch))
     tcfg = jora.TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed)

@@ -455,3 +455,16 @@ def test_packing_keeps_to_max_segments():
             assert jora.count_runs(segs[:, :-1]) <= most   # what the model sees: T positions
     _, _, segs, _ = next(jora.batches(ex, 2, 127, pack=True, seed=0, max_segments=0))
     assert segs.max() > 16                                 # no cap: as many as fit
+
+
+def test_an_epoch_of_packed_rows_counts_batches_not_examples():
+    """--epochs with --pack: one pass over the examples is the packer's batches, not
+    examples / rows (that trained several epochs when rows hold several examples)."""
+    rng = np.random.default_rng(2)
+    ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
+          for n in rng.integers(5, 20, 60)]
+    n = train._packed_batches(ex, 2, 63, 0, 8)
+    b = jora.batches(ex, 2, 63, pack=True, seed=0, max_segments=8)
+    used = sum(len(np.unique(s[s > 0])) for _ in range(n) for s in next(b)[2])
+    assert 60 - 2 * 7 < used <= 60 and n < 60 / 4   # the epoch, bar a short tail; ~4+ a row
+    assert next(b)[3][0] == 1                         # the next batch is the next epoch's
