@@ -307,6 +307,11 @@ def main(argv=None) -> dict:
     per_epoch = (_packed_batches(train_ex, rows, args.seq_len, args.seed, args.max_segments)
                  if args.pack else len(train_ex) / rows)   # packed: several examples a row
     steps = args.steps or max(1, int(args.epochs * per_epoch))
+    if args.pack:   # how full the rows are: the cap on examples a row can leave them part empty
+        used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (args.seq_len + 1))
+        say(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of their positions "
+            f"used (at most {args.max_segments - 1 if args.max_segments else 'any'} examples a "
+            f"row: --max-segments)")
     tcfg = jora.TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed)
