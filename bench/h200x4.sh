@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 NCCL_NVLS_ENABLE=0
 jora() { python3 train.py --benchmark --batch-size 1 --lora-dropout 0 "$@" 2>&1 | tee -a "$OUT/jora.log" | grep '^{' >> "$OUT/results.jsonl"; }
 for part in "$@"; do
 case "$part" in
-  tp)     for tp in 1 2 4; do   # batch 1 on one model group: the other devices stay idle
+  tp)     for tp in ${TPS:-1 2 4}; do   # batch 1 on one model group: the other devices stay idle
             CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((tp - 1))) jora --size 7b --tp $tp --seq-len 4096 --remat min --bench-steps 3
             CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((tp - 1))) jora --size 7b --tp $tp --seq-len 32768 --remat full --sequence-parallel --bench-steps 2
           done ;;
