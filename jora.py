@@ -206,11 +206,9 @@ class Options:
     packed: bool = True       # rows hold several examples: mask attention by segment. False
                               # (one example a row, padding at the end) needs no mask at all,
                               # which lets flash attention skip building a (T, T) one
-    max_segments: int = 8     # packed rows: at most this many runs of one segment id (examples
-                              # and the padding tail; `batches` keeps to it). cuDNN takes the
-                              # runs' offsets, a static (B, M + 1), instead of a (T, T) mask,
-                              # and skips the work across runs, but its backward keeps an fp32
-                              # (T, N/tp, H) per run: memory grows with M. 0: the mask (attend)
+    max_segments: int = 8     # packed rows: at most M runs of one segment id (examples, the
+                              # padding tail; `batches` keeps to it), whose offsets cuDNN takes
+                              # instead of a (T, T) mask; memory grows with M. 0: the mask
 
     def __post_init__(self):
         if self.loss_chunk < 1:
@@ -784,13 +782,14 @@ def count_runs(segment_ids) -> int:   # on the host: the most runs in any row of
 def check_runs(segment_ids, opts: Options):
     """Refuse a concrete batch whose packed rows have more runs of one segment id than
     Options.max_segments (under jit, traced batches cannot be read: attend flags them)."""
-    if (opts.packed and opts.max_segments and segment_ids is not None
-            and not isinstance(segment_ids, jax.core.Tracer)
-            and getattr(segment_ids, "is_fully_addressable", True)
-            and count_runs(segment_ids) > opts.max_segments):
-        raise ValueError(f"a packed row holds {count_runs(segment_ids)} runs of one segment id "
-                         f"(examples and padding), more than Options.max_segments="
-                         f"{opts.max_segments}: raise it, or pack fewer examples a row")
+    if (not opts.packed or not opts.max_segments or segment_ids is None
+            or isinstance(segment_ids, jax.core.Tracer)
+            or not getattr(segment_ids, "is_fully_addressable", True)):
+        return
+    if (n := count_runs(segment_ids)) > opts.max_segments:
+        raise ValueError(f"a packed row holds {n} runs of one segment id (examples and "
+                         f"padding), more than Options.max_segments={opts.max_segments}: "
+                         f"raise it, or pack fewer examples a row")
 
 
 def attend(q, k, v, segment_ids, impl: str, max_segments: int = 0):
@@ -798,8 +797,8 @@ def attend(q, k, v, segment_ids, impl: str, max_segments: int = 0):
 
     segment_ids (B, T) or None: a position attends only within its own segment (packing).
     cuDNN with max_segments > 0 gets each row's runs of one segment id as offsets (at most
-    max_segments of them) and attends within each run alone, skipping the blocks across runs;
-    otherwise it gets a (T, T) mask, which jax turns into an additive bias the kernel reads.
+    max_segments of them) and attends within each run alone, skipping the blocks across runs
+    (its backward keeps ~an fp32 (T, N, H) a run); else a (T, T) mask, read as an additive bias.
     """
     if impl == "auto":
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
@@ -1407,7 +1406,8 @@ def padded_length(n: int, limit: int, bucket: int = 64) -> int:
 
 
 def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
-            position: tuple[int, int] = (0, 0), bucket: int = 64, max_segments: int = 8):
+            position: tuple[int, int] = (0, 0), bucket: int = 64,
+            max_segments: int = Options.max_segments):
     """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
 
     Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);

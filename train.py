@@ -41,9 +41,9 @@ def parse_args(argv=None):
     a("--grad-accum", type=int, default=1)
     a("--seq-len", default="1024", help="tokens per row (--benchmark: a list, 2048,4096)")
     a("--pack", action="store_true", help="pack several examples into each row")
-    a("--max-segments", type=int, default=8, help="with --pack: at most N - 1 examples a row "
-      "(with the padding, N runs: cuDNN attends within each, ~0.3 GiB a run at 16k on 7B; "
-      "0: a (T, T) mask instead)")
+    a("--max-segments", type=int, default=jora.Options.max_segments, help="with --pack: at "
+      "most N - 1 examples a row (with the padding, N runs: cuDNN attends within each, ~0.3 "
+      "GiB a run at 16k on 7B; 0: a (T, T) mask instead)")
     a("--lora-r", type=int, default=16)
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.05)
@@ -307,11 +307,9 @@ def main(argv=None) -> dict:
     per_epoch = (_packed_batches(train_ex, rows, args.seq_len, args.seed, args.max_segments)
                  if args.pack else len(train_ex) / rows)   # packed: several examples a row
     steps = args.steps or max(1, int(args.epochs * per_epoch))
-    if args.pack:   # how full the rows are: the cap on examples a row can leave them part empty
+    if args.pack:   # how full the rows are: --max-segments can leave them part empty
         used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (args.seq_len + 1))
-        say(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of their positions "
-            f"used (at most {args.max_segments - 1 if args.max_segments else 'any'} examples a "
-            f"row: --max-segments)")
+        say(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of positions used")
     tcfg = jora.TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed)

@@ -68,14 +68,9 @@ def main():
     ap.add_argument("--top", type=int, default=40)
     a = ap.parse_args()
     table, n = parse(a.hlo), a.steps
-    rows = [line.rstrip("\n").split("\t") for line in open(a.tsv)]
-    merged = collections.defaultdict(lambda: [0, 0.0])   # ops outside the HLO (command buffers,
-    for k, op, c, ms in rows:                            # which XLA_FLAGS can turn off): by kernel
-        m = merged[k, op if op in table else ""]
-        m[0] += int(c); m[1] += float(ms)
-    rows = [(k, op, c, ms) for (k, op), (c, ms) in merged.items()]
-    total = sum(r[3] for r in rows) / n
-    print(f"{total:.1f} ms of kernels a step\n")
+    rows = [(k, op, int(c), float(ms)) for k, op, c, ms in
+            (line.rstrip("\n").split("\t") for line in open(a.tsv))]
+    print(f"{sum(r[3] for r in rows) / n:.1f} ms of kernels a step\n")
 
     groups = collections.defaultdict(lambda: [0, 0.0, 0.0])   # (shape, FLOP) -> launches, ms, FLOP
     other = {}   # kernel name -> [an HLO op that launched it, launches, ms]
