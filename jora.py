@@ -677,12 +677,45 @@ def rope(x, positions, cfg: Config):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None, fused=False):
+def mix32(x):
+    """A bijective hash of uint32 values (Wellons' "lowbias32"): each input bit flips about half
+    of the output bits, so counters 0, 1, 2, ... come out as independent-looking random bits."""
+    x = jnp.asarray(x).astype(jnp.uint32)
+    x = (x ^ (x >> 16)) * jnp.uint32(0x7FEB352D)
+    x = (x ^ (x >> 15)) * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+class Dropout(NamedTuple):
+    """Where a projection's input sits in the global tensor, for its dropout mask: a hash of
+    (seed, global row, global position, global feature). The mask is thus the same however
+    rows, positions or features are split over devices, chunks or layers, and it costs a few
+    integer operations an element, fused where it is applied: no random tensor is stored."""
+    seed: jax.Array           # () uint32: one per (step, micro-batch, layer, projection)
+    row: jax.Array | int = 0  # offsets of this device's x (B, T, I) in the global (B, T, I)
+    pos: jax.Array | int = 0
+    feat: jax.Array | int = 0
+
+    def apply(self, x, p: float):
+        """x (B, T, I) with each element zeroed with probability p, survivors scaled by 1/(1-p)."""
+        B, T, I = x.shape
+        iota = lambda n, at: (jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(at).astype(jnp.uint32))
+        row = mix32(self.seed ^ mix32(iota(B, self.row)))[:, None, None]             # (B, 1, 1)
+        pos = mix32(row + iota(T, self.pos)[None, :, None])                           # (B, T, 1)
+        bits = mix32(pos ^ (iota(I, self.feat) * jnp.uint32(0x9E3779B9)))             # (B, T, I)
+        keep = bits >= jnp.uint32(min(round(p * 2.0**32), 2**32 - 1))
+        return jnp.where(keep, x * (1.0 / (1.0 - p)), 0).astype(x.dtype)
+
+
+def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | None = None,
+            fused=False):
     """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B.
 
+    drop: where x sits, for the dropout mask (None: no dropout, as in evaluation).
     fused: the same op as one Pallas kernel from kernels/ (optional: imported only here).
     """
-    if fused and ab is not None and (key is None or lcfg.dropout == 0):
+    dropping = drop is not None and ab is not None and lcfg.dropout > 0
+    if fused and ab is not None and not dropping:
         from kernels.lora_matmul import lora_matmul
         B, T, I = x.shape
         y = lora_matmul(x.reshape(B * T, I), w, ab.a, ab.b, lcfg.scale,
@@ -691,10 +724,7 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, key=None, fused=Fa
     y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:
         return y
-    if key is not None and lcfg.dropout > 0:
-        keep = jax.random.bernoulli(key, 1.0 - lcfg.dropout, x.shape)
-        x = jnp.where(keep, x / (1.0 - lcfg.dropout), 0).astype(x.dtype)
-    return y + lora_delta(x, ab.a, ab.b, lcfg.scale)
+    return y + lora_delta(drop.apply(x, lcfg.dropout) if dropping else x, ab.a, ab.b, lcfg.scale)
 
 
 def lora_delta(x, a, b, scale: float):
@@ -826,12 +856,13 @@ name = checkpoint_name   # tags a value for the remat policy; otherwise the iden
 
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
-                  lcfg: LoraConfig | None, key=None, sp: bool = False, fused: bool = False,
-                  mlp_chunk=None):
+                  lcfg: LoraConfig | None, drop: Dropout | None = None, sp: bool = False,
+                  fused: bool = False, mlp_chunk=None):
     """One pre-norm Llama block. x (B, T, D), replicated over "model" -> ((B, T, D), aux).
 
     attn(q, k, v) -> (o, aux) does the attention proper: plain causal attention when training,
     attention over a KV cache (aux = the updated cache) when generating.
+    drop: this layer's dropout seed and this device's first global row (None: no dropout).
     sp (sequence parallelism, Korthikanti et al. 2022): x is (B, T/tp, D), this device's slice
     of the positions; it is all-gathered before the column-parallel projections, and the
     row-parallel sums are reduce-scattered back to slices instead of all-reduced. The same bytes
@@ -844,35 +875,38 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, cfg: Config,
         reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
     else:
         gather, reduce = (lambda h: h), (lambda y: jax.lax.psum(y, MODEL))
-    # one dropout key a projection (or none)
-    kq, kk, kv, ko, kg, ku, kd = [None] * 7 if key is None else list(jax.random.split(key, 7))
-    if key is not None:   # row-parallel inputs differ per device: so must their dropout masks
-        ko, kd = (jax.random.fold_in(k, jax.lax.axis_index(MODEL)) for k in (ko, kd))
+
+    def mask(target, x, pos=0):   # projection `target`'s dropout mask for its input x
+        if drop is None:
+            return None
+        # row-parallel inputs (o, down) hold this device's slice of the features
+        feat = 0 if target in COLUMN else jax.lax.axis_index(MODEL) * x.shape[-1]
+        return drop._replace(seed=mix32(drop.seed + PROJ.index(target)), pos=pos, feat=feat)
+
     h = gather(rms_norm(x, w.attn_norm, cfg.norm_eps))
     B, T, _ = h.shape
-    q = project(h, w.wq, ab.q, lcfg, kq, fused).reshape(B, T, -1, cfg.head_dim)   # (B, T, N/tp, H)
-    k = project(h, w.wk, ab.k, lcfg, kk, fused).reshape(B, T, -1, cfg.head_dim)   # (B, T, K/tp, H)
-    v = project(h, w.wv, ab.v, lcfg, kv, fused).reshape(B, T, -1, cfg.head_dim)
+    q, k, v = (project(h, getattr(w, WEIGHT[t]), getattr(ab, t), lcfg, mask(t, h), fused)
+               .reshape(B, T, -1, cfg.head_dim) for t in ("q", "k", "v"))  # (B, T, N/tp or K/tp, H)
     # Names mark what remat="min" keeps: every matmul output the backward pass needs.
     q, k, v = (name(y, n) for y, n in ((rope(q, positions, cfg), "q"),
                                         (rope(k, positions, cfg), "k"), (v, "v")))
     o, aux = attn(q, k, v)                                                 # (B, T, N/tp, H)
     o = name(o.reshape(B, T, -1), "attn")
-    x = name(x + reduce(project(o, w.wo, ab.o, lcfg, ko, fused)), "resid")       # row-parallel
+    x = name(x + reduce(project(o, w.wo, ab.o, lcfg, mask("o", o), fused)), "resid")  # row-par.
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
 
-    def mlp(h, i):   # h (B, C, D), positions [i C, (i + 1) C) -> this device's partial (B, C, D)
-        fold = lambda k: None if k is None else jax.random.fold_in(k, i)   # a mask per chunk
-        g = name(project(h, w.w_gate, ab.gate, lcfg, fold(kg), fused), "gate")     # (B, C, F/tp)
-        u = name(project(h, w.w_up, ab.up, lcfg, fold(ku), fused), "up")
-        return project(jax.nn.silu(g) * u, w.w_down, ab.down, lcfg, fold(kd), fused)
+    def mlp(h, s):   # h (B, C, D), positions [s, s + C) -> this device's partial (B, C, D)
+        g = name(project(h, w.w_gate, ab.gate, lcfg, mask("gate", h, s), fused), "gate")
+        u = name(project(h, w.w_up, ab.up, lcfg, mask("up", h, s), fused), "up")  # (B, C, F/tp)
+        gu = jax.nn.silu(g) * u
+        return project(gu, w.w_down, ab.down, lcfg, mask("down", gu, s), fused)
 
     y = mlp(h, 0) if mlp_chunk is None else over_positions(mlp, h, *mlp_chunk)
     return x + reduce(y), aux
 
 
 def over_positions(f, h, chunk: int, policy):
-    """f(h (B, C, D), i) -> (B, C, O), applied to chunks of C positions of h (B, T, D) in turn.
+    """f(h (B, C, D), s) -> (B, C, O), applied to the chunks h[:, s:s + C] of h (B, T, D) in turn.
 
     Each chunk is checkpointed under `policy` (the layer's), so the backward recomputes one chunk
     at a time: the MLP's (B, T, F) transients, the largest at long T, shrink to (B, C, F); free
@@ -881,7 +915,7 @@ def over_positions(f, h, chunk: int, policy):
     if policy is not None:   # (None: the layer is not rematerialised, nor are its chunks)
         f = jax.checkpoint(f, policy=policy, static_argnums=(1,))
     T = h.shape[1]
-    return jnp.concatenate([f(h[:, s:s + chunk], i) for i, s in enumerate(range(0, T, chunk))], 1)
+    return jnp.concatenate([f(h[:, s:s + chunk], s) for s in range(0, T, chunk)], 1)
 
 
 def keep_attention(prim, *_, **__) -> bool:
@@ -919,10 +953,14 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
                   cfg: Config, lcfg: LoraConfig | None, opts: Options, key=None):
     """tokens (B, T) -> final-normed hidden states (B, T, D). Inside shard_map."""
     lora = Lora() if lora is None else lora
-    if key is not None:   # each data shard draws its own dropout masks
-        key = jax.random.fold_in(key, jax.lax.axis_index(DATA))
     x = params.embed[tokens]                                                # (B, T, D)
     B, T = tokens.shape
+    drop = None
+    if key is not None:   # dropout: a seed from the key, and this device's first global row
+        seed = jnp.uint32(0)
+        for word in jax.random.key_data(key).reshape(-1):
+            seed = mix32(seed ^ word)
+        drop = Dropout(seed=seed, row=jax.lax.axis_index(DATA) * B)
     tp = jax.lax.axis_size(MODEL)
     sp = opts.sequence_parallel and tp > 1
     if sp:   # keep only this device's slice of the positions between the parallel regions
@@ -934,11 +972,11 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
     def layer(policy, chunked):   # one layer's body under a remat policy ("none": no checkpoint)
         chunk = (opts.mlp_chunk, REMAT[policy]) if chunked and 0 < opts.mlp_chunk < T else None
 
-        def body(x, w, ab, i):
-            k = None if key is None else jax.random.fold_in(key, i)
-            attn = lambda q, k_, v: (attend(q, k_, v, segment_ids, opts.attention,
-                                            opts.max_segments), None)
-            return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, k, sp,
+        def body(x, w, ab, i):   # layer i's masks: its own seed
+            d = None if drop is None else drop._replace(seed=mix32(drop.seed + mix32(i)))
+            attn = lambda q, k, v: (attend(q, k, v, segment_ids, opts.attention,
+                                           opts.max_segments), None)
+            return decoder_layer(x, w, ab, positions, attn, cfg, lcfg, d, sp,
                                  opts.kernels == "pallas", chunk)[0]
         # keep only what the policy saves; recompute the rest backward
         return body if policy == "none" else jax.checkpoint(body, policy=REMAT[policy])
