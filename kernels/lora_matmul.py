@@ -27,10 +27,10 @@ grouped order (group_m row bands, then the next column band; see _tile_of) for L
 program loops over the contraction in bk steps (fp32 accumulator in registers; Triton
 pipelines the loads num_stages deep), then adds scale * u_tile @ v_tile and stores the tile.
 Measured on an H200 (jax 0.11.2, `python -m kernels.bench`, M in {2048, 8192, 32768}, the three
-Llama-2-7B projections, R in {8, 16, 64}; README and bench/kernels-h200-2026-11-29.md): forward +
+Llama-2-7B projections, R in {8, 16, 64}; README and bench/results/kernels-h200-2026-11-29.md): forward +
 backward 0.67-0.86x XLA's unfused LoRA but 1.43-1.68x the frozen projection alone; the GEMM
-itself is 1.3-1.6x cuBLAS. Mosaic GPU, measured (kernels/lora_matmul_mgpu.py, a plain
-one-warpgroup wgmma + TMA version of the forward GEMM; bench/kernels-mgpu-h200-2026-11-29.md):
+itself is 1.3-1.6x cuBLAS. Mosaic GPU, measured (experiments/lora_matmul_mgpu.py, a plain
+one-warpgroup wgmma + TMA version of the forward GEMM; bench/results/kernels-mgpu-h200-2026-11-29.md):
 1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x; its transposed-w dx GEMM
 (tests passed natively) 1.16-1.20x at 4096 -> 4096 and 11008 -> 4096 but 1.45x at
 4096 -> 11008, slower there than XLA's unfused LoRA. It is not a full op (no masks, no
@@ -154,7 +154,7 @@ class Tiles:
     """Output tile (bm, bn), contraction step bk, and Triton's launch parameters.
 
     Defaults measured on an H200 (`python -m kernels.bench --ms 8192 --ranks 16 --sweep`,
-    forward + backward, 10 tilings; bench/kernels-h200-2026-11-29.md): 64 x 256 x 64, 8 warps,
+    forward + backward, 10 tilings; bench/results/kernels-h200-2026-11-29.md): 64 x 256 x 64, 8 warps,
     4 stages was fastest at all three Llama projections (1,196 us at 4096 -> 4096); the usual
     Hopper starting point 128 x 128 x 64 / 4 warps / 3 stages took 3,090 us, 64 x 128 x 64 /
     4 warps 1,294 (likely register pressure of the larger fp32 accumulator; not profiled).
