@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, same call.
-# Usage (device tool): bash bench/h200.sh PART...
+# Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
+# Usage: bash bench/h200.sh PART...
 #   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
-# Needs .dev/hf_peft_baseline.py (a copy of ../shared/bench/hf_peft_baseline.py, carried), run
-# through bench/hf_on_gpu.py: the script unchanged, its model built on the GPU (seconds, not minutes).
+# Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
+# machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
+# also gets a copy of the day's results at the end.
+# The HF rows need the HF + PEFT baseline script (not in this repository) at
+# .dev/hf_peft_baseline.py; bench/hf_on_gpu.py runs it unchanged with its model built on the GPU.
 set -uo pipefail
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+OUT=${OUT:-bench_out}; RESULTS=${RESULTS:-bench/results}; mkdir -p "$OUT" "$RESULTS"
+DAY=$(date -u +%F); ROWS=$RESULTS/h200-$DAY.jsonl   # one JSON row per measurement
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
-jora() { python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0 "$@" 2>&1 | tee -a "$OUT/jora.log" | grep '^{' >> "$OUT/results.jsonl"; }
-hf() { python3 -P bench/hf_on_gpu.py --size 7b --batch 1 "$@" 2>&1 | tee -a "$OUT/hf.log" | grep '^{' >> "$OUT/results.jsonl"; }
+jora() { python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0 "$@" 2>&1 | tee -a "$OUT/jora.log" | grep '^{' >> "$ROWS"; }
+hf() { python3 -P bench/hf_on_gpu.py --size 7b --batch 1 "$@" 2>&1 | tee -a "$OUT/hf.log" | grep '^{' >> "$ROWS"; }
 ALL7=q,k,v,o,gate,up,down
 ALL7_HF=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 for part in "$@"; do
@@ -33,12 +37,12 @@ case "$part" in
   all7long) jora --seq-len 16384 --remat attn --mlp-chunk 2048 --targets $ALL7 --bench-steps 3
          jora --seq-len 32768 --remat attn --mlp-chunk 2048 --targets $ALL7 --bench-steps 3
          hf --seq 16384 32768 --remat --targets $ALL7_HF --steps 3 ;;
-  mgpu)  python3 -m pytest -q tests/test_kernels_mgpu.py 2>&1 | tail -5
-         python3 -m kernels.bench_mgpu --ms 8192 --w-transposed | tee -a "$OUT/kernels_mgpu.md" ;;
+  mgpu)  python3 -m pytest -q experiments 2>&1 | tail -5
+         python3 -m experiments.bench_mgpu --ms 8192 --w-transposed | tee -a "$RESULTS/kernels-mgpu-h200-$DAY.md" ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
   max)   for n in ${MAXSEQ:-327680 294912}; do   # longest first; stop at the first that trains
            jora --seq-len $n --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 1 --bench-warmup 0
-           grep -q "\"seq\": $n,.*tokens_per_s" "$OUT/results.jsonl" && break; done ;;
+           grep -q "\"seq\": $n,.*tokens_per_s" "$ROWS" && break; done ;;
   all7x32) hf --seq 32768 --remat --targets $ALL7_HF --steps 3   # the first N layers remat full
          jora --seq-len 32768 --remat attn --mlp-chunk 2048 --full-layers ${FULL:-4} --targets $ALL7 --bench-steps 3 ;;
   all7x) hf --seq 16384 32768 --remat --targets $ALL7_HF --steps 3   # the README's all-7 long rows
@@ -54,36 +58,36 @@ case "$part" in
   all7)  jora --seq-len 2048,4096 --remat min --targets $ALL7 --bench-steps 5
          hf --seq 2048 4096 --targets $ALL7_HF --steps 5 ;;
   kernels) python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3
-         python3 -m kernels.bench --ms 2048,8192 | tee -a "$OUT/kernels.md"
+         python3 -m kernels.bench --ms 2048,8192 | tee -a "$RESULTS/kernels-h200-$DAY.md"
          jora --seq-len 2048 --remat min --kernels pallas --bench-steps 5 ;;
-  kernels32k) python3 -m kernels.bench --ms 32768 | tee -a "$OUT/kernels.md" ;;
+  kernels32k) python3 -m kernels.bench --ms 32768 | tee -a "$RESULTS/kernels-h200-$DAY.md" ;;
   profilelong) for n in ${PROFSEQ:-16384}; do   # what limits the long rows (attn + MLP chunks)
            jora --seq-len $n --remat attn --mlp-chunk 2048 --bench-steps 2 --profile "$OUT/prof_$n"
-           python3 bench/profile.py "$OUT/prof_$n" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof_$n"; done ;;
+           python3 bench/profile.py "$OUT/prof_$n" | tee -a "$RESULTS/profile-h200-$DAY.md"; rm -rf "$OUT/prof_$n"; done ;;
   prof)  jora ${PROFARGS:---seq-len 4096 --remat none} --bench-steps 3 --profile "$OUT/prof"
-         sed -i '$ s/^{/{"profiled": true, /' "$OUT/results.jsonl"   # timed under the profiler
-         python3 bench/profile.py "$OUT/prof" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof" ;;
+         sed -i '$ s/^{/{"profiled": true, /' "$ROWS"   # timed under the profiler
+         python3 bench/profile.py "$OUT/prof" | tee -a "$RESULTS/profile-h200-$DAY.md"; rm -rf "$OUT/prof" ;;
   profile) jora --seq-len 2048 --remat min --bench-steps 3 --profile "$OUT/prof_qv"
-         python3 bench/profile.py "$OUT/prof_qv" | tee -a "$OUT/profile.md"
+         python3 bench/profile.py "$OUT/prof_qv" | tee -a "$RESULTS/profile-h200-$DAY.md"
          jora --seq-len 2048 --remat min --targets $ALL7 --bench-steps 3 --profile "$OUT/prof_all7"
-         python3 bench/profile.py "$OUT/prof_all7" | tee -a "$OUT/profile.md"
+         python3 bench/profile.py "$OUT/prof_all7" | tee -a "$RESULTS/profile-h200-$DAY.md"
          rm -rf "$OUT"/prof_* ;;
   flags) IFS=';' read -ra sets <<< "${FLAGSETS:---xla_gpu_enable_dynamic_slice_fusion=true}"
          for f in "${sets[@]}"; do   # FLAGSETS="flags A;flags B" (" " = none): a run per set
-           echo "{\"xla_flags\": \"$f\"}" >> "$OUT/results.jsonl"
+           echo "{\"xla_flags\": \"$f\"}" >> "$ROWS"
            XLA_FLAGS="$f" jora ${FLAGARGS:---seq-len 2048 --remat min} --bench-steps 5
          done ;;
   hlo)   XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" jora --seq-len ${HLOSEQ:-2048} ${HLOARGS:---remat min} --bench-steps 1 --bench-warmup 0
-         sed -i '$ s/^{/{"xla_dump": true, /' "$OUT/results.jsonl"   # dumping slows the step: not a figure
+         sed -i '$ s/^{/{"xla_dump": true, /' "$ROWS"   # dumping slows the step: not a figure
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
          rm -rf "$OUT/hlo" ;;
   profhlo) XLA_FLAGS="--xla_dump_to=$OUT/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step --xla_gpu_enable_command_buffer=" \
            jora ${PROFARGS:---seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4} --bench-steps 2 --profile "$OUT/prof"
-         sed -i '$ s/^{/{"profiled": true, "xla_dump": true, /' "$OUT/results.jsonl"
-         python3 bench/profile.py "$OUT/prof" --tsv "$OUT/kernels.tsv" | tee -a "$OUT/profile.md"; rm -rf "$OUT/prof"
+         sed -i '$ s/^{/{"profiled": true, "xla_dump": true, /' "$ROWS"
+         python3 bench/profile.py "$OUT/prof" --tsv "$OUT/kernels.tsv" | tee -a "$RESULTS/profile-h200-$DAY.md"; rm -rf "$OUT/prof"
          f=$(ls -S "$OUT"/hlo/*after_optimizations.txt | head -1); gzip -c "$f" > "$OUT/step_hlo.txt.gz"
          rm -rf "$OUT/hlo"   # the kernels' HLO op names are the compiled step's instruction names
-         python3 bench/hlo_join.py "$OUT/kernels.tsv" "$OUT/step_hlo.txt.gz" --steps 2 | tee -a "$OUT/profile.md" ;;
+         python3 bench/hlo_join.py "$OUT/kernels.tsv" "$OUT/step_hlo.txt.gz" --steps 2 | tee -a "$RESULTS/profile-h200-$DAY.md" ;;
   packed) for ms in 0 16; do   # packed rows: a (T, T) mask (0) against cuDNN's segment offsets
            jora --seq-len 8192 --remat full --bench-doc ${DOC:-2048} --max-segments $ms --bench-steps 3; done
          jora --seq-len 8192 --remat full --bench-steps 3   # one sequence a row, for reference
@@ -96,7 +100,8 @@ case "$part" in
            jora --seq-len 8192 --remat full --bench-doc 1024 --max-segments $ms --bench-steps 3; done ;;
   packed32) for ms in 0 8; do   # packed rows at 32,768: examples of 4,096, mask (0) or offsets
            jora --seq-len 32768 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc 4096 --max-segments $ms --bench-steps 3; done ;;
-  decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$OUT/results.jsonl" ;;
+  decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$ROWS" ;;
 esac
 done
-cat "$OUT/results.jsonl" 2>/dev/null
+cat "$ROWS" 2>/dev/null
+[ "$RESULTS" -ef "$OUT" ] || cp "$RESULTS"/*"$DAY"* "$OUT"/ 2>/dev/null || true   # results beside the logs

@@ -26,18 +26,13 @@ One program per (bm, bn) output tile, on a 1-D grid of cdiv(M, bm) * cdiv(N, bn)
 grouped order (group_m row bands, then the next column band; see _tile_of) for L2 reuse. Each
 program loops over the contraction in bk steps (fp32 accumulator in registers; Triton
 pipelines the loads num_stages deep), then adds scale * u_tile @ v_tile and stores the tile.
-Measured on an H200 (jax 0.11.2, `python -m kernels.bench`, M in {2048, 8192, 32768}, the three
-Llama-2-7B projections, R in {8, 16, 64}; README and bench/kernels-h200-2026-11-29.md): forward +
-backward 0.67-0.86x XLA's unfused LoRA but 1.43-1.68x the frozen projection alone; the GEMM
-itself is 1.3-1.6x cuBLAS. Mosaic GPU, measured (kernels/lora_matmul_mgpu.py, a plain
-one-warpgroup wgmma + TMA version of the forward GEMM; bench/kernels-mgpu-h200-2026-11-29.md):
-1.25-1.29x cuBLAS at M = 8192 against this kernel's 1.35-1.53x; its transposed-w dx GEMM
-(tests passed natively) 1.16-1.20x at 4096 -> 4096 and 11008 -> 4096 but 1.45x at
-4096 -> 11008, slower there than XLA's unfused LoRA. It is not a full op (no masks, no
-custom_vjp, no shard_map), and as measured would not beat XLA at every shape. This backend
-stays because it is complete (forward, backward, any shape, tp) and beats XLA's
-unfused op. In the whole model it is not faster (19,068 against 19,397 tok/s at 2,048), so
-jora's `--kernels auto` keeps XLA.
+The alternatives, and why this one: XLA's unfused op writes x @ w, then reads it back to add
+the rank-R product, and its backward does the same for dx; fusing the add into the epilogue
+saves those (M, N) and (M, K) passes. A Mosaic GPU kernel (wgmma + TMA, experiments/) would
+close more of the GEMM's gap to cuBLAS, but it covers only the forward and dx GEMMs (no masks,
+custom_vjp or shard_map), while this backend is complete: forward, backward, any shape, tp.
+Whether it pays in the whole model is measured, not assumed: jora's `kernels="auto"` picks XLA
+(bench/NOTES.md, "Pallas LoRA kernel, per projection").
 
 Constraints and what the wrapper does about them:
   * Any M, K, N, R. Partial edge tiles are masked inside the kernel (loads read zeros, stores
@@ -153,11 +148,10 @@ def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, scale: float, bk: int, q_trans
 class Tiles:
     """Output tile (bm, bn), contraction step bk, and Triton's launch parameters.
 
-    Defaults measured on an H200 (`python -m kernels.bench --ms 8192 --ranks 16 --sweep`,
-    forward + backward, 10 tilings; bench/kernels-h200-2026-11-29.md): 64 x 256 x 64, 8 warps,
-    4 stages was fastest at all three Llama projections (1,196 us at 4096 -> 4096); the usual
-    Hopper starting point 128 x 128 x 64 / 4 warps / 3 stages took 3,090 us, 64 x 128 x 64 /
-    4 warps 1,294 (likely register pressure of the larger fp32 accumulator; not profiled).
+    The defaults are the fastest of the tilings `python -m kernels.bench --sweep` tries, at all
+    three Llama-2-7B projections in bf16 on Hopper (bench/NOTES.md, change 7): a 64 x 256 tile
+    over 8 warps holds 64 fp32 accumulators a thread (128 x 128 over 4 warps: 128), each loaded
+    x tile serves 256 columns, and 4 stages keep the loads ahead of the MMAs.
     """
     bm: int = 64
     bn: int = 256

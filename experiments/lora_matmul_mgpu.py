@@ -3,7 +3,7 @@
 An experiment: the same op as kernels/lora_matmul.py's `gemm_lowrank` (there lowered through
 Triton by the generic `pl.pallas_call`), written against `jax.experimental.pallas.mosaic_gpu`
 (`plgpu.kernel`, explicit TMA copies and `wgmma`), to measure on an H200 whether Mosaic GPU
-closes the Triton kernel's gap to cuBLAS (kernels/bench_mgpu.py does the timing).
+closes the Triton kernel's gap to cuBLAS (experiments/bench_mgpu.py does the timing).
 
 Shapes: x (M, K), w (K, N), xa (M, R), b (R, N), all bf16 (or all f16) -> y (M, N) in x's dtype.
 With w_transposed=True, w is given as (N, K) and y = x @ w.T + scale * xa @ b (w read transposed

@@ -1,10 +1,10 @@
 """The backend question of kernels/lora_matmul.py, measured: the GEMM with the rank-R epilogue,
 p @ q + scale * u @ v, lowered through Triton (`pl.pallas_call`, the kernel jora uses) and
-through Mosaic GPU (`plgpu.kernel`, kernels/lora_matmul_mgpu.py), beside cuBLAS's frozen x @ W
-and XLA's unfused x @ W + scale * (x @ A) @ B. Forward only; u = x @ A is given.
+through Mosaic GPU (`plgpu.kernel`, experiments/lora_matmul_mgpu.py), beside cuBLAS's frozen
+x @ W and XLA's unfused x @ W + scale * (x @ A) @ B. Forward only; u = x @ A is given.
 --w-transposed times the backward's dx GEMM instead: w stored (N, K), read transposed.
 
-    python -m kernels.bench_mgpu [--ms 2048,8192] [--tiles 128,128,4] [--w-transposed]
+    python -m experiments.bench_mgpu [--ms 2048,8192] [--tiles 128,128,4] [--w-transposed]
 """
 import argparse
 import math
@@ -13,9 +13,9 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from experiments.lora_matmul_mgpu import gemm_lowrank_mgpu
 from kernels.bench import LLAMA_KN, rel, seconds_per_call
 from kernels.lora_matmul import Tiles, gemm_lowrank
-from kernels.lora_matmul_mgpu import gemm_lowrank_mgpu
 
 SCALE, R = 2.0, 16
 

@@ -1,4 +1,4 @@
-"""kernels/lora_matmul_mgpu.py: the Mosaic GPU fused LoRA GEMM against a float32 numpy reference.
+"""lora_matmul_mgpu.py: the Mosaic GPU fused LoRA GEMM against a float32 numpy reference.
 
 On a CPU the kernel runs in Mosaic GPU interpret mode (`plgpu.force_gpu_interpret_mode` on an
 abstract H200: TMA copies, barriers, wgmma and the pipeline emulated), on a GPU natively. A
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from kernels.lora_matmul_mgpu import gemm_lowrank_mgpu
+from experiments.lora_matmul_mgpu import gemm_lowrank_mgpu
 
 ON_GPU = jax.default_backend() == "gpu"
 

@@ -1,0 +1,1 @@
+"""Experiments that jora.py does not use (importable as `experiments.*` from the repository root)."""
