@@ -401,85 +401,122 @@ def _hf_tensor_index(folder: str) -> dict[str, str]:
         raise ValueError(f"{single}: not a readable safetensors file ({e})") from None
 
 
-class _Reader:
-    """Open safetensors files lazily and read slices of HF tensors, checking their shapes."""
-
-    def __init__(self, files: dict[str, str]):
-        self.files, self.open = files, {}
-
-    def slice(self, name, want_shape, index):
-        from safetensors import safe_open
-        if name not in self.files:
-            raise ValueError(f"checkpoint has no tensor '{name}' (expected shape {want_shape})")
-        path = self.files[name]
-        if path not in self.open:
-            self.open[path] = safe_open(path, "numpy").__enter__()
-        try:
-            sl = self.open[path].get_slice(name)
+def _read(files: dict[str, str], name: str, want_shape, index) -> np.ndarray:
+    """The slice `index` of HF tensor `name`, checked against `want_shape`. The file is opened
+    for this read alone: its mapped pages do not stay resident while the rest loads."""
+    from safetensors import safe_open
+    if name not in files:
+        raise ValueError(f"checkpoint has no tensor '{name}' (expected shape {want_shape})")
+    path = files[name]
+    try:
+        with safe_open(path, "numpy") as f:
+            sl = f.get_slice(name)
             shape = tuple(sl.get_shape())
             if shape != tuple(want_shape):
                 raise ValueError(f"{path}: tensor '{name}' has shape {shape}, "
                                  f"the config needs {tuple(want_shape)}")
             return sl[index]
-        except ValueError:
-            raise
-        except Exception as e:   # truncated or corrupt file: safetensors' own message is terse
-            raise ValueError(f"{path}: cannot read tensor '{name}' ({e})") from None
+    except ValueError:
+        raise
+    except Exception as e:   # truncated or corrupt file: safetensors' own message is terse
+        raise ValueError(f"{path}: cannot read tensor '{name}' ({e})") from None
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_rows(buffer, rows, at):   # buffer[at:at + len(rows)] = rows, in place
+    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, at, 0)
+
+
+def _place(shape, spec, mesh, fill) -> jax.Array:
+    """A global array on `mesh` from fill(index) -> numpy pieces of this device's slice, in
+    order along axis 0. Each piece is read once, sent to every local device whose slice it
+    belongs to, written into place there, and dropped. Host memory thus holds about one
+    piece (one layer's slice of a stacked weight), whatever the number of devices."""
+    sharding = NamedSharding(mesh, spec)
+    where = sharding.addressable_devices_indices_map(shape)
+    key = lambda index: tuple((s.start, s.stop, s.step) for s in index)
+    groups = {}
+    for device, index in where.items():
+        groups.setdefault(key(index), (index, []))[1].append(device)
+    arrays = {}
+    for index, devices in groups.values():
+        size = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+        at = 0
+        for piece in fill(index):
+            for d in devices:
+                if piece.shape == size:   # the whole slice in one piece
+                    arrays[d] = jax.device_put(piece, d)
+                else:                     # written in place into a buffer on the device
+                    if d not in arrays:
+                        arrays[d] = jnp.zeros(size, piece.dtype, device=d)
+                    arrays[d] = _put_rows(arrays[d], jax.device_put(piece, d), at)
+                arrays[d].block_until_ready()
+            at += piece.shape[0]
+            del piece
+    return jax.make_array_from_single_device_arrays(shape, sharding,
+                                                    [arrays[d] for d in where])
 
 
 def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]:
     """Load an HF Llama folder -> (Config, Params) placed on `mesh` (default: one device).
 
-    Each device reads only its slice of each tensor, straight from the safetensors files, so
-    host memory holds at most one (layer-stacked) slice at a time, never the model.
+    Each device's slice of each parameter is read straight from the safetensors files into
+    its final host buffer, sent, and dropped: host memory holds about one (layer-stacked)
+    slice at a time, never the model, whatever the number of devices.
     """
     cfg = Config.from_hf(folder)
     mesh = make_mesh(1, jax.devices()[:1]) if mesh is None else mesh
     check_tp(cfg, mesh.shape[MODEL])
-    reader = _Reader(_hf_tensor_index(folder))
+    files = _hf_tensor_index(folder)
     shapes, specs = param_shapes(cfg), param_specs()
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
         f"model.layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in HF_NAME.values()}
     if not cfg.tie_embeddings:
         expected.add("lm_head.weight")
-    unexpected = sorted(set(reader.files) - expected - {"lm_head.weight"}
-                        - {k for k in reader.files if "rotary_emb" in k})
+    unexpected = sorted(set(files) - expected - {"lm_head.weight"}
+                        - {k for k in files if "rotary_emb" in k})
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensor '{unexpected[0]}' "
                          f"({len(unexpected)} in all) for config {cfg}")
-    missing = sorted(expected - set(reader.files))
+    missing = sorted(expected - set(files))
     if missing:
         raise ValueError(f"{folder}: checkpoint has no tensor '{missing[0]}' "
                          f"({len(missing)} missing in all)")
-
-    cast = lambda x: x.astype(jnp.dtype(dtype))   # on the host, while reading (bf16: ml_dtypes)
-    place = lambda shape, spec, read: jax.make_array_from_callback(
-        shape, NamedSharding(mesh, spec), read)   # read(index) -> this device's slice
+    dt = jnp.dtype(dtype)
+    sized = lambda shape, index: tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
     def stacked(field):   # (L, I, O) from model.layers.{i}.<name>.weight (O, I), transposed
         shape, name = getattr(shapes.layers, field), HF_NAME[field]
-        return place(shape, getattr(specs.layers, field), lambda index: np.stack([
-            cast(reader.slice(f"model.layers.{i}.{name}.weight", shape[1:][::-1],
-                              index[1:][::-1])).T for i in range(*index[0].indices(shape[0]))]))
+
+        def fill(index):   # one layer at a time, cast and transposed into a (1, I, O) piece
+            for i in range(*index[0].indices(shape[0])):
+                piece = np.empty((1, *sized(shape[1:], index[1:])), dt)
+                piece[0] = _read(files, f"model.layers.{i}.{name}.weight", shape[1:][::-1],
+                                 index[1:][::-1]).T
+                yield piece
+        return _place(shape, getattr(specs.layers, field), mesh, fill)
 
     def head(index):      # (D, V') from (V, D), transposed; the padding columns are zeros
+        x = np.zeros(sized(shapes.lm_head, index), dt)
         cols = range(*index[1].indices(shapes.lm_head[1]))
-        x = np.zeros((len(range(*index[0].indices(cfg.d_model))), len(cols)), jnp.dtype(dtype))
         real = [c for c in cols if c < cfg.vocab_size]
         if real:
             name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-            rows = reader.slice(name, (cfg.vocab_size, cfg.d_model),
-                                (slice(real[0], real[-1] + 1), index[0]))
-            x[:, :len(real)] = cast(rows).T
-        return x
+            x[:, :len(real)] = _read(files, name, (cfg.vocab_size, cfg.d_model),
+                                     (slice(real[0], real[-1] + 1), index[0])).T
+        yield x
 
+    def plain(name, shape):
+        def fill(index):
+            yield np.asarray(_read(files, name, shape, index), dt)
+        return fill
     params = Params(
-        embed=place(shapes.embed, specs.embed, lambda index: cast(reader.slice(
-            "model.embed_tokens.weight", shapes.embed, index))),
+        embed=_place(shapes.embed, specs.embed, mesh,
+                     plain("model.embed_tokens.weight", shapes.embed)),
         layers=Layer(**{f: stacked(f) for f in Layer._fields}),
-        final_norm=place(shapes.final_norm, specs.final_norm, lambda index: cast(reader.slice(
-            "model.norm.weight", shapes.final_norm, index))),
-        lm_head=place(shapes.lm_head, specs.lm_head, head))
+        final_norm=_place(shapes.final_norm, specs.final_norm, mesh,
+                          plain("model.norm.weight", shapes.final_norm)),
+        lm_head=_place(shapes.lm_head, specs.lm_head, mesh, head))
     return cfg, params
 
 
@@ -492,14 +529,61 @@ def to_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def merge_lora(w, ab: LoraAB | None, lcfg: LoraConfig) -> np.ndarray:
-    """W (L, I, O) + scale * A @ B on the host in float64, returned in W's dtype. For export
-    only; on the host so that every mesh layout writes bit-identical files."""
-    w_host = to_host(w)
-    if ab is None:
-        return w_host
-    a, b = (to_host(x).astype(np.float64) for x in (ab.a, ab.b))
-    return (w_host.astype(np.float64) + lcfg.scale * (a @ b)).astype(w_host.dtype)
+def _one_device(x):
+    """x gathered onto this process's first device: a computation there then sees the same
+    inputs whatever the mesh, so that every layout exports bit-identical files."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = to_host(x)   # several hosts: a collective
+    return jax.device_put(x, jax.local_devices()[0])
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "hf"))
+def _merged(w, a, b, scale, *, dtype, hf: bool):
+    """W (..., I, O) + scale * A (..., I, R) @ B (..., R, O) in fp32, cast to dtype; hf: the
+    trailing axes transposed to torch's (O, I). Exact fp32 products: no TF32 for a merge."""
+    y = w.astype(jnp.float32)
+    if a is not None:
+        y = y + scale * jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                                   precision=jax.lax.Precision.HIGHEST)
+    y = y.astype(dtype)
+    # transposed apart from the cast: fused, XLA's CPU backend runs the pair ~4x slower
+    return jnp.swapaxes(jax.lax.optimization_barrier(y), -1, -2) if hf else y
+
+
+def merge_lora(w, ab: LoraAB | None, lcfg: LoraConfig, dtype=None, hf: bool = False):
+    """W + scale * A @ B for stacked (L, I, O) or one layer's (I, O) weights -> numpy, in
+    `dtype` (default W's); hf: in torch's (..., O, I) layout. Computed on one device, in
+    fp32, one tensor at a time; only the result comes to the host (for export)."""
+    a, b = (None, None) if ab is None else (_one_device(ab.a), _one_device(ab.b))
+    out = _merged(_one_device(w), a, b, lcfg.scale if ab is not None else 0.0,
+                  dtype=jnp.dtype(dtype or w.dtype), hf=hf)
+    return np.asarray(out)
+
+
+SAFETENSORS_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
+                     "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
+
+
+def _write_safetensors(path: str, items, metadata: dict | None = None):
+    """Stream tensors into a safetensors file: items = [(name, shape, dtype, get)], get() ->
+    numpy. The header is written from the shapes first, then each tensor is fetched, written
+    and dropped, so only one tensor is in host memory at a time (save_file holds them all)."""
+    header, at = {"__metadata__": metadata} if metadata else {}, 0
+    for name, shape, dtype, _ in items:
+        n = math.prod(shape) * jnp.dtype(dtype).itemsize
+        header[name] = dict(dtype=SAFETENSORS_DTYPE[jnp.dtype(dtype).name], shape=list(shape),
+                            data_offsets=[at, at + n])
+        at += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)   # tensors start 8-byte aligned, as safetensors writes them
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, shape, dtype, get in items:
+            x = np.ascontiguousarray(get())
+            if x.shape != tuple(shape) or x.dtype != jnp.dtype(dtype):
+                raise AssertionError(f"{name}: {x.shape} {x.dtype}, planned {shape} {dtype}")
+            f.write(x.view(np.uint8).data if x.size else b"")   # bf16 has no buffer format
+            del x
 
 
 def _atomic_dir(folder: str, write):
@@ -525,27 +609,31 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     """Write an HF Llama folder (W + scale*A@B merged) that transformers loads.
 
     Files of about `shard_bytes` with model.safetensors.index.json when larger; config.json
-    from `cfg`; tokenizer files copied from `source` (the folder the model came from). Tensors
-    are gathered one (layer's) weight at a time: host memory holds about one file's worth.
+    from `cfg`; tokenizer files copied from `source` (the folder the model came from). Each
+    tensor is merged and cast on a device, fetched, written and dropped: host memory holds one
+    tensor at a time.
     """
-    from safetensors.numpy import save_file
-    layer = lambda i, f: LoraAB(*(x[i:i + 1] for x in getattr(lora, TARGET[f])))
-    items = [("model.embed_tokens.weight", params.embed.shape, lambda: to_host(params.embed))]
+    dt = jnp.dtype(dtype)
+    export = lambda x, ab=None: merge_lora(x, ab, lcfg, dt, hf=True)   # (O, I) in dt
+    items = [("model.embed_tokens.weight", params.embed.shape,
+              lambda: merge_lora(params.embed, None, lcfg, dt))]
     shapes = param_shapes(cfg).layers
     for i in range(cfg.n_layers):
-        for f, hf in HF_NAME.items():   # layer i's (1, I, O) slice is taken only when written
+        for f, hf in HF_NAME.items():   # layer i's slice is taken only when written
             w = getattr(params.layers, f)
-            merge = lora is not None and getattr(lora, TARGET.get(f, "_"), None) is not None
-            get = (lambda w=w, i=i, f=f: merge_lora(layer_slice(w, i), layer(i, f), lcfg)[0].T) \
-                if merge else (lambda w=w, i=i: to_host(layer_slice(w, i))[0].T)
-            items.append((f"model.layers.{i}.{hf}.weight", getattr(shapes, f)[1:], get))
+            ab = None if lora is None else getattr(lora, TARGET.get(f, "_"), None)
+            get = (lambda w=w, i=i, ab=ab: export(layer_slice(w, i)[0], None if ab is None
+                                                  else LoraAB(ab.a[i], ab.b[i])))
+            if f.endswith("norm"):
+                get = lambda w=w, i=i: merge_lora(layer_slice(w, i)[0], None, lcfg, dt)
+            items.append((f"model.layers.{i}.{hf}.weight", getattr(shapes, f)[1:][::-1], get))
     items.append(("model.norm.weight", params.final_norm.shape,
-                  lambda: to_host(params.final_norm)))
-    if not cfg.tie_embeddings:
-        items.append(("lm_head.weight", params.embed.shape,   # (V, D): padding stays behind
-                      lambda: to_host(params.lm_head)[:, :cfg.vocab_size].T))
-    nbytes = lambda shape: math.prod(shape) * jnp.dtype(dtype).itemsize
-    files, size = [[]], 0      # items (name, shape, read): plan the files from the shapes alone
+                  lambda: merge_lora(params.final_norm, None, lcfg, dt)))
+    if not cfg.tie_embeddings:   # (V, D): the padding columns stay behind
+        items.append(("lm_head.weight", params.embed.shape,
+                      lambda: export(params.lm_head)[:cfg.vocab_size]))
+    nbytes = lambda shape: math.prod(shape) * dt.itemsize
+    files, size = [[]], 0      # plan the files from the shapes alone
     for item in items:
         if files[-1] and size + nbytes(item[1]) > shard_bytes:
             files.append([])
@@ -557,10 +645,12 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
 
     def write(tmp):
         for fname, group in zip(names, files):
-            tensors = {n: np.ascontiguousarray(get().astype(jnp.dtype(dtype)))
-                       for n, _, get in group}
             if tmp:
-                save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+                _write_safetensors(os.path.join(tmp, fname),
+                                   [(n, s, dt, get) for n, s, get in group], {"format": "pt"})
+            else:   # another process: take part in the gathers, write nothing
+                for _, _, get in group:
+                    get()
         if not tmp:
             return
         if len(files) > 1:
@@ -568,7 +658,7 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
                      "weight_map": {n: f for f, g in zip(names, files) for n, _, _ in g}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
-        hf = dict(cfg.to_hf(), torch_dtype=jnp.dtype(dtype).name)
+        hf = dict(cfg.to_hf(), torch_dtype=dt.name)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
