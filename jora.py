@@ -1722,6 +1722,74 @@ def generate_and_score(params, lora, examples, cfg, lcfg, tok, max_new_tokens: i
 # 10. Training loop: checkpoints, resume, logging, evaluation
 # ---------------------------------------------------------------------------------------------
 
+def compile_step(step_fn, args, log=print):
+    """step_fn.lower(*args).compile(), saying how long it took and whether jax's persistent
+    compilation cache (jax_compilation_cache_dir, if set) served it."""
+    hits = []
+    listen = lambda event, **_: hits.append(1) if event.endswith("/cache_hits") else None
+    jax.monitoring.register_event_listener(listen)
+    t = time.time()
+    try:
+        compiled = step_fn.lower(*args).compile()
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    spent = time.time() - t
+    log(f"compiled in {spent:.1f} s" + (" (from the compilation cache)" if hits else ""))
+    return compiled, spent
+
+
+def planned_bytes(compiled) -> int | None:
+    """XLA's planned peak device memory for a compiled step (per device), or None."""
+    plan = compiled.memory_analysis()
+    if plan is None:
+        return None
+    return (plan.argument_size_in_bytes + plan.temp_size_in_bytes + plan.output_size_in_bytes
+            - plan.alias_size_in_bytes)
+
+
+# remat="auto" tries these, fastest first, and takes the first whose memory plan fits.
+AUTO_PLANS = (dict(remat="none"), dict(remat="min"),
+              dict(remat="attn", mlp_chunk=2048, chunk_layers=4),
+              dict(remat="attn", mlp_chunk=2048), dict(remat="full", mlp_chunk=2048))
+
+
+def choose_remat(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts: Options,
+                 state, params: Params, batch: Batch, key, *, margin: float = 0.9,
+                 limit: int | None = None, log=print):
+    """remat="auto": the fastest of AUTO_PLANS whose compiled step, at this batch's shape, plans
+    at most `margin` of `limit` (default: the device's memory) -> (Options, step_fn, compiled
+    step or None, seconds spent). Where no limit is known (XLA's CPU backend), the plain plan.
+    The line it logs says why."""
+    limit = limit or (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    if not limit:   # (XLA's CPU backend): nothing to fit, so nothing to compile yet
+        o = dataclasses.replace(opts, **AUTO_PLANS[0])
+        log(f"remat auto: {_plan_name(o)} (no device memory limit to fit here)")
+        return o, make_train_step(cfg, lcfg, tcfg, mesh, o), None, 0.0
+    unrolled = isinstance(params.layers.wq, tuple)
+    tried, spent = [], 0.0
+    for plan in AUTO_PLANS:
+        if plan.get("chunk_layers") and not unrolled:
+            continue
+        o = dataclasses.replace(opts, **{"mlp_chunk": 0, "chunk_layers": 0, **plan})
+        step_fn = make_train_step(cfg, lcfg, tcfg, mesh, o)
+        log(f"remat auto: compiling the step with {_plan_name(o)} ...")
+        compiled, t = compile_step(step_fn, (state, params, batch, key), log)
+        spent += t
+        need = planned_bytes(compiled)
+        if need is None or need <= margin * limit or plan is AUTO_PLANS[-1]:
+            why = (f"plans {(need or 0) / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB" +
+                   (f"; {', '.join(tried)} would not fit" if tried else "; the fastest plan"))
+            log(f"remat auto: {_plan_name(o)} ({why})")
+            return o, step_fn, compiled, spent
+        tried.append(f"{_plan_name(o)} {need / 2**30:.1f} GiB")
+
+
+def _plan_name(o: Options) -> str:
+    chunks = "" if not o.mlp_chunk else f" + MLP chunks of {o.mlp_chunk}" + (
+        f" in the last {o.chunk_layers} layers" if o.chunk_layers else "")
+    return o.remat + chunks
+
+
 PEAK_FLOPS = {"gpu": 800e12}   # measured bf16 matmul rate of one H200; MFU is reported against it
 
 
@@ -1850,7 +1918,18 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         lora = init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
         state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
                       state_specs(lcfg), mesh)
-    step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
+    compiled = {}   # tokens' shape -> compiled step
+    if opts.remat == "auto":   # decided at the longest rows the data can make
+        full = make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32))
+        full = shard(Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in full)),
+                     Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
+        opts, step_fn, done_full, _ = choose_remat(cfg, lcfg, tcfg, mesh, opts, state, params,
+                                                   full, jax.random.key(0), log=log)
+        if done_full is not None:
+            compiled[(rows, tcfg.seq_len + 1)] = done_full
+        meta["opts"] = dataclasses.asdict(opts)
+    else:
+        step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
     key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
     data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position,
                    max_segments=opts.max_segments)
@@ -1917,7 +1996,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         pending, tokens_seen, flops_seen, t0 = [], 0, 0.0, time.time()
 
     peak = PEAK_FLOPS.get(jax.default_backend())
-    pending, tokens_seen, flops_seen, compiled, summary = [], 0, 0.0, {}, {}
+    pending, tokens_seen, flops_seen, summary = [], 0, 0.0, {}
     done = last_saved = start
     if eval_every and eval_examples and start == 0:
         run_eval(0)   # the baseline that later evaluations are compared with
@@ -1929,11 +2008,10 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
             b = shard(Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b)),
                       specs, mesh)
             if tokens.shape not in compiled:   # a new length: compile it here, in view and
-                t = time.time()                # off the clocks (minutes for 7B at long T)
+                # off the clocks (minutes for 7B at long T, seconds from the cache)
                 log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
-                compiled[tokens.shape] = step_fn.lower(state, params, b, key).compile()
-                spent = time.time() - t
-                log(f"compiled in {spent:.1f} s")
+                compiled[tokens.shape], spent = compile_step(step_fn, (state, params, b, key),
+                                                             log)
                 t0, t_start = t0 + spent, t_start + spent
             state, m = compiled[tokens.shape](state, params, b, key)
             position = after   # where the data continues once this step counts as done
