@@ -1730,11 +1730,14 @@ def compile_step(step_fn, args, log=print):
     jax.monitoring.register_event_listener(listen)
     t = time.time()
     try:
-        compiled = step_fn.lower(*args).compile()
+        lowered = step_fn.lower(*args)
+        t_lower = time.time() - t
+        compiled = lowered.compile()
     finally:
         jax.monitoring.unregister_event_listener(listen)
     spent = time.time() - t
-    log(f"compiled in {spent:.1f} s" + (" (from the compilation cache)" if hits else ""))
+    log(f"compiled in {spent:.1f} s (traced in {t_lower:.1f} s" +
+        ("; XLA's part from the compilation cache)" if hits else ")"))
     return compiled, spent
 
 

@@ -52,7 +52,13 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=10)
     a("--weight-decay", type=float, default=0.0)
     a("--clip", type=float, default=1.0)
-    a("--remat", default="none", choices=list(jora.REMAT))
+    a("--remat", default="auto", choices=["auto", *jora.REMAT], help="what the backward "
+      "keeps (auto: the fastest plan whose memory fits the device, said at start)")
+    a("--compile-cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                              os.path.expanduser("~/.cache"), "jora", "xla"),
+      help="folder of jax's persistent compilation cache: a second run with the same shapes "
+           "skips the compile (default: %(default)s)")
+    a("--no-compile-cache", action="store_true", help="compile every run afresh")
     a("--loss-chunk", type=int, default=2048, help="positions per cross-entropy chunk")
     a("--mlp-chunk", type=int, default=0, help="positions per MLP chunk (0: all); less memory "
                                                "at long sequences, free with --remat full/attn")
@@ -199,9 +205,17 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             if jax.process_index() == 0:   # progress on stderr; stdout keeps one JSON row a line
                 print(f"seq {seq}: compiling ...", file=sys.stderr, flush=True)
             key, t = jax.random.key(2), time.time()
-            step = jora.make_train_step(cfg, lcfg, tc, mesh, opts).lower(
-                state, params, b, key).compile()
-            row["compile_s"] = round(time.time() - t, 1)
+            if opts.remat == "auto":
+                o, _, step, spent = jora.choose_remat(cfg, lcfg, tc, mesh, opts, state, params,
+                                                      b, key, log=lambda s: print(
+                                                          s, file=sys.stderr, flush=True))
+                row.update(remat=o.remat, mlp_chunk=o.mlp_chunk, chunk_layers=o.chunk_layers,
+                           auto=True)
+            else:
+                step, spent = jora.compile_step(jora.make_train_step(cfg, lcfg, tc, mesh, opts),
+                                                (state, params, b, key),
+                                                log=lambda s: print(s, file=sys.stderr))
+            row["compile_s"] = round(spent, 1)
             if (plan := step.memory_analysis()) is not None:   # XLA's plan, before running
                 row["planned_gib"] = round((plan.argument_size_in_bytes + plan.temp_size_in_bytes
                                             + plan.output_size_in_bytes
@@ -239,6 +253,9 @@ def _count(n: float) -> str:   # 6.74G, 2.1M
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not args.no_compile_cache:   # steps compiled once are read back in later runs
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
