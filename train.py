@@ -206,9 +206,11 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
                 print(f"seq {seq}: compiling ...", file=sys.stderr, flush=True)
             key, t = jax.random.key(2), time.time()
             if opts.remat == "auto":
-                o, _, step, spent = jora.choose_remat(cfg, lcfg, tc, mesh, opts, state, params,
-                                                      b, key, log=lambda s: print(
-                                                          s, file=sys.stderr, flush=True))
+                say = lambda s: print(s, file=sys.stderr, flush=True)
+                o, step_fn, step, spent = jora.choose_remat(cfg, lcfg, tc, mesh, opts, state,
+                                                            params, b, key, log=say)
+                if step is None:   # no memory limit here: nothing was compiled yet
+                    step, spent = jora.compile_step(step_fn, (state, params, b, key), say)
                 row.update(remat=o.remat, mlp_chunk=o.mlp_chunk, chunk_layers=o.chunk_layers,
                            auto=True)
             else:

@@ -40,6 +40,27 @@ case "$part" in
   mgpu)  python3 -m pytest -q experiments 2>&1 | tail -5
          python3 -m experiments.bench_mgpu --ms 8192 --w-transposed | tee -a "$RESULTS/kernels-mgpu-h200-$DAY.md" ;;
   gputests) python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py 2>&1 | tail -25 ;;
+  liger) python3 -m pip install -q --no-deps --target /tmp/liger .dev/wheels/liger_kernel-*.whl ;;
+  dropout) jora --seq-len 2048 --remat none --bench-steps 5                      # q,v, dropout 0 and 0.05
+         jora --seq-len 2048 --remat none --lora-dropout 0.05 --bench-steps 5
+         hf --seq 2048 --steps 5 --dropout 0.05
+         PYTHONPATH=/tmp/liger hf --seq 2048 --steps 5 --liger
+         jora --seq-len 2048 --remat min --targets $ALL7 --lora-dropout 0.05 --bench-steps 5 --compile-cache "$OUT/cc"
+         jora --seq-len 2048 --remat min --targets $ALL7 --lora-dropout 0.05 --bench-steps 5 --compile-cache "$OUT/cc"
+         jora --seq-len 2048 --remat none --targets $ALL7 --lora-dropout 0.05 --bench-steps 5
+         hf --seq 2048 --targets $ALL7_HF --steps 5 --dropout 0.05 ;;
+  auto)  jora --seq-len ${AUTOSEQ:-2048,16384,32768} --remat auto --lora-dropout 0.05 --bench-steps 3
+         hf --seq 16384 --remat --steps 3 --dropout 0.05
+         PYTHONPATH=/tmp/liger hf --seq 16384 --remat --steps 3 --liger ;;
+  ranks) for r in ${RANKS:-8 64 256}; do jora --seq-len 2048 --remat none --lora-r $r --lora-alpha $r --bench-steps 3; done ;;
+  e2e)   python3 bench/make_7b.py "$OUT/7b" .dev/tok | tee -a "$OUT/e2e.log" | grep '^{' >> "$ROWS"
+         rm -rf "$OUT/7b_merged"
+         for run in cold warm; do   # the same run twice: the second compiles from the cache
+           python3 bench/peak_rss.py python3 train.py --model "$OUT/7b" --data .dev/data/raft_en_test.jsonl \
+             --out "$OUT/run_$run" --seq-len 4096 --pack --targets all --batch-size 1 --steps 8 \
+             --log-every 1 --compile-cache "$OUT/cc7" 2>&1 | tee -a "$OUT/e2e.log" | grep -E '^\{|loaded|compil|remat auto|wrote|step 8/' | sed "s/^/$run: /"
+           rm -rf "$OUT/run_$run/merged"
+         done ;;
   max)   for n in ${MAXSEQ:-327680 294912}; do   # longest first; stop at the first that trains
            jora --seq-len $n --remat full --mlp-chunk ${MLPCHUNK:-16384} --bench-steps 1 --bench-warmup 0
            grep -q "\"seq\": $n,.*tokens_per_s" "$ROWS" && break; done ;;
