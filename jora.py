@@ -422,16 +422,20 @@ def _read(files: dict[str, str], name: str, want_shape, index) -> np.ndarray:
         raise ValueError(f"{path}: cannot read tensor '{name}' ({e})") from None
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_rows(buffer, rows, at):   # buffer[at:at + len(rows)] = rows, in place
-    return jax.lax.dynamic_update_slice_in_dim(buffer, rows, at, 0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("axis", "hf"))
+def _put(buffer, piece, at, *, axis: int, hf: bool):
+    """buffer with `piece` written at offset `at` of `axis`, in place (the buffer is donated);
+    hf: the piece is in torch's (..., O, I) layout, transposed here, on the device."""
+    piece = jnp.swapaxes(piece, -1, -2) if hf else piece
+    return jax.lax.dynamic_update_slice_in_dim(buffer, piece.astype(buffer.dtype), at, axis)
 
 
-def _place(shape, spec, mesh, fill) -> jax.Array:
-    """A global array on `mesh` from fill(index) -> numpy pieces of this device's slice, in
-    order along axis 0. Each piece is read once, sent to every local device whose slice it
-    belongs to, written into place there, and dropped. Host memory thus holds about one
-    piece (one layer's slice of a stacked weight), whatever the number of devices."""
+def _place(shape, spec, mesh, dtype, fill, *, hf: bool = False) -> jax.Array:
+    """A global array on `mesh` from fill(index) -> (piece, offset, axis) numpy pieces of
+    this device's slice `index` (hf: each in torch's transposed layout). Each piece is read
+    once, sent to every local device whose slice it belongs to, cast, transposed and written
+    into place there, and dropped: host memory holds about one piece (one layer's slice of a
+    stacked weight), whatever the number of devices."""
     sharding = NamedSharding(mesh, spec)
     where = sharding.addressable_devices_indices_map(shape)
     key = lambda index: tuple((s.start, s.stop, s.step) for s in index)
@@ -441,17 +445,12 @@ def _place(shape, spec, mesh, fill) -> jax.Array:
     arrays = {}
     for index, devices in groups.values():
         size = tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
-        at = 0
-        for piece in fill(index):
+        for d in devices:   # zeros: lm_head's padding columns are never written
+            arrays[d] = jnp.zeros(size, dtype, device=d)
+        for piece, at, axis in fill(index):
             for d in devices:
-                if piece.shape == size:   # the whole slice in one piece
-                    arrays[d] = jax.device_put(piece, d)
-                else:                     # written in place into a buffer on the device
-                    if d not in arrays:
-                        arrays[d] = jnp.zeros(size, piece.dtype, device=d)
-                    arrays[d] = _put_rows(arrays[d], jax.device_put(piece, d), at)
+                arrays[d] = _put(arrays[d], jax.device_put(piece, d), at, axis=axis, hf=hf)
                 arrays[d].block_until_ready()
-            at += piece.shape[0]
             del piece
     return jax.make_array_from_single_device_arrays(shape, sharding,
                                                     [arrays[d] for d in where])
@@ -460,9 +459,9 @@ def _place(shape, spec, mesh, fill) -> jax.Array:
 def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]:
     """Load an HF Llama folder -> (Config, Params) placed on `mesh` (default: one device).
 
-    Each device's slice of each parameter is read straight from the safetensors files into
-    its final host buffer, sent, and dropped: host memory holds about one (layer-stacked)
-    slice at a time, never the model, whatever the number of devices.
+    Each device's slice of each parameter is read straight from the safetensors files one
+    layer at a time, sent, and cast and transposed on the device: host memory holds about one
+    layer's slice at a time, never the model, whatever the number of devices.
     """
     cfg = Config.from_hf(folder)
     mesh = make_mesh(1, jax.devices()[:1]) if mesh is None else mesh
@@ -483,40 +482,38 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
         raise ValueError(f"{folder}: checkpoint has no tensor '{missing[0]}' "
                          f"({len(missing)} missing in all)")
     dt = jnp.dtype(dtype)
-    sized = lambda shape, index: tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
 
-    def stacked(field):   # (L, I, O) from model.layers.{i}.<name>.weight (O, I), transposed
+    def stacked(field):   # (L, I, O) from model.layers.{i}.<name>.weight (O, I)
         shape, name = getattr(shapes.layers, field), HF_NAME[field]
 
-        def fill(index):   # one layer at a time, cast and transposed into a (1, I, O) piece
-            for i in range(*index[0].indices(shape[0])):
-                piece = np.empty((1, *sized(shape[1:], index[1:])), dt)
-                piece[0] = _read(files, f"model.layers.{i}.{name}.weight", shape[1:][::-1],
-                                 index[1:][::-1]).T
-                yield piece
-        return _place(shape, getattr(specs.layers, field), mesh, fill)
+        def fill(index):   # layer i as a (1, O, I) piece at row j of this slice
+            for j, i in enumerate(range(*index[0].indices(shape[0]))):
+                x = _read(files, f"model.layers.{i}.{name}.weight", shape[1:][::-1],
+                          index[1:][::-1])
+                yield x[None], j, 0
+        return _place(shape, getattr(specs.layers, field), mesh, dt, fill,
+                      hf=len(shape) == 3)
 
-    def head(index):      # (D, V') from (V, D), transposed; the padding columns are zeros
-        x = np.zeros(sized(shapes.lm_head, index), dt)
+    def head(index):      # (D, V') from (V, D); the padding columns stay zero
         cols = range(*index[1].indices(shapes.lm_head[1]))
         real = [c for c in cols if c < cfg.vocab_size]
         if real:
             name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-            x[:, :len(real)] = _read(files, name, (cfg.vocab_size, cfg.d_model),
-                                     (slice(real[0], real[-1] + 1), index[0])).T
-        yield x
+            yield _read(files, name, (cfg.vocab_size, cfg.d_model),
+                        (slice(real[0], real[-1] + 1), index[0])), 0, 1
 
     def plain(name, shape):
         def fill(index):
-            yield np.asarray(_read(files, name, shape, index), dt)
+            yield _read(files, name, shape, index), 0, 0
         return fill
+
     params = Params(
-        embed=_place(shapes.embed, specs.embed, mesh,
+        embed=_place(shapes.embed, specs.embed, mesh, dt,
                      plain("model.embed_tokens.weight", shapes.embed)),
         layers=Layer(**{f: stacked(f) for f in Layer._fields}),
-        final_norm=_place(shapes.final_norm, specs.final_norm, mesh,
+        final_norm=_place(shapes.final_norm, specs.final_norm, mesh, dt,
                           plain("model.norm.weight", shapes.final_norm)),
-        lm_head=_place(shapes.lm_head, specs.lm_head, mesh, head))
+        lm_head=_place(shapes.lm_head, specs.lm_head, mesh, dt, head, hf=True))
     return cfg, params
 
 

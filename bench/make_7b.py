@@ -13,7 +13,7 @@ import jora  # noqa: E402
 
 
 def main():
-    out, tok, size = (sys.argv[1:] + [None, "7b"])[:3]
+    out, tok, size = (sys.argv[1:] + [None, "7b"][len(sys.argv) - 2:])[:3]
     cfg = jora.PRESETS[size]
     mesh = jora.make_mesh(1, jax.devices()[:1])
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
