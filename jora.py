@@ -1580,6 +1580,32 @@ def batches_per_epoch(examples, rows: int, seq_len: int, pack: bool, seed: int =
         n += 1
 
 
+def prepare_examples(path: str, fmt: str, tok: Tokenizer, seq_len: int, eval_split: float,
+                     seed: int, rows: int, pack: bool, max_segments: int = Options.max_segments,
+                     log=print):
+    """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
+    from seed + 7) -> (train examples, eval examples, batches an epoch). Refuses, with the
+    numbers and the flags that decide them, a split that leaves too few to fill one batch."""
+    records, fmt = read_records(path, fmt)
+    examples, report = tokenize_records(records, fmt, tok, seq_len, path, log)
+    log(f"data: {path} ({fmt}) {len(records)} records -> {report}")
+    n_eval = int(len(examples) * eval_split)
+    if eval_split and not n_eval:
+        raise ValueError(f"--eval-split {eval_split} of {len(examples)} examples holds out none")
+    split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
+    train_ex = [examples[i] for i in split[n_eval:]]
+    try:
+        per_epoch = batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
+    except ValueError as e:
+        e = (f"{path}: {len(records)} records, {len(examples)} usable at --seq-len {seq_len}, "
+             f"{n_eval} held out by --eval-split {eval_split}: {e}")
+        raise ValueError(e) from None
+    if pack:   # how full the rows are: max_segments can leave them part empty
+        used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (seq_len + 1))
+        log(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of positions used")
+    return train_ex, [examples[i] for i in split[:n_eval]], per_epoch
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. Generation: prefill + KV-cache decoding in one jitted loop; scoring answers
 # ---------------------------------------------------------------------------------------------
@@ -1743,6 +1769,13 @@ def is_oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 
 
+LESS_MEMORY = ("To use less: --remat full (or attn, with --full-layers N for the first N layers "
+               "full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
+               "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
+               "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
+               "planned peak (planned_gib) without running.")
+
+
 def _flat(lora: Lora, prefix: str) -> dict:
     return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
             if ab is not None for part in ("a", "b")}
@@ -1846,8 +1879,29 @@ def check_out(out: str, resume: bool = False, overwrite: bool = False):
     return path, skipped
 
 
-RUN_FILES = ("metrics.jsonl", "adapter", "merged")   # what a run writes in OUT, besides
-                                                     # checkpoints/step_N (and .tmp, .old)
+def resume_info(out: str) -> tuple[str, dict]:
+    """-> (the checkpoint a resume starts from, the run_info it was saved with, its steps
+    included)."""
+    path, _ = check_out(out, resume=True)
+    meta = read_json(os.path.join(path, "state.json"))
+    return path, dict(meta.get("run") or {}, steps=meta.get("train", {}).get("steps"))
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "merged")   # what a run writes in OUT,
+                                                    # besides checkpoints/step_N (.tmp, .old)
+
+
+def run_info(out: str) -> dict | None:
+    """The run_info of the run in `out` (from OUT/run.json, else its newest checkpoint): None if
+    `out` holds no run, {} if that cannot be read."""
+    for f in (os.path.join(out, "run.json"),
+              os.path.join(latest_checkpoint(out) or out, "state.json")):
+        if os.path.isfile(f):
+            try:
+                return dict(read_json(f).get("run") or {})
+            except (ValueError, OSError):
+                return {}
+    return {} if os.path.exists(os.path.join(out, "metrics.jsonl")) else None
 
 
 def clean_run(out: str, extra=()):
@@ -1997,6 +2051,9 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     else:
         if overwrite and main:
             clean_run(out)
+        if main:   # what this run is: checkpoints repeat it; the demo looks here
+            with open(os.path.join(out, "run.json"), "w") as f:
+                json.dump(meta, f, indent=2)
         lora = init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
         state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
                       state_specs(lcfg), mesh)

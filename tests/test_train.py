@@ -348,8 +348,9 @@ def test_out_holding_a_run_is_refused_and_resume_checks_the_model(demo, tmp_path
 
 @needs_data
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="32000 pieces but the model's vocabulary is 512"):
-        train.main(["--model", os.path.join(STORIES, "hf"), "--data",
+    with pytest.raises(SystemExit, match="error: tokenizer .*32000 pieces but the model's "
+                                         "vocabulary is 512"):
+        train.cli(["--model", os.path.join(STORIES, "hf"), "--data",
                     os.path.join(DATA, "alpaca", "alpaca_data_1k.json"),
                     "--tokenizer", os.path.join(DATA, "llama2", "tokenizer.model"),
                     "--out", str(tmp_path / "x")])
