@@ -67,7 +67,8 @@ def score(params, cfg, lora, lcfg, tok, say=print, n: int = 60) -> float:
                          lora, lcfg)
     got = [tok.decode(o) for o in outs]
     hits = sum(g.strip() == t["completion"].strip() for g, t in zip(got, tests))
-    say(f"after training: {tests[0]['prompt']}{got[0]}\nheld-out exact match: {hits}/{n}")
+    say(f"after training: {tests[0]['prompt']} {got[0].strip()}\n"
+        f"held-out exact match: {hits}/{n}")
     return hits / n
 
 

@@ -575,7 +575,7 @@ def _atomic_dir(folder: str, write):
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
             why = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
-            raise OSError(f"cannot write {folder} ({why}); nothing was replaced and the partial "
+            raise OSError(f"cannot write {folder} ({why}); the partial "
                           f"{os.path.basename(tmp)} was removed") from None
         raise
     if os.path.exists(folder):
