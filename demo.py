@@ -73,7 +73,15 @@ def score(params, cfg, lora, lcfg, tok, say=print, n: int = 60) -> float:
 
 
 def configure(args, out: str):
-    """train.py without --model: write the demo in `out` and set the flags it trains with."""
+    """train.py without --model: write the demo in `out` and set the flags it trains with. It
+    reruns in place over a demo run, never over another run (unless args.overwrite)."""
+    info = jora.run_info(out)
+    if info is not None and not (info.get("demo") or args.overwrite):
+        raise FileExistsError(f"--out {out} holds a run of {info.get('model', 'a model')}, not "
+                              f"the demo: train.py without --model would replace it; pass "
+                              f"--model and --data, --overwrite or another --out")
+    args.overwrite = info is not None
+    jora.lock_run(out)
     args.model, args.data = demo_setup(out)
     args.format, args.lr, args.warmup, args.lora_dropout = "completion", 5e-3, 20, 0.0
     args.targets, args.seq_len, args.batch_size, args.log_every = "all", 64, 16, 25

@@ -1977,14 +1977,18 @@ def _drop_metrics_after(out: str, step: int) -> int:
 
 
 def export_run(out: str, cfg: Config, params: Params, lora: Lora, lcfg: LoraConfig,
-               source: str, dtype=jnp.bfloat16):
+               source: str, dtype=jnp.bfloat16, log=print):
     """OUT/adapter (PEFT) and OUT/merged (HF). An old merged/ goes first: a crash between the two
     leaves a new adapter/ and no merged/, never a merged/ of other factors beside it."""
-    merged = os.path.join(out, "merged")
+    merged, t = os.path.join(out, "merged"), time.time()
+    size = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
+    log(f"writing {out}/adapter (PEFT) and {merged} (HF, {jnp.dtype(dtype).name}, "
+        f"{size / 2**20:,.0f} MiB) ...")
     if jax.process_index() == 0 and os.path.exists(merged):
         shutil.rmtree(merged)
     export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=source)
     export_merged(merged, cfg, params, lora, lcfg, source=source, dtype=dtype)
+    log(f"wrote {out}/adapter and {merged} in {time.time() - t:.1f} s")
 
 
 def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, opts=Options()):
@@ -2062,10 +2066,9 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     interrupted, handlers = [], {}
 
     def on_signal(sig, frame):   # the first asks for a checkpoint after the step in flight,
-        if interrupted:          # then a clean stop; a second one stops now
-            raise KeyboardInterrupt
+        if interrupted:          # then a clean stop; a second one stops now (no print here:
+            raise KeyboardInterrupt   # the signal may have come in the middle of one)
         interrupted.append(sig)
-        log(f"signal {sig}: stopping after this step (again: at once, without a checkpoint)")
 
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):

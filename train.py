@@ -11,6 +11,7 @@ Leaves OUT/adapter (PEFT), OUT/merged (HF), OUT/metrics.jsonl and OUT/checkpoint
 """
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -23,39 +24,35 @@ import jora
 from demo import demo_setup  # noqa: F401  (train.demo_setup: the tests build models with it)
 
 EPILOG = """exit status: 0 finished; 1 an error, said in one line; 2 a malformed command line;
-130 (SIGINT, Ctrl-C) or 143 (SIGTERM): stopped after a checkpoint, continue with --resume (a
-second signal stops at once). One run at a time in an --out (OUT/.lock)."""
+130 (SIGINT, Ctrl-C) or 143 (SIGTERM): stopped after a checkpoint, continue with --resume; 130
+also: stopped at once by a second signal, or by Ctrl-C outside the training steps. One run at a
+time in an --out (OUT/.lock)."""
 
 
 def model_flags(a):   # what train.py and bench/benchmark.py share: the model, LoRA, devices
     a("--batch-size", type=int, default=8)
     a("--grad-accum", type=int, default=1)
-    a("--max-segments", type=int, default=jora.Options.max_segments, help="with --pack: at "
-      "most N - 1 examples a row (with the padding, N runs: cuDNN attends within each, ~0.3 "
-      "GiB a run at 16k on 7B; 0: a (T, T) mask instead)")
+    a("--max-segments", type=int, default=jora.Options.max_segments, help="with --pack: at most "
+      "N - 1 examples a row (N runs with the padding, ~0.3 GiB each at 16k on 7B; 0: a mask)")
     a("--lora-r", type=int, default=16)
     a("--lora-alpha", type=float, default=16.0)
     a("--lora-dropout", type=float, default=0.05)
     a("--targets", default="q,v", help="any of q,k,v,o,gate,up,down, or 'all'")
     a("--remat", default="none", choices=list(jora.REMAT))
     a("--loss-chunk", type=int, default=2048, help="positions per cross-entropy chunk")
-    a("--mlp-chunk", type=int, default=0, help="positions per MLP chunk (0: all); less memory "
-                                               "at long sequences, free with --remat full/attn")
+    a("--mlp-chunk", type=int, default=0, help="positions per MLP chunk (0: all): less memory")
     a("--full-layers", type=int, default=0, help="the first N layers remat full whatever "
-      "--remat says: saves one (T, D) activation a layer with --remat attn, for a second "
-      "attention forward in each")
+      "--remat says (with attn: one (T, D) less a layer, one more attention forward)")
     a("--chunk-layers", type=int, default=0, help="with --mlp-chunk: only the last N layers "
-      "chunk their MLP (0: all), where the memory peaks; the others run faster unchunked")
+      "chunk their MLP (0: all): where memory peaks; the others run faster")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
-    a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
-      help="LoRA projections: the fused Pallas kernel or XLA (auto: XLA, which was faster in "
-           "the whole 7B model on an H200; see README)")
+    a("--kernels", default="auto", choices=["auto", "pallas", "xla"], help="LoRA projections: "
+      "the fused Pallas kernel or XLA (auto: XLA, faster in the whole 7B model; see README)")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a("--tp", type=int, default=1, help="devices per tensor-parallel group")
-    a("--sequence-parallel", action="store_true", help="split positions over the tp group "
-                                                         "between its parallel regions")
-    a("--coordinator", help="host:port of process 0, for several hosts "
-                            "(or JAX_COORDINATOR_ADDRESS)")
+    a("--sequence-parallel", action="store_true", help="split positions over the tp group")
+    a("--coordinator", help="host:port of process 0, for several hosts (or "
+                            "JAX_COORDINATOR_ADDRESS)")
     a("--num-processes", type=int)
     a("--process-id", type=int)
 
@@ -64,8 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", help="HF Llama folder (config.json, safetensors, tokenizer.model); "
-                      "omitted = the built-in demo")
+    a("--model", help="HF Llama folder (config.json, safetensors, tokenizer.model); none: demo")
     a("--data", help="Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL")
     a("--format", default="auto", choices=["auto", "alpaca", "raft", "completion"])
     a("--tokenizer", help="sentencepiece tokenizer.model (default: the model's)")
@@ -91,8 +87,7 @@ def parser() -> argparse.ArgumentParser:
       "model, data and settings come from the checkpoint unless given")
     a("--overwrite", action="store_true", help="start afresh in an --out that holds a run "
       "(removes only what a run wrote there)")
-    a("--benchmark", action="store_true", help="time training of a random --size model: "
-      "bench/benchmark.py (python -m bench.benchmark --help)")
+    a("--benchmark", action="store_true", help="python -m bench.benchmark (see its --help)")
     a("--generate", action="store_true", help="complete --prompt / --prompts and exit")
     a("--adapter", help="PEFT adapter folder to apply with --generate")
     a("--prompt", action="append", default=[])
@@ -123,7 +118,7 @@ LIMITS = dict(   # flag: the interval it must lie in (NaN lies in none)
     keep="[1", max_new_tokens="[1", temperature="[0", top_k="[0", top_p="(0,1]", tp="[1")
 
 
-def check_flags(args, given):
+def check_flags(args):
     """Every flag and combination, before anything is read or written: ValueError naming it."""
     for k, spec in LIMITS.items():
         v, (lo, _, hi) = getattr(args, k), spec[1:].rstrip(")]").partition(",")
@@ -139,8 +134,10 @@ def check_flags(args, given):
               (args.data and not args.model and args.resume is None, "--data needs --model "
                "(without --model, train.py runs the built-in demo on its own data)"),
               (args.resume is not None and args.overwrite, "--resume and --overwrite: pick one"),
-              ((args.eval_every or args.eval_generate) and "eval_split" in given and
-               not args.eval_split, "--eval-every/--eval-generate need --eval-split > 0")]
+              ((args.eval_every or args.eval_generate) and args.resume is None and
+               not args.eval_split, "--eval-every/--eval-generate need --eval-split > 0"),
+              ((args.prompt or args.prompts) and not args.generate,
+               "--prompt/--prompts apply to --generate only")]
     for bad, why in refuse:
         if bad:
             raise ValueError(why)
@@ -175,11 +172,6 @@ def options(args) -> jora.Options:   # every Options field that is a flag (kerne
     return jora.Options(**dict(kw, kernels="pallas" if args.kernels == "pallas" else "xla"))
 
 
-def _count(n: float) -> str:   # 6.74G, 2.1M
-    return next(f"{n / f:.3g}{u}" for f, u in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
-                if n >= f or f == 1)
-
-
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--benchmark" in argv:
@@ -194,21 +186,14 @@ def main(argv=None) -> dict:
 
 
 def run(args, given, out) -> dict:
-    check_flags(args, given)
+    check_flags(args)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     if args.resume is not None:
         resume_flags(args, given, out, say)
-    elif not args.generate and args.model is None:   # the demo, rerun in place over a demo
-        info = jora.run_info(out)                       # run only
-        if info is not None and not (info.get("demo") or args.overwrite):
-            raise FileExistsError(f"--out {out} holds a run of {info.get('model', 'a model')}, "
-                                  f"not the demo: train.py without --model would replace it; "
-                                  f"pass --model and --data, --overwrite or another --out")
-        args.overwrite = info is not None
-        jora.lock_run(out)
-        demo.configure(args, out)
+    elif not args.generate and args.model is None:
+        demo.configure(args, out)   # (refuses an --out holding another run)
     elif not args.generate:
         jora.check_out(out, False, args.overwrite)   # before minutes of loading a model
     if not args.generate and not args.data:
@@ -223,7 +208,7 @@ def run(args, given, out) -> dict:
     cfg, params = jora.load_hf(args.model, dtype, mesh)
     params = jora.unstack_layers(params, free=True)   # faster steps, longer compile
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    say(f"loaded {_count(n_params)} parameters ({cfg.n_layers} layers, {dtype.name}) in "
+    say(f"loaded {n_params / 1e6:,.1f}M parameters ({cfg.n_layers} layers, {dtype.name}) in "
         f"{time.time() - t:.1f} s")
     tok = jora.Tokenizer(args.tokenizer or args.model)
     if tok.vocab_size > cfg.vocab_size:
@@ -258,16 +243,13 @@ def run(args, given, out) -> dict:
         dict(vars(args)), args.eval_generate, tok)
     if "interrupted" in summary:
         return summary
-    t, merged_dtype = time.time(), jnp.dtype(jnp.float32 if args.demo else jnp.bfloat16)
-    say(f"writing {out}/adapter (PEFT) and {out}/merged (HF, {merged_dtype.name}, "
-        f"~{_count(n_params * merged_dtype.itemsize)}B) ...", flush=True)
-    jora.export_run(out, cfg, params, lora, lcfg, args.model, merged_dtype)
-    say(f"wrote {out}/adapter and {out}/merged in {time.time() - t:.1f} s")
+    jora.export_run(out, cfg, params, lora, lcfg, args.model,
+                    jnp.float32 if args.demo else jnp.bfloat16, log=say)
     if args.demo:
         summary["exact_match"] = demo.score(params, cfg, lora, lcfg, tok, say)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows_ = [jora.json.loads(line) for line in f if '"loss"' in line]
-    summary["first_loss"] = rows_[0]["loss"] if rows_ else None
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    summary["first_loss"] = rows[0]["loss"] if rows else None
     return summary
 
 
@@ -277,8 +259,9 @@ def cli(argv=None):
         result = main(argv)
     except (ValueError, OSError, FloatingPointError) as e:   # bad input
         sys.exit("error: " + " ".join(str(e).split("\n")))
-    except KeyboardInterrupt:
-        sys.exit("interrupted")   # (exit status 1; 130 below is the shell's for SIGINT)
+    except KeyboardInterrupt:   # Ctrl-C outside the step loop, or a second signal in it
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except jax.errors.JaxRuntimeError as e:
         if not jora.is_oom(e):
             raise

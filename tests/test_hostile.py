@@ -137,7 +137,9 @@ CASES = {   # id: (argv from (tmp, files), what the line must say)
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
         (["--eval-split", "0.0001"], "--eval-split 0.0001 of 2000 examples holds out none"),
-        (["--resume", "--overwrite"], "--resume and --overwrite: pick one")]},
+        (["--resume", "--overwrite"], "--resume and --overwrite: pick one"),
+        (["--eval-every", "5"], "--eval-every/--eval-generate need --eval-split > 0"),
+        (["--prompt", "x"], "--prompt/--prompts apply to --generate only")]},
     "no --data": (lambda t, fs: ["--model", fs.base], "no --data: training needs a data file"),
     "--data without --model": (lambda t, fs: ["--data", fs.data], "--data needs --model"),
     "--generate without --model": (lambda t, fs: ["--generate", "--prompt", "x"],
@@ -412,8 +414,9 @@ def test_a_killed_export_leaves_no_stale_merged_beside_a_new_adapter(finished, t
         assert os.stat(adapter).st_mtime_ns != old       # before the new adapter/
         raise KeyboardInterrupt                          # and then the process is stopped
     monkeypatch.setattr(jora, "export_merged", killed)
-    with pytest.raises(SystemExit, match="interrupted"):
+    with pytest.raises(SystemExit) as e:
         train.cli(["--resume", "--out", out])
+    assert e.value.code == 130
     assert os.path.exists(adapter) and not os.path.exists(os.path.join(out, "merged"))
 
 
