@@ -85,4 +85,4 @@ def configure(args, out: str):
     args.model, args.data = demo_setup(out)
     args.format, args.lr, args.warmup, args.lora_dropout = "completion", 5e-3, 20, 0.0
     args.targets, args.seq_len, args.batch_size, args.log_every = "all", 64, 16, 25
-    args.steps, args.lora_r, args.demo = args.steps or 600, 32, True
+    args.steps, args.lora_r, args.demo = args.steps or 800, 32, True
