@@ -72,9 +72,14 @@ def score(params, cfg, lora, lcfg, tok, say=print, n: int = 60) -> float:
     return hits / n
 
 
-def configure(args, out: str):
-    """train.py without --model: write the demo in `out` and set the flags it trains with. It
-    reruns in place over a demo run, never over another run (unless args.overwrite)."""
+SETTINGS = dict(format="completion", lr=5e-3, warmup=20, lora_dropout=0.0, targets="all",
+                seq_len=64, batch_size=16, log_every=25, steps=800, lora_r=32)
+
+
+def configure(args, out: str, given=()):
+    """train.py without --model: write the demo in `out` and set the flags it trains with,
+    SETTINGS unless `given`. It reruns in place over a demo run, never over another run (unless
+    args.overwrite)."""
     info = jora.run_info(out)
     if info is not None and not (info.get("demo") or args.overwrite):
         raise FileExistsError(f"--out {out} holds a run of {info.get('model', 'a model')}, not "
@@ -83,6 +88,7 @@ def configure(args, out: str):
     args.overwrite = info is not None
     jora.lock_run(out)
     args.model, args.data = demo_setup(out)
-    args.format, args.lr, args.warmup, args.lora_dropout = "completion", 5e-3, 20, 0.0
-    args.targets, args.seq_len, args.batch_size, args.log_every = "all", 64, 16, 25
-    args.steps, args.lora_r, args.demo = args.steps or 800, 32, True
+    for k, v in SETTINGS.items():
+        if k not in given:
+            setattr(args, k, v)
+    args.demo = True

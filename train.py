@@ -193,7 +193,7 @@ def run(args, given, out) -> dict:
     if args.resume is not None:
         resume_flags(args, given, out, say)
     elif not args.generate and args.model is None:
-        demo.configure(args, out)   # (refuses an --out holding another run)
+        demo.configure(args, out, given)   # (refuses an --out holding another run)
     elif not args.generate:
         jora.check_out(out, False, args.overwrite)   # before minutes of loading a model
     if not args.generate and not args.data:
