@@ -1838,11 +1838,15 @@ def read_checkpoint(folder: str) -> tuple[dict, dict]:
     return t, meta
 
 
-def checkpoints(out: str) -> list[str]:   # OUT/checkpoints/step_N folders, oldest first
+def _steps(out: str, ext=("",)) -> list[str]:   # OUT/checkpoints/step_N(.tmp, .old), sorted
     root = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and
-                   not n.endswith((".tmp", ".old"))) if os.path.isdir(root) else []
-    return [os.path.join(root, n) for n in names]
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names) if (p := n.partition("."))[0][:5] ==
+            "step_" and p[0][5:].isdigit() and p[2] in ext]
+
+
+def checkpoints(out: str) -> list[str]:   # OUT/checkpoints/step_N folders, oldest first
+    return _steps(out)
 
 
 def latest_checkpoint(out: str) -> str | None:
@@ -1909,8 +1913,7 @@ def clean_run(out: str, extra=()):
     never anything else."""
     names = [n + s for n in RUN_FILES + tuple(extra) for s in ("", ".tmp", ".old")]
     root = os.path.join(out, "checkpoints")
-    steps = [n for n in os.listdir(root) if n.startswith("step_")] if os.path.isdir(root) else []
-    for path in [os.path.join(out, n) for n in names] + [os.path.join(root, n) for n in steps]:
+    for path in [os.path.join(out, n) for n in names] + _steps(out, ("", "tmp", "old")):
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
@@ -2093,10 +2096,8 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
         stop_if_bad()
         save_checkpoint(os.path.join(out, "checkpoints", f"step_{step:08d}"), state,
                         dict(meta, step=step, data_position=list(position)))
-        old = sorted(n for n in os.listdir(os.path.join(out, "checkpoints"))
-                     if n.startswith("step_") and "." not in n) if main else []
-        for n in old[:-keep]:   # keep >= 1: never the one just saved
-            shutil.rmtree(os.path.join(out, "checkpoints", n))
+        for old in (checkpoints(out) if main else [])[:-keep]:   # keep >= 1: never this one
+            shutil.rmtree(old)
         last_saved = step
 
     def record(row):

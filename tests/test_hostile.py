@@ -227,9 +227,12 @@ def test_overwrite_refuses_an_invalid_new_run_and_removes_only_what_jora_wrote(
         assert snapshot(out) == before, bad
     (tmp_path / "run" / "notes.txt").write_text("mine")
     (tmp_path / "run" / "checkpoints" / "mine").mkdir()
+    (tmp_path / "run" / "checkpoints" / "step_notes.txt").write_text("mine too")
+    (tmp_path / "run" / "checkpoints" / "step_00000009.tmp").mkdir()   # a killed save's
     train.main(files.model + RUN + ["--out", out, "--overwrite", "--steps", "1"])
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["mine", "step_00000001"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [
+        "mine", "step_00000001", "step_notes.txt"]
     assert steps_logged(out) == [1]
 
 
