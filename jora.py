@@ -2141,10 +2141,12 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
 
     pending, tokens_seen, flops_seen, compiled, summary = [], 0, 0.0, {}, {}
     done = last_saved = start
-    if eval_every and eval_examples and start == 0:
-        run_eval(0)   # the baseline that later evaluations are compared with
-    t0 = t_start = time.time()
     try:
+        if eval_every and eval_examples and start == 0:
+            run_eval(0)   # the baseline that later evaluations are compared with
+        if interrupted:   # a signal before the first step: there is nothing to save, stop now
+            raise KeyboardInterrupt
+        t0 = t_start = time.time()
         for step in range(start, tcfg.steps):
             tokens, weights, segs, after = next(data)
             b = accum_batch(make_batch(tokens, weights, segs), tcfg.grad_accum, mesh)

@@ -349,6 +349,17 @@ def test_a_second_signal_stops_at_once(files, tmp_path):
     assert jora.lock_run(out)               # and the lock was given back
     jora.unlock_run(out)
 
+    def log(line):   # one Ctrl-C during the baseline evaluation, before any step
+        if line.startswith("step 0/"):
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        jora.train(cfg, params, jora.LoraConfig(r=2), jora.TrainConfig(steps=50, batch_size=8,
+                                                                      seq_len=48),
+                   ex[8:], out + "2", mesh, ex[:8], eval_every=10, log=log)
+    assert not os.path.exists(os.path.join(out + "2", "metrics.jsonl")) or steps_logged(
+        out + "2") == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
+
 
 # ---- interrupted runs, resume -----------------------------------------------------------------
 
