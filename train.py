@@ -196,9 +196,10 @@ def run(args, given, out) -> dict:
         demo.configure(args, out, given)   # (refuses an --out holding another run)
     elif not args.generate:
         jora.check_out(out, False, args.overwrite)   # before minutes of loading a model
-    if not args.generate and not args.data:
-        raise ValueError("no --data: training needs a data file (Alpaca JSON/JSONL, RAFT "
-                         "JSONL or prompt/completion JSONL)")
+    missing = [f"--{f}" for f in ("model", "data") if not getattr(args, f)]
+    if missing and not args.generate:   # (--resume: not in an old checkpoint either)
+        raise ValueError(f"no {missing[0]}: training needs a model folder and a data file "
+                         f"(Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL)")
     if not args.generate and os.path.isdir(out) and jax.process_index() == 0:
         jora.lock_run(out)   # another run in OUT is refused now, not after loading the model
     lcfg, mesh, opts, dtype = lora_config(args), jora.make_mesh(args.tp), options(args), \

@@ -140,7 +140,8 @@ CASES = {   # id: (argv from (tmp, files), what the line must say)
         (["--resume", "--overwrite"], "--resume and --overwrite: pick one"),
         (["--eval-every", "5"], "--eval-every/--eval-generate need --eval-split > 0"),
         (["--prompt", "x"], "--prompt/--prompts apply to --generate only")]},
-    "no --data": (lambda t, fs: ["--model", fs.base], "no --data: training needs a data file"),
+    "no --data": (lambda t, fs: ["--model", fs.base], "no --data: training needs a model "
+                                                      "folder and a data file"),
     "--data without --model": (lambda t, fs: ["--data", fs.data], "--data needs --model"),
     "--generate without --model": (lambda t, fs: ["--generate", "--prompt", "x"],
                                    "--generate needs --model"),
@@ -450,3 +451,13 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_no_tmp(finished, tmp_p
     assert msg == (f"error: cannot write {out}/merged (No space left on device); the partial "
                    f"merged.tmp was removed")
     assert not glob.glob(os.path.join(out, "**", "*.tmp"), recursive=True)
+
+
+def test_resume_of_a_checkpoint_that_names_no_model_asks_for_it(tmp_path):
+    lcfg = jora.LoraConfig(r=2, targets=("q",))   # a checkpoint jora.train wrote for a library
+    lora = jora.init_lora(jax.random.key(0), jora.TINY, lcfg)   # user: no run_info in it
+    jora.save_checkpoint(str(tmp_path / "run" / "checkpoints" / "step_00000001"),
+                         jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
+                         dict(step=1, data_position=[0, 8]))
+    msg = refused(["--resume", "--out", str(tmp_path / "run")])
+    assert msg.startswith("error: no --model: training needs a model folder"), msg
