@@ -1,5 +1,6 @@
 """Hostile inputs (issue 21): no lost runs, no hangs, no tracebacks. Every check of train.py and
 jora against bad flags and files, interrupted runs, a full disk and two runs in one folder."""
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -60,6 +61,19 @@ def snapshot(out) -> dict:   # every file's bytes (the lock file aside)
 def steps_logged(out) -> list[int]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [r["step"] for r in map(json.loads, f) if "loss" in r]
+
+
+@contextlib.contextmanager
+def within(seconds: int, what: str):   # fail, rather than hang, after `seconds`
+    def hung(*_):
+        raise TimeoutError(f"{what}: still waiting after {seconds} s")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def refused(argv) -> str:
@@ -244,7 +258,8 @@ import sys, time; sys.path.insert(0, {ROOT!r}); import jora
 jora.lock_run({out!r}); print("locked", flush=True); time.sleep(300)"""],
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        with within(120, "the lock holder"):
+            assert holder.stdout.readline().strip() == "locked"
         msg = refused(files.model + RUN + ["--out", out, "--steps", "1"])
         assert f"--out {out} is in use by another run (pid {holder.pid})" in msg
         assert os.listdir(out) == [".lock"]   # refused before writing anything
@@ -298,11 +313,7 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_not_good(finished, tmp_path):
 # ---- no hangs ------------------------------------------------------------------------------
 
 def test_a_dataset_that_cannot_fill_a_batch_is_refused_within_seconds(files, tmp_path):
-    def hung(*_):
-        raise TimeoutError("the data loader hangs")
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(60)
-    try:
+    with within(60, "the data loader"):
         t = time.time()
         one = tmp_path / "one.jsonl"
         one.write_text('{"prompt": "Spell 1:", "completion": " one"}\n')
@@ -325,9 +336,6 @@ def test_a_dataset_that_cannot_fill_a_batch_is_refused_within_seconds(files, tmp
             with pytest.raises(ValueError, match="3 examples cannot fill one batch of 4 rows"):
                 jora.batches(ex, 4, 16, pack, 0, position)   # at the call: no next() needed
         assert time.time() - t < 30
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_a_second_signal_stops_at_once(files, tmp_path):
@@ -374,10 +382,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(files, tmp_path):
     out = str(tmp_path / "run")
     proc = _popen(files.model + RUN + ["--out", out, "--steps", "5000"])
     lines = []
-    for line in proc.stdout:   # the first step has run: the step loop
-        lines.append(line)
-        if line.startswith("step 1/"):
-            break
+    with within(120, "train.py's first step"):
+        for line in proc.stdout:   # the first step has run: the step loop
+            lines.append(line)
+            if line.startswith("step 1/"):
+                break
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, "".join(lines) + rest
