@@ -221,6 +221,8 @@ def run(args, given, out) -> dict:
             lora = jora.shard(lora, jora.lora_specs(lc), mesh)
         prompts = args.prompt + (jora.read_text(args.prompts).splitlines() if args.prompts
                                  else [])
+        if not prompts:
+            raise ValueError(f"{args.prompts}: no prompts (one a line)")
         t = time.time()
         outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg,
                              args.max_new_tokens, lora, lc, args.temperature, args.top_k,

@@ -208,6 +208,8 @@ CASES = {   # id: (argv from (tmp, files), what the line must say)
     "prompts file not UTF-8": (lambda t, fs: (t / "p.txt").write_bytes(b"\xff\xfe") and [
         "--generate", "--model", fs.base, "--prompts", str(t / "p.txt")],
         "p.txt: not UTF-8 text (gzipped?)"),
+    "prompts file empty": (lambda t, fs: (t / "p.txt").write_text("") == 0 and [
+        "--generate", "--model", fs.base, "--prompts", str(t / "p.txt")], "p.txt: no prompts"),
 }
 
 
