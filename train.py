@@ -108,7 +108,7 @@ def given_flags(argv) -> set[str]:   # the flags on the command line (not their 
     p = parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(p.parse_args(argv)))
+    return set(vars(p.parse_args(argv))) - {"demo"}   # (not a flag)
 
 
 LIMITS = dict(   # flag: the interval it must lie in (NaN lies in none)

@@ -472,3 +472,18 @@ def test_resume_of_a_checkpoint_that_names_no_model_asks_for_it(tmp_path):
                          dict(step=1, data_position=[0, 8]))
     msg = refused(["--resume", "--out", str(tmp_path / "run")])
     assert msg.startswith("error: no --model: training needs a model folder"), msg
+
+
+def test_the_demo_reruns_in_place_and_resumes_from_its_folder_alone(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    small = ["--batch-size", "8", "--seq-len", "48", "--save-every", "1", "--log-every", "1"]
+    train.main(["--out", out, "--steps", "1"] + small)
+    train.main(["--out", out, "--steps", "2"] + small)   # a demo run: replaced, not refused
+    assert steps_logged(out) == [1, 2]
+    capsys.readouterr()
+    summary = train.main(["--resume", "--out", out, "--steps", "3"])   # all else: the checkpoint
+    said = capsys.readouterr().out
+    assert [w for w in said.splitlines() if w.startswith("warning")] == [
+        f"warning: --steps 3 differs from the run's 2 ({out}/checkpoints/step_00000002)"]
+    assert "held-out exact match: " in said and "exact_match" in summary
+    assert steps_logged(out) == [1, 2, 3]
