@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -60,6 +61,34 @@ from jax.sharding import PartitionSpec as P
 DATA, MODEL = "data", "model"   # the two mesh axes
 PROJ = ("q", "k", "v", "o", "gate", "up", "down")   # the seven projections LoRA may target
 COLUMN = ("q", "k", "v", "gate", "up")               # split on output; "o", "down" on input
+
+# User errors are ValueError or OSError with one line that names the file, record, field or flag.
+_KIND = {dict: "a JSON object", list: "a JSON list", str: "a JSON string", int: "a number",
+         float: "a number", bool: "true/false", type(None): "null"}
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file's contents; an error names the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (gzipped?): byte {e.start} is "
+                         f"{raw[e.start]:#04x}") from None
+
+
+def read_json(path: str, expect=dict, shape: str = "a JSON object"):
+    """Parse a JSON file; errors name the file, and valid JSON of the wrong shape says what
+    shape was expected."""
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(value, expect):
+        raise ValueError(f"{path}: holds {_KIND.get(type(value), 'JSON')} where {shape} was "
+                         f"expected")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +124,7 @@ class Config:
         src = "config"
         if not isinstance(config, dict):
             src = os.path.join(config, "config.json") if os.path.isdir(config) else config
-            with open(src) as f:
-                config = json.load(f)
+            config = read_json(src, dict, "a JSON object (an HF LlamaForCausalLM config)")
 
         def get(key, default=...):
             if key not in config or config[key] is None:
@@ -108,6 +136,14 @@ class Config:
         def refuse(key, value, why):
             raise ValueError(f"{src}: unsupported {key}={value!r} ({why})")
 
+        def number(key, default=..., kind=int, least=1):   # an integer >= least, or a float > 0
+            v = get(key, default)
+            if (isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int)
+                    or not (least <= v if kind is int else 0 < v < math.inf)):
+                raise ValueError(f"{src}: field '{key}' is {v!r}; it must be " +
+                                 (f"an integer >= {least}" if kind is int else "a number > 0"))
+            return kind(v)
+
         if get("model_type", "llama") != "llama":
             refuse("model_type", config["model_type"], "only Llama is supported")
         if get("hidden_act", "silu") != "silu":
@@ -118,20 +154,24 @@ class Config:
         # transformers 5 keeps theta and scaling together in rope_parameters.
         rope = dict(get("rope_scaling", None) or {})
         rope.update(get("rope_parameters", None) or {})
-        theta = rope.get("rope_theta", get("rope_theta", 10_000.0))
+        config = dict(config, rope_theta=rope.get("rope_theta", get("rope_theta", 10_000.0)),
+                      rope_factor=rope.get("factor", 1.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in ("default", "linear"):
             refuse("rope_scaling.rope_type", kind, "only default and linear RoPE are implemented")
-        scale = float(rope.get("factor", 1.0)) if kind == "linear" else 1.0
-        d, n = int(get("hidden_size")), int(get("num_attention_heads"))
-        cfg = cls(vocab_size=int(get("vocab_size")), d_model=d,
-                  d_ff=int(get("intermediate_size")), n_layers=int(get("num_hidden_layers")),
-                  n_heads=n, n_kv_heads=int(get("num_key_value_heads", n)),
-                  head_dim=int(get("head_dim", d // n)), rope_theta=float(theta),
-                  rope_scale=scale, norm_eps=float(get("rms_norm_eps", 1e-6)),
+        scale = number("rope_factor", kind=float) if kind == "linear" else 1.0
+        d, n = number("hidden_size"), number("num_attention_heads")
+        eos = get("eos_token_id", 2)   # may be a list in HF configs
+        config["eos_token_id"] = eos[0] if isinstance(eos, list) and eos else eos
+        cfg = cls(vocab_size=number("vocab_size"), d_model=d, d_ff=number("intermediate_size"),
+                  n_layers=number("num_hidden_layers"), n_heads=n,
+                  n_kv_heads=number("num_key_value_heads", n),
+                  head_dim=number("head_dim", d // n), rope_theta=number("rope_theta", kind=float),
+                  rope_scale=scale, norm_eps=number("rms_norm_eps", 1e-6, float),
                   tie_embeddings=bool(get("tie_word_embeddings", False)),
-                  max_positions=int(get("max_position_embeddings", 4096)),
-                  bos_id=int(get("bos_token_id", 1)), eos_id=_first(get("eos_token_id", 2)))
+                  max_positions=number("max_position_embeddings", 4096),
+                  bos_id=number("bos_token_id", 1, least=0),
+                  eos_id=number("eos_token_id", least=0))
         if cfg.n_heads % cfg.n_kv_heads:
             refuse("num_key_value_heads", cfg.n_kv_heads,
                    f"must divide num_attention_heads={cfg.n_heads}")
@@ -150,10 +190,6 @@ class Config:
                     max_position_embeddings=self.max_positions, hidden_act="silu",
                     bos_token_id=self.bos_id, eos_token_id=self.eos_id,
                     attention_bias=False, mlp_bias=False, torch_dtype="bfloat16")
-
-
-def _first(x):   # eos_token_id may be a list in HF configs
-    return int(x[0] if isinstance(x, (list, tuple)) else x)
 
 
 LLAMA2_7B = Config()
@@ -383,15 +419,37 @@ HF_NAME = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_pro
                mlp_norm="post_attention_layernorm")
 
 
+def load_tensors(path: str) -> dict[str, np.ndarray]:
+    """A whole safetensors file; an unreadable one (truncated, not safetensors) is named."""
+    from safetensors.numpy import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except Exception as e:   # safetensors' own error names no file
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
 def _hf_tensor_index(folder: str) -> dict[str, str]:
     """tensor name -> safetensors file, for a single file or an index + shards."""
     from safetensors import safe_open
     index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
     single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+        weight_map = read_json(index, dict, "an index object").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                       for v in weight_map.values()):
+            raise ValueError(f"{index}: no 'weight_map' object (tensor name -> file name)")
+        files = set(weight_map.values())
+        if os.path.exists(single) and files != {"model.safetensors"}:
+            raise ValueError(f"{folder}: holds both model.safetensors and "
+                             f"model.safetensors.index.json (naming {len(files)} other "
+                             f"file(s)); which is the model? Remove the other")
+        for f in sorted(files):
+            if not os.path.isfile(os.path.join(folder, f)):
+                raise FileNotFoundError(f"{index}: names {f}, which is not in {folder}")
+        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
     if not os.path.exists(single):
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     try:
@@ -591,8 +649,16 @@ def _atomic_dir(folder: str, write):
     folder = os.path.abspath(folder)
     tmp, old = folder + ".tmp", folder + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+    except BaseException as e:   # a full disk, Ctrl-C, ...: no partial folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+            why = os.strerror(e.errno) if getattr(e, "errno", None) else str(e).splitlines()[0]
+            raise OSError(f"cannot write {folder} ({why}); the partial "
+                          f"{os.path.basename(tmp)} was removed") from None
+        raise
     if os.path.exists(folder):
         shutil.rmtree(old, ignore_errors=True)
         os.rename(folder, old)
@@ -705,12 +771,20 @@ def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,
 
 def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
     """Read a PEFT LoRA adapter folder (as export_adapter writes) -> (Lora, LoraConfig)."""
-    from safetensors.numpy import load_file
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        c = json.load(f)
+    path = os.path.join(folder, "adapter_config.json")
+    c = read_json(path, dict, "a JSON object (a PEFT adapter config)")
     if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("use_rslora"):
         raise ValueError(f"{folder}: only plain LoRA adapters are supported")
-    w = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if not isinstance(c.get(key), kind) or isinstance(c[key], bool) or c[key] <= 0:
+            raise ValueError(f"{path}: field '{key}' is {c.get(key, 'missing')!r}; it must be a "
+                             f"number > 0")
+    w = load_tensors(os.path.join(folder, "adapter_model.safetensors"))
+    layers = {int(i) for n in w if ".layers." in n
+              if (i := n.split(".layers.")[1].split(".")[0]).isdigit()}
+    if layers and max(layers) >= cfg.n_layers:
+        raise ValueError(f"{folder}: adapter has factors for layer {max(layers)}, the model has "
+                         f"{cfg.n_layers} layers: it was made for another model")
     # The targets are the modules with factors in the file (target_modules may be a list, a
     # regular expression or "all-linear"); a factor on any other module could not be applied.
     modules = {n.split(".")[-3] for n in w if ".lora_" in n}
@@ -1345,7 +1419,8 @@ def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh,
 
     batches: a Batch whose leaves are (A, B, T) for A = grad_accum micro-batches. The loss is
     normalised by the answer tokens of all A micro-batches together (not a mean of means).
-    A step whose loss or gradient is not finite leaves the state unchanged and is recorded.
+    A step whose loss, gradient or any updated factor is not finite leaves the state unchanged
+    and is recorded (bad_step); metrics["finite"] says which: [loss, gradient, *factors].
     """
     def grad_sums(lora, params, batch, key):
         # Gradient of the *sum* of token losses, taken outside loss_sums' shard_map.
@@ -1373,13 +1448,24 @@ def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh,
             grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, tcfg.clip / (norm + 1e-6)), grads)
         lr = learning_rate(state.opt.step, tcfg)
         lora, opt = adamw_update(state.lora, grads, state.opt, lr, tcfg)
-        ok = jnp.isfinite(nll) & jnp.isfinite(norm)
+        # The new factors too: a huge (or NaN) learning rate spoils them while the loss and the
+        # gradient are still finite, and a checkpoint must hold finite tensors only.
+        finite = jnp.stack([jnp.isfinite(nll), jnp.isfinite(norm)] +
+                           [jnp.isfinite(x).all() for x in jax.tree.leaves(lora)])
+        ok = finite.all()
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         bad = jnp.where(ok | (state.bad_step > 0), state.bad_step, state.opt.step + 1)
         new = TrainState(lora=keep(lora, state.lora), opt=keep(opt, state.opt), bad_step=bad)
-        return new, dict(loss=nll / n, grad_norm=norm, lr=lr, tokens=n)
+        return new, dict(loss=nll / n, grad_norm=norm, lr=lr, tokens=n, finite=finite)
 
     return jax.jit(step, donate_argnums=(0,))
+
+
+def accum_batch(b: Batch, grad_accum: int, mesh) -> Batch:
+    """(A * B, T) rows -> A micro-batches (A, B, T), split over "data": what the step takes."""
+    spec = P(None, DATA, None)
+    return shard(Batch(*(x.reshape(grad_accum, -1, x.shape[-1]) for x in b)),
+                 Batch(*[spec] * len(Batch._fields)), mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1395,7 +1481,11 @@ class Tokenizer:
             path = os.path.join(path, "tokenizer.model")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no tokenizer at {path}")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as e:   # RuntimeError or OSError, with sentencepiece's C++ message
+            raise ValueError(f"{path}: not a sentencepiece tokenizer model "
+                             f"({str(e).splitlines()[0][:200]})") from None
         self.path = path
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
@@ -1425,8 +1515,7 @@ FORMAT_KEYS = {"alpaca": ("instruction", "output"), "raft": ("instruction", "cot
 
 def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     """Read a JSON list or JSONL file -> (records, format). Errors name the file and record."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     records = []
     if text.lstrip().startswith("["):
         try:
@@ -1439,10 +1528,20 @@ def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: record {len(records) + 1} (line {n}) is "
-                                     f"malformed JSON ({e.msg})") from None
+                    try:   # valid JSON, but one value over several lines: not JSONL
+                        whole = json.loads(text)
+                    except json.JSONDecodeError:
+                        raise ValueError(f"{path}: record {len(records) + 1} (line {n}) is "
+                                         f"malformed JSON ({e.msg})") from None
+                    raise ValueError(f"{path}: holds {_KIND.get(type(whole), 'JSON')} where a "
+                                     f"list of records (JSON) or one record a line (JSONL) was "
+                                     f"expected") from None
     if not records:
         raise ValueError(f"{path}: no records")
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: record {i} is {_KIND.get(type(r), 'JSON')}, not a JSON "
+                             f"object")
     if fmt == "auto":
         first = records[0] if isinstance(records[0], dict) else {}
         fmt = next((f for f in ("raft", "alpaca", "completion")
@@ -1451,15 +1550,21 @@ def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
             raise ValueError(f"{path}: record 1 has keys {sorted(first)}; cannot tell the format "
                              f"(alpaca needs instruction/output, raft instruction/cot_answer, "
                              f"completion prompt/completion)")
+    optional = dict(alpaca=("input",), raft=("oracle_context",), completion=())[fmt]
     for i, r in enumerate(records, 1):
-        if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i} is not a JSON object")
-        for k in FORMAT_KEYS[fmt] + (("input",) if fmt == "alpaca" and "input" in r else ()):
-            if k not in r:
+        for k in FORMAT_KEYS[fmt] + ("question",) * (fmt == "raft") + optional:
+            if k not in r and k not in optional:
                 raise ValueError(f"{path}: record {i} has no '{k}' (format {fmt})")
-            if not isinstance(r[k], str):
+            if k in r and not isinstance(r[k], str):
                 raise ValueError(f"{path}: record {i} field '{k}' is {type(r[k]).__name__}, "
                                  f"not a string")
+        ctx = r.get("context", {}) if fmt == "raft" else {}
+        docs = ctx.get("sentences", [[]]) if isinstance(ctx, dict) else None
+        if not (isinstance(docs, list) and docs and isinstance(docs[0], list)
+                and all(isinstance(d, str) for d in docs[0])):
+            k, v = ("context", ctx) if docs is None else ("context.sentences", docs)
+            raise ValueError(f"{path}: record {i} field '{k}' is {_KIND.get(type(v), 'JSON')}; "
+                             f'format raft expects "context": {{"sentences": [[document, ...]]}}')
     return records, fmt
 
 
@@ -1539,13 +1644,19 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
     `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
     examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...), at most max_segments - 1
     of them (the padding tail is one run more: Options.max_segments; 0: no limit); otherwise one
-    example a row, padded to the batch's longest, T rounded up by padded_length.
+    example a row, padded to the batch's longest, T rounded up by padded_length. Examples that
+    cannot fill one batch are refused here, at the call, not at the first next().
     """
+    data = _batches(examples, rows, seq_len, pack, seed, position, bucket, max_segments)
+    return itertools.chain([next(data)], data)
+
+
+def _batches(examples, rows, seq_len, pack, seed, position, bucket, max_segments):
     most = max_segments - 1 if pack and max_segments else None
     epoch, cursor = position
     while True:
         order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-        yielded = False
+        whole, yielded = cursor == 0, False   # an epoch from its start that yields nothing: none
         while cursor < len(order):
             group, lens = [], []
             while cursor < len(order) and len(group) < rows:
@@ -1573,9 +1684,51 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
                     at += n
             yielded = True
             yield tokens, weights, segs, (epoch, cursor)
-        if not yielded and cursor == 0:
-            raise ValueError(f"{len(examples)} examples cannot fill one batch of {rows} rows")
+        if whole and not yielded:   # (one that resumed near its end may well yield nothing)
+            raise ValueError(f"{len(examples)} examples cannot fill one batch of {rows} rows "
+                             f"(--batch-size x --grad-accum)" +
+                             (f" of --seq-len {seq_len} packed tokens" if pack else ""))
         epoch, cursor = epoch + 1, 0
+
+
+def batches_per_epoch(examples, rows: int, seq_len: int, pack: bool, seed: int = 0,
+                      max_segments: int = Options.max_segments) -> float:
+    """Batches in one pass over `examples` (what --epochs counts); packed: the packer's batches,
+    counted by running it. Refuses examples that cannot fill one batch, as `batches` does."""
+    data = batches(examples, rows, seq_len, pack, seed, max_segments=max_segments)
+    if not pack:
+        return len(examples) / rows
+    n = 0
+    for *_, (epoch, _) in data:
+        if epoch > 0:   # this batch already belongs to the next epoch
+            return n
+        n += 1
+
+
+def prepare_examples(path: str, fmt: str, tok: Tokenizer, seq_len: int, eval_split: float,
+                     seed: int, rows: int, pack: bool, max_segments: int = Options.max_segments,
+                     log=print):
+    """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
+    from seed + 7) -> (train examples, eval examples, batches an epoch). Refuses, with the
+    numbers and the flags that decide them, a split that leaves too few to fill one batch."""
+    records, fmt = read_records(path, fmt)
+    examples, report = tokenize_records(records, fmt, tok, seq_len, path, log)
+    log(f"data: {path} ({fmt}) {len(records)} records -> {report}")
+    n_eval = int(len(examples) * eval_split)
+    if eval_split and not n_eval:
+        raise ValueError(f"--eval-split {eval_split} of {len(examples)} examples holds out none")
+    split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
+    train_ex = [examples[i] for i in split[n_eval:]]
+    try:
+        per_epoch = batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
+    except ValueError as e:
+        e = (f"{path}: {len(records)} records, {len(examples)} usable at --seq-len {seq_len}, "
+             f"{n_eval} held out by --eval-split {eval_split}: {e}")
+        raise ValueError(e) from None
+    if pack:   # how full the rows are: max_segments can leave them part empty
+        used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (seq_len + 1))
+        log(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of positions used")
+    return train_ex, [examples[i] for i in split[:n_eval]], per_epoch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1802,6 +1955,23 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
     return 4 * n + 6 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers
 
 
+def mfu(flops_per_s: float, devices: int) -> float | None:
+    """Model FLOPs utilisation of `devices` against PEAK_FLOPS (None: no peak for this backend)."""
+    peak = PEAK_FLOPS.get(jax.default_backend())
+    return flops_per_s / (peak * devices) if peak else None
+
+
+def is_oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+LESS_MEMORY = ("To use less: --remat full (or attn, with --full-layers N for the first N layers "
+               "full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
+               "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
+               "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
+               "planned peak (planned_gib) without running.")
+
+
 def _flat(lora: Lora, prefix: str) -> dict:
     return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
             if ab is not None for part in ("a", "b")}
@@ -1813,6 +1983,9 @@ def save_checkpoint(folder: str, state: TrainState, meta: dict):
     tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
                **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
     tensors = {k: np.ascontiguousarray(to_host(v)) for k, v in tensors.items()}
+    bad = next((k for k, v in tensors.items() if not np.isfinite(v).all()), None)
+    if bad:   # a checkpoint is good only if every tensor in it is finite
+        raise FloatingPointError(f"{folder}: not saved, tensor '{bad}' is not finite")
 
     def write(tmp):
         if tmp is None:
@@ -1826,9 +1999,7 @@ def save_checkpoint(folder: str, state: TrainState, meta: dict):
 
 def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[TrainState, dict]:
     """Inverse of save_checkpoint; refuses a checkpoint of another model or LoRA shape."""
-    from safetensors.numpy import load_file
-    with open(os.path.join(folder, "state.json")) as f:
-        meta = json.load(f)
+    t, meta = read_checkpoint(folder)
     for key, want in (("config", dataclasses.asdict(cfg)), ("lora", dataclasses.asdict(lcfg))):
         have = meta.get(key, {})
         diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items()
@@ -1838,7 +2009,6 @@ def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[T
             raise ValueError(f"{folder}: checkpoint was made with {key}.{k}={a!r}, this run has "
                              f"{b!r} ({len(diff)} difference(s)); use another --out or the same "
                              f"model and LoRA settings")
-    t = load_file(os.path.join(folder, "state.safetensors"))
 
     def tree(prefix):
         return Lora(**{x: LoraAB(a=t[f"{prefix}.{x}.a"], b=t[f"{prefix}.{x}.b"])
@@ -1850,11 +2020,174 @@ def load_checkpoint(folder: str, cfg: Config, lcfg: LoraConfig, mesh) -> tuple[T
     return shard(state, state_specs(lcfg), mesh), meta
 
 
-def latest_checkpoint(out: str) -> str | None:
+def read_checkpoint(folder: str) -> tuple[dict, dict]:
+    """-> (tensors, state.json) of a checkpoint, refusing (ValueError) one that does not read
+    back whole or holds a non-finite tensor: a checkpoint is good only if every tensor is."""
+    meta = read_json(os.path.join(folder, "state.json"), dict, "a JSON object (jora-train/1)")
+    for key in ("step", "data_position"):
+        if key not in meta:
+            raise ValueError(f"{folder}/state.json: missing field '{key}'")
+    t = load_tensors(os.path.join(folder, "state.safetensors"))
+    bad = next((k for k, v in t.items() if not np.isfinite(v).all()), None)
+    if bad:
+        raise ValueError(f"{folder}/state.safetensors: tensor '{bad}' is not finite")
+    return t, meta
+
+
+def _steps(out: str, ext=("",)) -> list[str]:   # OUT/checkpoints/step_N(.tmp, .old), sorted
     root = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if n.startswith("step_") and
-                   not n.endswith((".tmp", ".old"))) if os.path.isdir(root) else []
-    return os.path.join(root, names[-1]) if names else None
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names) if (p := n.partition("."))[0][:5] ==
+            "step_" and p[0][5:].isdigit() and p[2] in ext]
+
+
+def checkpoints(out: str) -> list[str]:   # OUT/checkpoints/step_N folders, oldest first
+    return _steps(out)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    return (checkpoints(out) or [None])[-1]
+
+
+def good_checkpoint(out: str) -> tuple[str | None, list[str]]:
+    """-> (the newest checkpoint that read_checkpoint accepts or None, why each newer one is
+    not good)."""
+    skipped = []
+    for path in reversed(checkpoints(out)):
+        try:
+            read_checkpoint(path)
+            return path, skipped
+        except (ValueError, OSError) as e:
+            skipped.append(str(e))
+    return None, skipped
+
+
+def check_out(out: str, resume: bool = False, overwrite: bool = False):
+    """Refuse an `out` holding another run (unless resume or overwrite), and a resume with no
+    good checkpoint; -> (the checkpoint to resume from or None, why each newer one is not
+    good). Reads only: call it before writing."""
+    if (os.path.exists(os.path.join(out, "metrics.jsonl")) or checkpoints(out)) and not (
+            resume or overwrite):
+        raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
+                              f"--overwrite to start again there")
+    if not resume:
+        return None, []
+    path, skipped = good_checkpoint(out)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints" +
+                                (f" reads back whole: {skipped[0]}" if skipped else ""))
+    return path, skipped
+
+
+def resume_info(out: str) -> tuple[str, dict]:
+    """-> (the checkpoint a resume starts from, the run_info it was saved with, its steps
+    included)."""
+    path, _ = check_out(out, resume=True)
+    meta = read_json(os.path.join(path, "state.json"))
+    return path, dict(meta.get("run") or {}, steps=meta.get("train", {}).get("steps"))
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "merged")   # what a run writes in OUT,
+                                                    # besides checkpoints/step_N (.tmp, .old)
+
+
+def run_info(out: str) -> dict | None:
+    """The run_info of the run in `out` (from OUT/run.json, else its newest checkpoint): None if
+    `out` holds no run, {} if that cannot be read."""
+    for f in (os.path.join(out, "run.json"),
+              os.path.join(latest_checkpoint(out) or out, "state.json")):
+        if os.path.isfile(f):
+            try:
+                return dict(read_json(f).get("run") or {})
+            except (ValueError, OSError):
+                return {}
+    return {} if os.path.exists(os.path.join(out, "metrics.jsonl")) else None
+
+
+def clean_run(out: str, extra=()):
+    """--overwrite: remove what a run wrote in `out` (RUN_FILES, `extra`, checkpoints/step_N),
+    never anything else."""
+    names = [n + s for n in RUN_FILES + tuple(extra) for s in ("", ".tmp", ".old")]
+    root = os.path.join(out, "checkpoints")
+    for path in [os.path.join(out, n) for n in names] + _steps(out, ("", "tmp", "old")):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
+
+
+_LOCKS = {}   # lock file -> its open file: the run folders this process holds
+
+
+def lock_run(out: str) -> bool:
+    """One run a folder: take an exclusive flock on OUT/.lock, which the kernel drops when the
+    process ends however it ends (kill -9 too). -> False if this process held it already;
+    OSError if another process holds it."""
+    import fcntl
+    path = os.path.abspath(os.path.join(out, ".lock"))
+    if path in _LOCKS:
+        return False
+    os.makedirs(out, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise OSError(f"--out {out} is in use by another run ({who}); wait for it to end or "
+                      f"use another --out") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _LOCKS[path] = f
+    return True
+
+
+def unlock_run(out: str):
+    f = _LOCKS.pop(os.path.abspath(os.path.join(out, ".lock")), None)
+    if f:
+        f.close()
+
+
+def _drop_metrics_after(out: str, step: int) -> int:
+    """Resume: remove metric rows past the checkpoint's step (they will be logged again) and a
+    row cut short by kill -9; -> how many."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
+
+
+def export_run(out: str, cfg: Config, params: Params, lora: Lora, lcfg: LoraConfig,
+               source: str, dtype=jnp.bfloat16, log=print):
+    """OUT/adapter (PEFT) and OUT/merged (HF). An old merged/ goes first: a crash between the two
+    leaves a new adapter/ and no merged/, never a merged/ of other factors beside it."""
+    merged, t = os.path.join(out, "merged"), time.time()
+    size = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
+    log(f"writing {out}/adapter (PEFT) and {merged} (HF, {jnp.dtype(dtype).name}, "
+        f"{size / 2**20:,.0f} MiB) ...")
+    if jax.process_index() == 0 and os.path.exists(merged):
+        shutil.rmtree(merged)
+    export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=source)
+    export_merged(merged, cfg, params, lora, lcfg, source=source, dtype=dtype)
+    log(f"wrote {out}/adapter and {merged} in {time.time() - t:.1f} s")
 
 
 def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, opts=Options()):
@@ -1880,25 +2213,22 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     """Fine-tune LoRA adapters on `examples`; -> (trained Lora, summary).
 
     Writes OUT/metrics.jsonl (one JSON object per log or eval row) and OUT/checkpoints/step_N
-    every save_every steps, on SIGINT/SIGTERM and at the end. resume=True continues from the
-    latest checkpoint exactly (same data order, same dropout masks, same optimizer state).
+    every save_every steps, on SIGINT/SIGTERM and at the end; holds OUT's lock (lock_run) while
+    it writes. A signal stops after the step in flight with a checkpoint (summary["interrupted"]
+    = the step, ["signal"] = the signal); a second one stops at once (KeyboardInterrupt).
+    resume=True continues from the newest good checkpoint exactly (same data order, same
+    dropout masks, same optimizer state), dropping metric rows logged after it.
     eval_generate=N: every N steps, greedy answers to 8 held-out prompts, scored (exact match
     and token F1 of the text after '<ANSWER>:', or of the whole answer), decoded by `tokenizer`.
     """
     import signal
     main = jax.process_index() == 0      # on several hosts, process 0 logs and writes
     log = log if main else (lambda *_: None)
-    has_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or latest_checkpoint(out)
-    if has_run and not (resume or overwrite):
-        raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
-                              f"--overwrite to start again there")
-    if resume and not latest_checkpoint(out):
-        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints")
-    if overwrite and not resume and main:
-        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-        os.makedirs(out, exist_ok=True)
-        open(os.path.join(out, "metrics.jsonl"), "w").close()
-    os.makedirs(out, exist_ok=True)
+    for name, value, least in (("log_every", log_every, 1), ("save_every", save_every, 0),
+                               ("eval_every", eval_every, 0), ("keep", keep, 1)):
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    path, skipped = check_out(out, resume, overwrite)   # all is checked before anything is written
     check_tp(cfg, mesh.shape[MODEL])
     opts = dataclasses.replace(opts, packed=pack)
     rows = tcfg.batch_size * tcfg.grad_accum
@@ -1910,19 +2240,30 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
                 run=run_info or {})
     position, start = (0, 0), 0
     if resume:
-        path = latest_checkpoint(out)
         state, saved = load_checkpoint(path, cfg, lcfg, mesh)
         position, start = tuple(saved["data_position"]), int(saved["step"])
-        log(f"resumed from {path} at step {start}")
+    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position,
+                   max_segments=opts.max_segments)   # refuses too few examples, here
+    locked = main and lock_run(out)
+    if resume:
+        for why in skipped:
+            log(f"warning: {why}; resuming from the checkpoint before it")
+        dropped = _drop_metrics_after(out, start) if main else 0
+        log(f"resumed from {path} at step {start}" +
+            (f" (dropped {dropped} metric rows logged after it)" if dropped else ""))
     else:
+        if overwrite and main:
+            clean_run(out)
+        if main:   # what this run is: checkpoints repeat it; the demo looks here
+            with open(os.path.join(out, "run.json"), "w") as f:
+                json.dump(meta, f, indent=2)
         lora = init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
         state = shard(TrainState(lora, adamw_init(lora), jnp.zeros((), jnp.int32)),
                       state_specs(lcfg), mesh)
     compiled = {}   # tokens' shape -> compiled step
     if opts.remat == "auto":   # decided at the longest rows the data can make
-        full = make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32))
-        full = shard(Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in full)),
-                     Batch(*([P(None, DATA, None)] * len(Batch._fields))), mesh)
+        full = accum_batch(make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32)),
+                           tcfg.grad_accum, mesh)
         opts, step_fn, done_full, _ = choose_remat(cfg, lcfg, tcfg, mesh, opts, state, params,
                                                    full, jax.random.key(0), log=log)
         if done_full is not None:
@@ -1931,28 +2272,38 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     else:
         step_fn = make_train_step(cfg, lcfg, tcfg, mesh, opts)
     key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
-    data = batches(examples, rows, tcfg.seq_len, pack, tcfg.seed, position,
-                   max_segments=opts.max_segments)
-    specs = Batch(*([P(None, DATA, None)] * len(Batch._fields)))
     interrupted, handlers = [], {}
-    try:   # a signal asks for a checkpoint after the step in flight, then a clean stop
+
+    def on_signal(sig, frame):   # the first asks for a checkpoint after the step in flight,
+        if interrupted:          # then a clean stop; a second one stops now (no print here:
+            raise KeyboardInterrupt   # the signal may have come in the middle of one)
+        interrupted.append(sig)
+
+    try:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            handlers[sig] = signal.signal(sig, lambda s, f: interrupted.append(s))
+            handlers[sig] = signal.signal(sig, on_signal)
     except ValueError:   # not the main thread: no handlers, no graceful stop
         pass
+    names = ["loss", "gradient"] + [f"lora.{t}.{p}" for t in lcfg.targets for p in "ab"]
+
+    def stop_if_bad():   # a non-finite step: name what went bad and the last good checkpoint
+        bad = int(state.bad_step)
+        if bad:
+            finite = [np.asarray(m["finite"]) for m in jax.device_get(pending)]
+            what = next((names[i] for f in finite for i in np.flatnonzero(~f)), "a tensor")
+            good = good_checkpoint(out)[0]
+            raise FloatingPointError(
+                f"non-finite {what} at step {bad}; stopped. " +
+                (f"The last good checkpoint (every tensor finite) is {good}" if good else
+                 "No good checkpoint was saved") + "; a lower --lr or --clip may help")
 
     def checkpoint(step):
         nonlocal last_saved
-        bad = int(state.bad_step)
-        if bad:
-            raise FloatingPointError(f"non-finite loss or gradient at step {bad}; stopped, the "
-                                     f"last good checkpoint {latest_checkpoint(out)} is intact")
+        stop_if_bad()
         save_checkpoint(os.path.join(out, "checkpoints", f"step_{step:08d}"), state,
                         dict(meta, step=step, data_position=list(position)))
-        old = sorted(n for n in os.listdir(os.path.join(out, "checkpoints"))
-                     if n.startswith("step_") and "." not in n) if main else []
-        for n in old[:-keep]:
-            shutil.rmtree(os.path.join(out, "checkpoints", n))
+        for old in (checkpoints(out) if main else [])[:-keep]:   # keep >= 1: never this one
+            shutil.rmtree(old)
         last_saved = step
 
     def record(row):
@@ -1977,36 +2328,34 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
 
     def report(done):   # a metrics row for the steps since the last: the loop's only host sync
         nonlocal pending, tokens_seen, flops_seen, t0
+        stop_if_bad()
         ms = jax.device_get(pending)
-        if int(state.bad_step):
-            checkpoint(done)           # raises, naming the step
         dt = time.time() - t0
         row = dict(step=done, loss=float(np.mean([x["loss"] for x in ms])),
                    lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
                    tokens_per_s=tokens_seen / dt)
         line = (f"step {done}/{tcfg.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
                 f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
-        if peak:
-            row["mfu"] = flops_seen / dt / (peak * mesh.size)
-            line += f"  MFU {row['mfu']:.1%}"
+        if (u := mfu(flops_seen / dt, mesh.size)) is not None:
+            row["mfu"] = u
+            line += f"  MFU {u:.1%}"
         eta = (time.time() - t_start) / (done - start) * (tcfg.steps - done)
         log(line + f"  ETA {eta / 60:.1f} min")
         record(row)
         summary.update(row)
         pending, tokens_seen, flops_seen, t0 = [], 0, 0.0, time.time()
 
-    peak = PEAK_FLOPS.get(jax.default_backend())
     pending, tokens_seen, flops_seen, summary = [], 0, 0.0, {}
     done = last_saved = start
-    if eval_every and eval_examples and start == 0:
-        run_eval(0)   # the baseline that later evaluations are compared with
-    t0 = t_start = time.time()
     try:
+        if eval_every and eval_examples and start == 0:
+            run_eval(0)   # the baseline that later evaluations are compared with
+        if interrupted:   # a signal before the first step: there is nothing to save, stop now
+            raise KeyboardInterrupt
+        t0 = t_start = time.time()
         for step in range(start, tcfg.steps):
             tokens, weights, segs, after = next(data)
-            b = make_batch(tokens, weights, segs)
-            b = shard(Batch(*(x.reshape(tcfg.grad_accum, tcfg.batch_size, -1) for x in b)),
-                      specs, mesh)
+            b = accum_batch(make_batch(tokens, weights, segs), tcfg.grad_accum, mesh)
             if tokens.shape not in compiled:   # a new length: compile it here, in view and
                 # off the clocks (minutes for 7B at long T, seconds from the cache)
                 log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
@@ -2029,7 +2378,7 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
             if interrupted:
                 checkpoint(done)
                 log(f"interrupted at step {done}: checkpoint saved; continue with --resume")
-                summary["interrupted"] = done
+                summary.update(interrupted=done, signal=interrupted[0])
                 return state.lora, summary
             if save_every and done % save_every == 0 and done < tcfg.steps:
                 checkpoint(done)
@@ -2048,4 +2397,6 @@ def train(cfg: Config, params: Params, lcfg: LoraConfig, tcfg: TrainConfig, exam
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
+        if locked:
+            unlock_run(out)
     return state.lora, summary

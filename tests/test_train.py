@@ -282,7 +282,7 @@ def test_sigint_in_a_subprocess_then_resume(demo, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0].decode()
-    assert proc.returncode == 0 and "interrupted at step" in out, out
+    assert proc.returncode == 130 and "interrupted at step" in out, out   # 128 + SIGINT
     stopped = len(losses(part))
     assert 5 <= stopped < 40
     subprocess.run(cmd + ["--out", part, "--resume"], check=True, capture_output=True)
@@ -322,7 +322,8 @@ jora.save_checkpoint({str(tmp_path / "checkpoints" / "step_00000002")!r},
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
     out = str(tmp_path / "nan")
-    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+"):
+    with pytest.raises(FloatingPointError, match=r"non-finite (loss|gradient|lora\.\w+\.[ab]) "
+                                                 r"at step \d+; stopped. The last good"):
         train.main(demo + ["--out", out, "--steps", "10", "--lr", "1e38", "--clip", "0",
                            "--save-every", "1", "--lora-dropout", "0"])
     latest = jora.latest_checkpoint(out)
@@ -347,8 +348,9 @@ def test_out_holding_a_run_is_refused_and_resume_checks_the_model(demo, tmp_path
 
 @needs_data
 def test_tokenizer_that_does_not_fit_the_model_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="32000 pieces but the model's vocabulary is 512"):
-        train.main(["--model", os.path.join(STORIES, "hf"), "--data",
+    with pytest.raises(SystemExit, match="error: tokenizer .*32000 pieces but the model's "
+                                         "vocabulary is 512"):
+        train.cli(["--model", os.path.join(STORIES, "hf"), "--data",
                     os.path.join(DATA, "alpaca", "alpaca_data_1k.json"),
                     "--tokenizer", os.path.join(DATA, "llama2", "tokenizer.model"),
                     "--out", str(tmp_path / "x")])
@@ -373,6 +375,7 @@ def test_stories260k_on_alpaca_lowers_held_out_loss(tmp_path):
 def test_demo_loss_falls_below_half(tmp_path):
     summary = train.main(["--out", str(tmp_path / "demo")])
     assert summary["loss"] < 0.5 * summary["first_loss"], summary
+    assert summary["exact_match"] >= 0.6, summary   # 60 held-out prompts, greedy
 
 
 def test_benchmark_mode_reports_each_length(capsys):
@@ -463,7 +466,7 @@ def test_an_epoch_of_packed_rows_counts_batches_not_examples():
     rng = np.random.default_rng(2)
     ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(5, 20, 60)]
-    n = train._packed_batches(ex, 2, 63, 0, 8)
+    n = jora.batches_per_epoch(ex, 2, 63, True, 0, 8)
     b = jora.batches(ex, 2, 63, pack=True, seed=0, max_segments=8)
     used = sum(len(np.unique(s[s > 0])) for _ in range(n) for s in next(b)[2])
     assert 60 - 2 * 7 < used <= 60 and n < 60 / 4   # the epoch, bar a short tail; ~4+ a row

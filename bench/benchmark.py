@@ -1,0 +1,130 @@
+"""Speed and memory of training steps on a random-initialised model: one JSON row a length.
+
+  python -m bench.benchmark --size 7b --seq-len 2048,4096 --batch-size 1
+  python train.py --benchmark --size 7b --seq-len 2048,4096     # the same
+Rows (stdout): tokens/s, step seconds, MFU, per-device peak memory, XLA's planned memory,
+compile seconds, or an error; progress on stderr. Takes train.py's model flags (--remat, --tp,
+--targets, ...). bench/h200.sh drives it; bench/profile.py reads its --profile traces.
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jora  # noqa: E402
+import train  # noqa: E402
+
+
+def _time_steps(step, state, rest, steps, warmup, trace_dir, tokens, flops_per_token,
+                mesh) -> dict:
+    """Warmup and timed steps of a compiled train step(state, *rest) -> the row's timings."""
+    for _ in range(warmup):
+        state, m = step(state, *rest)
+    jax.block_until_ready(state)
+    with jax.profiler.trace(trace_dir) if trace_dir else contextlib.nullcontext():
+        t = time.time()
+        for _ in range(steps):
+            state, m = step(state, *rest)
+        jax.block_until_ready(m)
+        dt = (time.time() - t) / steps
+    mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
+    mfu = jora.mfu(tokens / dt * flops_per_token, mesh.size)
+    return dict(tokens_per_s=round(tokens / dt), step_s=round(dt, 4), loss=float(m["loss"]),
+                peak_gib=round(mem / 2**30, 2), mfu=None if mfu is None else round(mfu, 4))
+
+
+def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
+              log=print, profile=None, doc=0) -> list[dict]:
+    """Time training steps of a random-initialised model on random tokens at each length,
+    reusing one model: tokens/s, step seconds, MFU, per-device peak memory (GiB; it only grows
+    within a process, so give lengths in increasing order), compile seconds, or an error.
+    `profile`: a folder for a jax.profiler trace of the timed steps (bench/profile.py reads it).
+    doc > 0: each row packs examples of `doc` tokens (segment ids 1, 2, ...); else one a row.
+    MFU counts every position attending to the whole row (flops_per_token) either way."""
+    jora.check_tp(cfg, mesh.shape[jora.MODEL])
+    opts = dataclasses.replace(opts, packed=doc > 0)   # else one sequence a row: no mask at all
+    shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
+    params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
+        jax.random.key(0))   # created already split: no device ever holds the whole model
+    params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place: +15%
+    lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
+    results, rows = [], tcfg.batch_size * tcfg.grad_accum
+    for seq in seq_lens:
+        tc = dataclasses.replace(tcfg, seq_len=seq)
+        row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
+                   devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
+                   **dataclasses.asdict(opts))   # remat, chunks, kernels...: every option
+        try:
+            state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
+                               jora.state_specs(lcfg), mesh)
+            segs = np.arange(seq + 1)[None].repeat(rows, 0) // doc + 1 if doc else None
+            b = jora.make_batch(np.random.default_rng(0).integers(0, cfg.vocab_size,
+                                                                  (rows, seq + 1)), None, segs)
+            jora.check_runs(b.segment_ids, opts)   # the step is jitted: it cannot refuse them
+            b = jora.accum_batch(b, tc.grad_accum, mesh)
+            if jax.process_index() == 0:   # progress on stderr; stdout keeps one JSON row a line
+                print(f"seq {seq}: compiling ...", file=sys.stderr, flush=True)
+            key, say = jax.random.key(2), lambda s: print(s, file=sys.stderr, flush=True)
+            if opts.remat == "auto":   # what train.py would pick for this shape
+                o, step_fn, step, spent = jora.choose_remat(cfg, lcfg, tc, mesh, opts, state,
+                                                            params, b, key, log=say)
+                row.update(remat=o.remat, mlp_chunk=o.mlp_chunk, chunk_layers=o.chunk_layers,
+                           auto=True)
+            if opts.remat != "auto" or step is None:   # (auto compiles nothing off the GPU)
+                step_fn = step_fn if opts.remat == "auto" else jora.make_train_step(
+                    cfg, lcfg, tc, mesh, opts)
+                step, spent = jora.compile_step(step_fn, (state, params, b, key), say)
+            row["compile_s"] = round(spent, 1)
+            if (plan := jora.planned_bytes(step)) is not None:   # XLA's plan, before running
+                row["planned_gib"] = round(plan / 2**30, 3)
+            if steps > 0:   # (--bench-steps 0: compile and plan only: what would fit?)
+                row.update(_time_steps(step, state, (params, b, key), steps, warmup,
+                                       profile and f"{profile}/{seq}", rows * seq,
+                                       jora.flops_per_token(cfg, seq), mesh))
+        except Exception as e:   # report it and go on to the next length
+            row["error"] = ("out of memory" if jora.is_oom(e) else
+                            f"{type(e).__name__}: {str(e)[:300]}")
+        state = b = step = None   # free this length's buffers before the next
+        log(json.dumps(row))
+        results.append(row)
+    return results
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--size", default="7b", choices=list(jora.PRESETS))
+    a("--seq-len", default="1024", help="lengths to time, in increasing order: 2048,4096")
+    a("--bench-steps", type=int, default=5, help="timed steps (0: compile and report XLA's "
+                                                   "planned memory only)")
+    a("--bench-warmup", type=int, default=2)
+    a("--bench-doc", type=int, default=0, help="rows packed from examples of N tokens each "
+                                               "(0: one sequence a row)")
+    a("--profile", help="write a profiler trace of the timed steps to this folder")
+    train.model_flags(a)
+    args = p.parse_args(argv)
+    train.use_compile_cache(args)
+    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
+    tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
+    tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
+    return benchmark(jora.PRESETS[args.size], train.lora_config(args), tcfg,
+                     jora.make_mesh(args.tp), train.options(args),
+                     [int(s) for s in args.seq_len.split(",")], args.bench_steps,
+                     args.bench_warmup, jnp.dtype(args.dtype),
+                     log=lambda line: say(tag + line[1:], flush=True), profile=args.profile,
+                     doc=args.bench_doc)
+
+
+if __name__ == "__main__":
+    main()
