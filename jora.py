@@ -3,9 +3,9 @@
 SPDX-License-Identifier: MIT.  Last checked with Python 3.12 and jax 0.11.2.
 
 Read it top to bottom: config -> parameters (and how each is split) -> checkpoint I/O -> model
--> loss -> AdamW -> sharded step -> data -> generation -> training loop. Nothing calls anything
-defined further down. Copy this file alone into a project: it needs jax, numpy, safetensors and
-sentencepiece (the last two are imported inside the functions that read and write files).
+-> loss -> AdamW -> sharded step -> data -> generation -> training loop. Copy this file alone
+into a project: it needs jax, numpy, safetensors and sentencepiece (the last two are imported
+inside the functions that read and write files).
 
 Letters used in every shape comment and einsum:
   B batch            T positions (query)   S positions (key)   V vocab
@@ -1913,7 +1913,8 @@ def choose_remat(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, opts: O
     at most `margin` of `limit` (default: the device's memory) -> (Options, step_fn, compiled
     step or None, seconds spent). Where no limit is known (XLA's CPU backend), the plain plan.
     The line it logs says why."""
-    limit = limit or (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    limit = limit or (local.memory_stats() or {}).get("bytes_limit")
     if not limit:   # (XLA's CPU backend): nothing to fit, so nothing to compile yet
         o = dataclasses.replace(opts, **AUTO_PLANS[0])
         log(f"remat auto: {_plan_name(o)} (no device memory limit to fit here)")
