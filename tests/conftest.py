@@ -2,10 +2,14 @@
 backend starts, and pytest imports conftest.py before the test modules."""
 import os
 import sys
+import tempfile
 
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+# train.py's default compilation cache lives under the user's cache folder: the tests get one
+# of their own, fresh each session, so that what they compile is never from an earlier run.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jora-tests-cache-")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
