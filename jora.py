@@ -677,24 +677,22 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     tensor at a time.
     """
     dt = jnp.dtype(dtype)
-    export = lambda x, ab=None: merge_lora(x, ab, lcfg, dt, hf=True)   # (O, I) in dt
     items = [("model.embed_tokens.weight", params.embed.shape,
               lambda: merge_lora(params.embed, None, lcfg, dt))]
     shapes = param_shapes(cfg).layers
     for i in range(cfg.n_layers):
         for f, hf in HF_NAME.items():   # layer i's slice is taken only when written
-            w = getattr(params.layers, f)
-            ab = None if lora is None else getattr(lora, TARGET.get(f, "_"), None)
-            get = (lambda w=w, i=i, ab=ab: export(layer_slice(w, i)[0], None if ab is None
-                                                  else LoraAB(ab.a[i], ab.b[i])))
-            if f.endswith("norm"):
-                get = lambda w=w, i=i: merge_lora(layer_slice(w, i)[0], None, lcfg, dt)
+            w, ab = getattr(params.layers, f), getattr(lora or Lora(), TARGET.get(f, "_"), None)
+            get = (lambda w=w, i=i, ab=ab, matrix=not f.endswith("norm"): merge_lora(
+                layer_slice(w, i)[0], ab and LoraAB(ab.a[i], ab.b[i]), lcfg, dt,
+                hf=matrix))   # matrices in torch's (O, I) layout
             items.append((f"model.layers.{i}.{hf}.weight", getattr(shapes, f)[1:][::-1], get))
     items.append(("model.norm.weight", params.final_norm.shape,
                   lambda: merge_lora(params.final_norm, None, lcfg, dt)))
     if not cfg.tie_embeddings:   # (V, D): the padding columns stay behind
         items.append(("lm_head.weight", params.embed.shape,
-                      lambda: export(params.lm_head)[:cfg.vocab_size]))
+                      lambda: merge_lora(params.lm_head, None, lcfg, dt, hf=True)
+                      [:cfg.vocab_size]))
     nbytes = lambda shape: math.prod(shape) * dt.itemsize
     files, size = [[]], 0      # plan the files from the shapes alone
     for item in items:
