@@ -1,0 +1,121 @@
+"""Time experiments/hopper_gemm.py against cuBLAS (XLA's jnp.dot) on Llama-2-7B projections.
+
+    python -m experiments.bench_hopper_gemm                 # all 18 problems, CONFIGS, < 3 min
+    python -m experiments.bench_hopper_gemm --ms 8192 --sweep   # also SWEEP's configurations
+
+For M in --ms and (K, N) in (4096, 4096), (4096, 11008), (11008, 4096), both orientations:
+  w_kn  y = x @ w,   w stored (K, N)
+  w_nk  y = x @ w.T, w stored (N, K), read in place (cuBLAS gets the same: XLA folds the
+        transpose into the GEMM's operand layout)
+bf16 in, fp32 accumulation, bf16 out. A time is the median of 5 repetitions, after warm-up,
+of a batch of back-to-back calls (about 10 ms) ended by block_until_ready. `err` is
+max|y - ref| / max|ref| against `hopper_gemm.reference` (fp32); above 1e-2 is marked FAIL.
+A configuration that fails to compile or run prints one line and the run goes on; past
+--budget seconds the remaining configurations are skipped (so it ends in time). Prints a
+markdown table, then the best configuration per problem. Exit status 0 (also on a CPU:
+"needs a GPU").
+"""
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments.hopper_gemm import Tiles, matmul, reference
+
+LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
+# 128 x 256 CTA tile (the two WGs side by side), the same stacked (256 x 128), and the first
+# with a wgmma left in flight across steps. All 224 KiB of SMEM (4 stages).
+CONFIGS = (Tiles(), Tiles(split="m"), Tiles(in_flight=1))
+SWEEP = (Tiles(stages=3), Tiles(group=16), Tiles(group=4, group_dim="n"),
+         Tiles(split="m", in_flight=1), Tiles(tile_k=128, stages=2))
+TOL = 1e-2
+
+
+def seconds_per_call(f, *args, reps=5, target=0.01):
+    """Median over `reps` of (time of n back-to-back calls) / n, n sized to ~`target` s."""
+    for _ in range(2):   # compile, and warm caches and clocks
+        jax.block_until_ready(f(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    n = max(1, min(50, round(target / max(time.perf_counter() - t, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / n)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ms", default="2048,8192,32768", help="tokens M, comma-separated")
+    ap.add_argument("--sweep", action="store_true", help="also time SWEEP's configurations")
+    ap.add_argument("--budget", type=float, default=150.0,
+                    help="seconds after which remaining configurations are skipped")
+    args = ap.parse_args(argv)
+    if jax.default_backend() != "gpu":
+        print("needs a GPU")
+        return 0
+    kind = jax.devices()[0].device_kind
+    configs = CONFIGS + (SWEEP if args.sweep else ())
+    start = time.perf_counter()
+    print(f"jax {jax.__version__}, {kind}, bf16 -> bf16, fp32 accumulation; times in us")
+    print("| M | K -> N | w | cuBLAS us | kernel us | kernel/cuBLAS | TFLOP/s | err | config |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    best = []   # (m, k, n, orientation, cublas_us, best_us or None, config)
+    ref_fn = jax.jit(reference)
+    maxrel = jax.jit(lambda y, r: jnp.max(jnp.abs(y.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+    for m in (int(v) for v in args.ms.split(",")):
+        for k, n in LLAMA_KN:
+            kx, kw = jax.random.split(jax.random.key(m + k + n))
+            x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+            w_kn = (jax.random.normal(kw, (k, n), jnp.float32) / k ** 0.5).astype(jnp.bfloat16)
+            w_nk = jax.jit(lambda w: w.T)(w_kn)   # its own (N, K) array in HBM
+            want = ref_fn(x, w_kn)                # (M, N) fp32, the same for both layouts
+            flops = 2 * m * k * n
+            for name, w, tr in (("w_kn", w_kn, False), ("w_nk", w_nk, True)):
+                cublas = jax.jit(lambda x, w, tr=tr: jnp.dot(x, w.T if tr else w))
+                t_ref = seconds_per_call(cublas, x, w) * 1e6
+                row = f"| {m} | {k} -> {n} | {name} | {t_ref:.1f} |"
+                top = (None, None)
+                for tiles in configs:
+                    if time.perf_counter() - start > args.budget:
+                        print(f"{row} skipped | | | | {tiles} (past --budget {args.budget:g} s) |")
+                        continue
+                    try:
+                        f = jax.jit(lambda x, w, tr=tr, tiles=tiles: matmul(
+                            x, w, w_transposed=tr, tiles=tiles))
+                        err = float(maxrel(f(x, w), want))
+                        t = seconds_per_call(f, x, w) * 1e6
+                    except Exception as e:   # a measurement: report, go on
+                        msg = " ".join(str(e).split())[:160]
+                        print(f"{row} failed | | | | {tiles}: {type(e).__name__}: {msg} |",
+                              flush=True)
+                        continue
+                    flag = " FAIL" if err > TOL else ""
+                    print(f"{row} {t:.1f} | {t / t_ref:.3f} | {flops / t / 1e6:.0f} | "
+                          f"{err:.1e}{flag} | {tiles} |", flush=True)
+                    if not flag and (top[0] is None or t < top[0]):
+                        top = (t, tiles)
+                best.append((m, k, n, name, t_ref, *top))
+            del x, w_kn, w_nk, want
+    print("\nBest configuration per problem (kernel/cuBLAS < 1: faster than cuBLAS):")
+    print("| M | K -> N | w | cuBLAS us | best kernel us | kernel/cuBLAS | config |")
+    print("|---|---|---|---|---|---|---|")
+    for m, k, n, name, t_ref, t, tiles in best:
+        if t is None:
+            print(f"| {m} | {k} -> {n} | {name} | {t_ref:.1f} | none | | |")
+        else:
+            print(f"| {m} | {k} -> {n} | {name} | {t_ref:.1f} | {t:.1f} | {t / t_ref:.3f} "
+                  f"| {tiles} |")
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""hopper_gemm.py: the warp-specialized persistent GEMM against `reference()`.
+
+On a CPU the kernel runs in Mosaic GPU's interpreter (`plgpu.force_gpu_interpret_mode` on an
+abstract H200 with a few SMs, so each CTA of the persistent grid loops over several tiles); on
+a Hopper GPU natively; on another GPU the numeric tests skip (wgmma is sm_90 only). The
+interpreter does not check what only the CUDA lowering checks (wgmma operand layouts, TMA
+shapes, SMEM size), so the benchmark's configurations are also lowered for CUDA, which needs
+no GPU. Both layouts of w: (K, N), and (N, K) read transposed."""
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+from experiments.bench_hopper_gemm import CONFIGS
+from experiments.hopper_gemm import Tiles, matmul, reference
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_HOPPER = ON_GPU and any(h in jax.devices()[0].device_kind for h in ("H100", "H200", "H800",
+                                                                        "H20", "GH200"))
+CAN_INTERPRET = hasattr(plgpu, "force_gpu_interpret_mode") and hasattr(plgpu,
+                                                                        "InterpretGPUParams")
+
+
+def _fake_h200(num_cores):
+    dev = AbstractDevice(device_kind="NVIDIA H200", platform="gpu", num_cores=num_cores)
+    return use_abstract_mesh(AbstractMesh((), (), abstract_device=dev))
+
+
+@contextlib.contextmanager
+def _mgpu_mode():
+    """Native on a Hopper GPU; the interpreter on a fake 3-SM H200 on a CPU; else skip."""
+    if ON_HOPPER:
+        yield
+    elif ON_GPU:
+        pytest.skip(f"wgmma needs a Hopper GPU (sm_90), this is {jax.devices()[0].device_kind}")
+    elif not CAN_INTERPRET:
+        pytest.skip(f"jax {jax.__version__} has no Mosaic GPU interpreter")
+    else:
+        with _fake_h200(3), plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
+            yield
+
+
+def operands(m, k, n, seed, w_transposed=False, dtype=jnp.bfloat16):
+    """Fresh random x (M, K) and w, drawn directly in its layout: (N, K) when transposed."""
+    kx, kw = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (m, k)).astype(dtype)
+    w = (jax.random.normal(kw, (n, k) if w_transposed else (k, n)) / np.sqrt(k)).astype(dtype)
+    return x, w
+
+
+def check(y, want):
+    y, want = np.asarray(y, np.float32), np.asarray(want, np.float32)
+    assert y.shape == want.shape and not np.isnan(y).any()
+    # One rounding of the fp32 result to bf16 is at most half an ulp (2^-9 relative); 2^-7
+    # allows for a different fp32 summation order near a rounding tie. Elementwise, so a
+    # misplaced or missing tile fails.
+    big = np.abs(want).max()
+    bad = np.abs(y - want) > 2.0 ** -7 * np.abs(want) + 1e-5 * big
+    assert not bad.any(), f"{bad.sum()} elements off, first at {np.argwhere(bad)[0]}"
+
+
+# Small tiles, so that a 256 x 256 output has 8 CTA tiles and the 3 CTAs loop over 2-3 each.
+SMALL = dict(tile_m=64, tile_n=64)
+
+
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+@pytest.mark.parametrize("m,k,n,tiles", [
+    # n-split CTA tile 64 x 128, 2 slots cycled over 4 K steps, band of 2 tiles along M.
+    (256, 256, 256, Tiles(**SMALL, stages=2, group=2)),
+    # m-split CTA tile 128 x 64, 3 slots over 5 K steps (not a multiple), wgmma left in
+    # flight one step (in_flight=1), bands along N, 32-wide epilogue sub-tiles.
+    (256, 320, 192, Tiles(**SMALL, stages=3, split="m", group=2, group_dim="n", in_flight=1,
+                          epi_n=32)),
+])
+def test_matches_reference(m, k, n, tiles, w_transposed):
+    x, w = operands(m, k, n, seed=m + k + n + w_transposed, w_transposed=w_transposed)
+    with _mgpu_mode():
+        y = matmul(x, w, w_transposed=w_transposed, tiles=tiles)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    check(y, reference(x, w, w_transposed=w_transposed))
+
+
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+def test_default_tiles_one_step_f16(w_transposed):
+    """The default 128 x 256 CTA tile (128 x 128 per WG, 2 x 2 epilogue sub-tiles each), one
+    K step (the 4 slots shrink to 1), float16, 2 tiles on 3 SMs (one CTA idles)."""
+    x, w = operands(256, 64, 256, seed=11, w_transposed=w_transposed, dtype=jnp.float16)
+    with _mgpu_mode():
+        y = matmul(x, w, w_transposed=w_transposed)
+    assert y.dtype == jnp.float16
+    check(y, reference(x, w, w_transposed=w_transposed))
+
+
+def test_reference_orientations_agree():
+    x, w = operands(64, 128, 192, seed=1)
+    np.testing.assert_allclose(reference(x, w), reference(x, w.T, w_transposed=True))
+    np.testing.assert_allclose(reference(x, w), np.asarray(x, np.float32) @ np.asarray(
+        w, np.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,kw,match", [
+    ((200, 128, 256), {}, "M % cta_m"),
+    ((256, 128, 320), {}, "N % cta_n"),
+    ((256, 96, 256), {}, "K % tile_k"),
+    ((256, 128, 256), {"tile_m": 96}, "tile_m"),
+    ((256, 128, 256), {"tile_n": 512}, "tile_n"),
+    ((256, 128, 256), {"tile_k": 32}, "tile_k"),
+    ((256, 128, 256), {"stages": 5}, "SMEM"),
+    ((256, 128, 256), {"stages": 1, "in_flight": 1}, "stages"),
+    ((256, 128, 256), {"in_flight": 2}, "in_flight"),
+    ((256, 128, 256), {"split": "k"}, "split"),
+    ((256, 128, 256), {"group_dim": "k"}, "group_dim"),
+    ((256, 128, 256), {"epi_m": 96}, "epi_m"),
+    ((256, 128, 256), {"epi_n": 100}, "epi_n"),
+])
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+def test_bad_shapes_and_tiles_raise(shape, kw, match, w_transposed):
+    x, w = operands(*shape, seed=0, w_transposed=w_transposed)
+    with pytest.raises(ValueError, match=match):
+        matmul(x, w, w_transposed=w_transposed, tiles=Tiles(**kw))
+
+
+def test_bad_operands_raise():
+    x, w = operands(256, 128, 256, seed=0)
+    with pytest.raises(ValueError, match=r"w\.shape\[0\] == x\.shape\[1\] \(K\)"):
+        matmul(x, w[:64])
+    with pytest.raises(ValueError, match=r"w\.shape\[1\] == x\.shape\[1\] \(K\)"):
+        matmul(x, w[:, :64], w_transposed=True)   # as (N, K) = (128, 64): K 64 != 128
+    with pytest.raises(ValueError, match="16-bit float dtype"):
+        matmul(x, w.astype(jnp.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        matmul(x[None], w)
+
+
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+@pytest.mark.parametrize("tiles", CONFIGS, ids=str)
+def test_bench_configs_lower_for_cuda(tiles, w_transposed):
+    """Every configuration the benchmark times lowers for CUDA (no GPU needed) at a Llama
+    shape, to one Mosaic GPU custom call: wgmma accepts the operand views (the transposed
+    (cta_n, tile_k) w tile included), and the SMEM fits."""
+    m, k, n = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
+    f = jax.jit(lambda x, w: matmul(x, w, w_transposed=w_transposed, tiles=tiles))
+    with _fake_h200(132):
+        text = f.trace(s(m, k), s(*((n, k) if w_transposed else (k, n)))).lower(
+            lowering_platforms=("cuda",)).as_text()
+    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    assert len(calls) == 1 and "@mosaic_gpu" in calls[0], calls
