@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 import jora
+import trainer
 
 WORDS = "zero one two three four five six seven eight nine".split()
 FILES = ("demo_base", "demo_data.jsonl")   # what demo_setup writes in OUT
@@ -63,8 +64,8 @@ def demo_setup(out: str) -> tuple[str, str]:
 def score(params, cfg, lora, lcfg, tok, say=print, n: int = 60) -> float:
     """Greedy completions of n held-out prompts: says and returns the exact-match fraction."""
     tests = held_out(n)
-    outs = jora.generate(params, [tok.encode(t["prompt"], bos=True) for t in tests], cfg, 24,
-                         lora, lcfg)
+    outs = jora.generate(params, [tok.encode(t["prompt"], bos=True) for t in tests], cfg, lora,
+                         lcfg, jora.Sampling(24))
     got = [tok.decode(o) for o in outs]
     hits = sum(g.strip() == t["completion"].strip() for g, t in zip(got, tests))
     say(f"after training: {tests[0]['prompt']} {got[0].strip()}\n"
@@ -80,13 +81,13 @@ def configure(args, out: str, given=()):
     """train.py without --model: write the demo in `out` and set the flags it trains with,
     SETTINGS unless `given`. It reruns in place over a demo run, never over another run (unless
     args.overwrite)."""
-    info = jora.run_info(out)
+    info = trainer.run_info(out)
     if info is not None and not (info.get("demo") or args.overwrite):
         raise FileExistsError(f"--out {out} holds a run of {info.get('model', 'a model')}, not "
                               f"the demo: train.py without --model would replace it; pass "
                               f"--model and --data, --overwrite or another --out")
     args.overwrite = info is not None
-    jora.lock_run(out)
+    trainer.lock_run(out)
     args.model, args.data = demo_setup(out)
     for k, v in SETTINGS.items():
         if k not in given:

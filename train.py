@@ -1,8 +1,8 @@
-"""Fine-tune a Llama-2-family model with LoRA: a thin command line over jora.py.
+"""Fine-tune a Llama-2-family model with LoRA: a thin command line over jora.py and trainer.py.
 
   python train.py                                          # built-in demo, ~1 minute on a CPU
   python train.py --model llama-2-7b-hf --data alpaca.json --out run1 --tp 4 --steps 1000
-  python train.py --model llama-2-7b-hf --data raft.jsonl --seq-len 4096 --pack --remat full
+  python train.py --model llama-2-7b-hf --data raft.jsonl --seq-len 4096 --pack
   python train.py --resume --out run1                      # continue after a crash or Ctrl-C
   python train.py --generate --model llama-2-7b-hf --adapter run1/adapter --prompt "..."
   python train.py --benchmark --size 7b --seq-len 2048,4096   # bench/benchmark.py: speed, memory
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 import demo
 import jora
-from demo import demo_setup  # noqa: F401  (train.demo_setup: the tests build models with it)
+import trainer
 
 EPILOG = """exit status: 0 finished; 1 an error, said in one line; 2 a malformed command line;
 130 (SIGINT, Ctrl-C) or 143 (SIGTERM): stopped after a checkpoint, continue with --resume; 130
@@ -98,16 +98,11 @@ def parser() -> argparse.ArgumentParser:
     a("--adapter", help="PEFT adapter folder to apply with --generate")
     a("--prompt", action="append", default=[])
     a("--prompts", help="file with one prompt per line")
-    a("--max-new-tokens", type=int, default=256)
-    a("--temperature", type=float, default=0.0)
-    a("--top-k", type=int, default=0)
-    a("--top-p", type=float, default=1.0)
+    for flag, kind, default in (("max-new-tokens", int, 256), ("temperature", float, 0.0),
+                                ("top-k", int, 0), ("top-p", float, 1.0)):
+        a(f"--{flag}", type=kind, default=default)
     p.set_defaults(demo=False)
     return p
-
-
-def parse_args(argv=None):
-    return parser().parse_args(argv)
 
 
 def given_flags(argv) -> set[str]:   # the flags on the command line (not their defaults)
@@ -157,7 +152,7 @@ RESUMED = ("model data format tokenizer seq_len pack max_segments lora_r lora_al
 def resume_flags(args, given, out, say):
     """--resume: the run's model, data and settings from its checkpoint, unless given (and
     then warned about where they differ)."""
-    path, run = jora.resume_info(out)
+    path, run = trainer.resume_info(out)
     for k in (k for k in RESUMED if k in run):
         if k not in given:
             setattr(args, k, run[k])
@@ -166,35 +161,36 @@ def resume_flags(args, given, out, say):
                 f"{run[k]} ({path})")
 
 
-def lora_config(args) -> jora.LoraConfig:
+def configs(args):
+    """-> (LoraConfig, Options, Plan) from the flags (--kernels auto: XLA)."""
     targets = jora.PROJ if args.targets == "all" else tuple(args.targets.split(","))
-    return jora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                           targets=targets)
-
-
-def options(args) -> jora.Options:   # every Options field that is a flag (kernels auto: xla)
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(jora.Options)
-          if hasattr(args, f.name)}
-    return jora.Options(**dict(kw, kernels="pallas" if args.kernels == "pallas" else "xla"))
-
-
-def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--benchmark" in argv:
-        from bench import benchmark
-        return benchmark.main([x for x in argv if x != "--benchmark"])
-    args, given = parse_args(argv), given_flags(argv)
-    out = args.resume or args.out
-    try:
-        return run(args, given, out)
-    finally:
-        jora.unlock_run(out)
+    fields = lambda cls: {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                          if hasattr(args, f.name)}
+    return (jora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                            targets=targets), jora.Options(**fields(jora.Options)),
+            jora.Plan(**dict(fields(jora.Plan), kernels="pallas" if args.kernels == "pallas"
+                             else "xla")))
 
 
 def use_compile_cache(args):   # steps compiled once are read back by later runs
     if not args.no_compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def generate(args, params, cfg, tok, mesh):
+    lora, lc = jora.load_adapter(args.adapter, cfg) if args.adapter else (None, None)
+    lora = lora and jora.shard(lora, jora.lora_specs(lc), mesh)
+    prompts = args.prompt + (jora.read_text(args.prompts).splitlines() if args.prompts else [])
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts (one a line)")
+    t, s = time.time(), jora.Sampling(args.max_new_tokens, args.temperature, args.top_k,
+                                      args.top_p, args.seed)
+    outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg, lora, lc, s)
+    for p, o in zip(prompts, outs):
+        print(f"### {p}\n{tok.decode(o)}\n")
+    print(f"{sum(map(len, outs))} tokens in {time.time() - t:.1f}s (compile included)")
+    return dict(outputs=outs)
 
 
 def run(args, given, out) -> dict:
@@ -208,15 +204,14 @@ def run(args, given, out) -> dict:
     elif not args.generate and args.model is None:
         demo.configure(args, out, given)   # (refuses an --out holding another run)
     elif not args.generate:
-        jora.check_out(out, False, args.overwrite)   # before minutes of loading a model
-    missing = [f"--{f}" for f in ("model", "data") if not getattr(args, f)]
-    if missing and not args.generate:   # (--resume: not in an old checkpoint either)
+        trainer.check_out(out, False, args.overwrite)   # before minutes of loading a model
+    if (missing := [f"--{f}" for f in ("model", "data") if not getattr(args, f)]) and \
+            not args.generate:   # (--resume: not in an old checkpoint either)
         raise ValueError(f"no {missing[0]}: training needs a model folder and a data file "
                          f"(Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL)")
     if not args.generate and os.path.isdir(out) and jax.process_index() == 0:
-        jora.lock_run(out)   # another run in OUT is refused now, not after loading the model
-    lcfg, mesh, opts, dtype = lora_config(args), jora.make_mesh(args.tp), options(args), \
-        jnp.dtype(args.dtype)
+        trainer.lock_run(out)   # another run in OUT is refused now, not after loading the model
+    (lcfg, opts, plan), mesh, dtype = configs(args), jora.make_mesh(args.tp), jnp.dtype(args.dtype)
     t = time.time()
     say(f"loading {args.model} ...", flush=True)   # 7B: 13 GB read from the safetensors files
     cfg, params = jora.load_hf(args.model, dtype, mesh)
@@ -229,44 +224,44 @@ def run(args, given, out) -> dict:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
                          f"vocabulary is {cfg.vocab_size}: they do not belong together")
     if args.generate:
-        lora, lc = jora.load_adapter(args.adapter, cfg) if args.adapter else (None, None)
-        if lora is not None:
-            lora = jora.shard(lora, jora.lora_specs(lc), mesh)
-        prompts = args.prompt + (jora.read_text(args.prompts).splitlines() if args.prompts
-                                 else [])
-        if not prompts:
-            raise ValueError(f"{args.prompts}: no prompts (one a line)")
-        t = time.time()
-        outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg,
-                             args.max_new_tokens, lora, lc, args.temperature, args.top_k,
-                             args.top_p, args.seed)
-        for p, o in zip(prompts, outs):
-            print(f"### {p}\n{tok.decode(o)}\n")
-        print(f"{sum(map(len, outs))} tokens in {time.time() - t:.1f}s (compile included)")
-        return dict(outputs=outs)
-
-    train_ex, eval_ex, per_epoch = jora.prepare_examples(
+        return generate(args, params, cfg, tok, mesh)
+    train_ex, eval_ex, per_epoch = trainer.prepare_examples(
         args.data, args.format, tok, args.seq_len, args.eval_split, args.seed,
         args.batch_size * args.grad_accum, args.pack, args.max_segments,
         log=lambda line: say(line, flush=True))
-    steps = args.steps or max(1, int(args.epochs * per_epoch))
-    tcfg = jora.TrainConfig(steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+    tcfg = jora.TrainConfig(steps=args.steps or max(1, int(args.epochs * per_epoch)),
+                            batch_size=args.batch_size, grad_accum=args.grad_accum,
                             seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
                             weight_decay=args.weight_decay, clip=args.clip, seed=args.seed)
-    lora, summary = jora.train(
-        cfg, params, lcfg, tcfg, train_ex, out, mesh, eval_ex, opts, args.pack, args.log_every,
-        args.eval_every, args.save_every, args.keep, args.resume is not None, args.overwrite,
-        dict(vars(args)), args.eval_generate, tok)
+    schedule = trainer.Schedule(args.log_every, args.eval_every, args.eval_generate,
+                                args.save_every, args.keep)
+    lora, summary = trainer.train(
+        cfg, params, lcfg, tcfg, train_ex, out, mesh, eval_examples=eval_ex, opts=opts,
+        plan=plan, pack=args.pack, schedule=schedule, resume=args.resume is not None,
+        overwrite=args.overwrite, run_info=dict(vars(args)), tokenizer=tok)
     if "interrupted" in summary:
         return summary
-    jora.export_run(out, cfg, params, lora, lcfg, args.model,
-                    jnp.float32 if args.demo else jnp.bfloat16, log=say)
+    trainer.export_run(out, cfg, params, lora, lcfg, args.model,
+                       jnp.float32 if args.demo else jnp.bfloat16, log=say)
     if args.demo:
         summary["exact_match"] = demo.score(params, cfg, lora, lcfg, tok, say)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if '"loss"' in line]
     summary["first_loss"] = rows[0]["loss"] if rows else None
     return summary
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--benchmark" in argv:
+        from bench import benchmark
+        return benchmark.main([x for x in argv if x != "--benchmark"])
+    args, given = parser().parse_args(argv), given_flags(argv)
+    out = args.resume or args.out
+    try:
+        return run(args, given, out)
+    finally:
+        trainer.unlock_run(out)
 
 
 def cli(argv=None):
@@ -279,10 +274,10 @@ def cli(argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except jax.errors.JaxRuntimeError as e:
-        if not jora.is_oom(e):
+        if not trainer.is_oom(e):
             raise
         sys.exit(f"error: out of device memory ({str(e).splitlines()[0][:300]})\n"
-                 + jora.LESS_MEMORY)
+                 + trainer.LESS_MEMORY)
     if isinstance(result, dict) and "interrupted" in result:
         sys.exit(128 + result["signal"])   # 130 (SIGINT) or 143 (SIGTERM): a script can tell
 

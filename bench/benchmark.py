@@ -20,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jora  # noqa: E402
+import trainer  # noqa: E402
 import train  # noqa: E402
 
 
@@ -36,13 +37,13 @@ def _time_steps(step, state, rest, steps, warmup, trace_dir, tokens, flops_per_t
         jax.block_until_ready(m)
         dt = (time.time() - t) / steps
     mem = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in mesh.devices.flat)
-    mfu = jora.mfu(tokens / dt * flops_per_token, mesh.size)
+    mfu = trainer.mfu(tokens / dt * flops_per_token, mesh.size)
     return dict(tokens_per_s=round(tokens / dt), step_s=round(dt, 4), loss=float(m["loss"]),
                 peak_gib=round(mem / 2**30, 2), mfu=None if mfu is None else round(mfu, 4))
 
 
-def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jnp.bfloat16,
-              log=print, profile=None, doc=0) -> list[dict]:
+def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
+              dtype=jnp.bfloat16, log=print, profile=None, doc=0) -> list[dict]:
     """Time training steps of a random-initialised model on random tokens at each length,
     reusing one model: tokens/s, step seconds, MFU, per-device peak memory (GiB; it only grows
     within a process, so give lengths in increasing order), compile seconds, or an error.
@@ -54,14 +55,14 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
     params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))   # created already split: no device ever holds the whole model
-    params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place: +15%
+    params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place
     lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
     results, rows = [], tcfg.batch_size * tcfg.grad_accum
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
                    devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
-                   **dataclasses.asdict(opts))   # remat, chunks, kernels...: every option
+                   **dataclasses.asdict(opts), **dataclasses.asdict(plan))   # every option
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
@@ -73,24 +74,25 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, seq_lens, steps=5, warmup=2, dtype=jn
             if jax.process_index() == 0:   # progress on stderr; stdout keeps one JSON row a line
                 print(f"seq {seq}: compiling ...", file=sys.stderr, flush=True)
             key, say = jax.random.key(2), lambda s: print(s, file=sys.stderr, flush=True)
-            if opts.remat == "auto":   # what train.py would pick for this shape
-                o, step_fn, step, spent = jora.choose_remat(cfg, lcfg, tc, mesh, opts, state,
-                                                            params, b, key, log=say)
+            if plan.remat == "auto":   # what train.py would pick for this shape
+                o, step_fn, step, spent = trainer.choose_plan(
+                    cfg, lcfg, tc, mesh, opts=opts, plan=plan, state=state, params=params,
+                    batch=b, key=key, log=say)
                 row.update(remat=o.remat, mlp_chunk=o.mlp_chunk, chunk_layers=o.chunk_layers,
                            auto=True)
-            if opts.remat != "auto" or step is None:   # (auto compiles nothing off the GPU)
-                step_fn = step_fn if opts.remat == "auto" else jora.make_train_step(
-                    cfg, lcfg, tc, mesh, opts)
-                step, spent = jora.compile_step(step_fn, (state, params, b, key), say)
+            if plan.remat != "auto" or step is None:   # (auto compiles nothing off the GPU)
+                step_fn = step_fn if plan.remat == "auto" else jora.make_train_step(
+                    cfg, lcfg, tc, mesh, opts=opts, plan=plan)
+                step, spent = trainer.compile_step(step_fn, (state, params, b, key), say)
             row["compile_s"] = round(spent, 1)
-            if (plan := jora.planned_bytes(step)) is not None:   # XLA's plan, before running
+            if (plan := trainer.planned_bytes(step)) is not None:   # XLA's plan, before running
                 row["planned_gib"] = round(plan / 2**30, 3)
             if steps > 0:   # (--bench-steps 0: compile and plan only: what would fit?)
                 row.update(_time_steps(step, state, (params, b, key), steps, warmup,
                                        profile and f"{profile}/{seq}", rows * seq,
-                                       jora.flops_per_token(cfg, seq), mesh))
+                                       trainer.flops_per_token(cfg, seq), mesh))
         except Exception as e:   # report it and go on to the next length
-            row["error"] = ("out of memory" if jora.is_oom(e) else
+            row["error"] = ("out of memory" if trainer.is_oom(e) else
                             f"{type(e).__name__}: {str(e)[:300]}")
         state = b = step = None   # free this length's buffers before the next
         log(json.dumps(row))
@@ -118,8 +120,8 @@ def main(argv=None) -> list[dict]:
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
     tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
-    return benchmark(jora.PRESETS[args.size], train.lora_config(args), tcfg,
-                     jora.make_mesh(args.tp), train.options(args),
+    lcfg, opts, plan = train.configs(args)
+    return benchmark(jora.PRESETS[args.size], lcfg, tcfg, jora.make_mesh(args.tp), opts, plan,
                      [int(s) for s in args.seq_len.split(",")], args.bench_steps,
                      args.bench_warmup, jnp.dtype(args.dtype),
                      log=lambda line: say(tag + line[1:], flush=True), profile=args.profile,

@@ -35,10 +35,10 @@ lora = jora.shard(jora.init_lora(jax.random.key(1), cfg, lcfg), jora.lora_specs(
 for b in a.batch:
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (b, a.prompt)).tolist()
     t = time.time()
-    jora.generate(params, prompts, cfg, a.new, lora, lcfg)          # compile + first run
+    jora.generate(params, prompts, cfg, lora, lcfg, jora.Sampling(a.new))          # compile + first run
     first = time.time() - t
     t = time.time()
-    out = jora.generate(params, prompts, cfg, a.new, lora, lcfg)
+    out = jora.generate(params, prompts, cfg, lora, lcfg, jora.Sampling(a.new))
     dt = time.time() - t
     n = sum(len(o) for o in out)
     print(json.dumps(dict(impl="jora-decode", size=a.size, batch=b, prompt=a.prompt, new=a.new,

@@ -87,10 +87,12 @@ class Tiles:
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.split == "n" else 1)
 
-    def smem_bytes(self, itemsize: int = 2) -> int:
-        ring = self.stages * (self.cta_m + self.cta_n) * self.tile_k
+    def smem_bytes(self, itemsize: int = 2, rank: int = 0) -> int:
+        """SMEM the buffers take; rank: R of the LoRA term (0: none)."""
+        ring = self.stages * (self.cta_m + self.cta_n + rank) * self.tile_k
         epilogue = 2 * 2 * self.epi_m * self.epi_n
-        return (ring + epilogue) * itemsize
+        lowrank = 2 * rank * (self.tile_m + self.tile_n)   # per WG: xa (tile_m, R), b (R, tile_n)
+        return (ring + epilogue + lowrank) * itemsize
 
     def __str__(self):
         s = f"{self.tile_m}x{self.tile_n}x{self.tile_k} s{self.stages} {self.split}-split " \
@@ -115,13 +117,13 @@ def _num_sms() -> int:
     return getattr(jax.devices()[0], "core_count", None) or 132
 
 
-def _operand_transforms(tile_k: int, itemsize: int):
-    # (8, 64) tiles and the 128 B swizzle: the layout TMA writes and wgmma reads conflict-free.
-    swizzle = plgpu.find_swizzle(tile_k * itemsize * 8)
+def _smem_transforms(minor: int, itemsize: int):
+    """(8, swizzle) tiling and the largest swizzle a `minor`-element row allows."""
+    swizzle = plgpu.find_swizzle(minor * itemsize * 8)
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _check(x, w, tiles: Tiles, w_transposed: bool):
+def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0):
     """Validate shapes, dtypes and tiles; returns (M, K, N). Each failure names its rule."""
     layout = "w (N, K) with w_transposed=True" if w_transposed else "w (K, N)"
     if x.ndim != 2 or w.ndim != 2:
@@ -153,9 +155,10 @@ def _check(x, w, tiles: Tiles, w_transposed: bool):
         (t.in_flight in (0, 1), f"in_flight={t.in_flight} must be 0 or 1"),
         (t.stages >= 1 and t.stages > t.in_flight,
          f"stages={t.stages} must be >= 1 and > in_flight={t.in_flight}"),
-        (t.smem_bytes(dt.itemsize) <= SMEM_LIMIT,
-         f"SMEM {t.smem_bytes(dt.itemsize)} B (stages * (cta_m + cta_n) * tile_k + "
-         f"4 * epi_m * epi_n elements) must be <= {SMEM_LIMIT} B: fewer stages or smaller tiles"),
+        (t.smem_bytes(dt.itemsize, rank) <= SMEM_LIMIT,
+         f"SMEM {t.smem_bytes(dt.itemsize, rank)} B (stages * (cta_m + cta_n + R) * tile_k + "
+         f"4 * epi_m * epi_n + 2 * R * (tile_m + tile_n) elements, R = {rank}) must be <= "
+         f"{SMEM_LIMIT} B: fewer stages or smaller tiles"),
         (m % t.cta_m == 0, f"M % cta_m == 0 is required: M={m}, cta_m={t.cta_m} ({t})"),
         (n % t.cta_n == 0, f"N % cta_n == 0 is required: N={n}, cta_n={t.cta_n} ({t})"),
         (k % t.tile_k == 0, f"K % tile_k == 0 is required: K={k}, tile_k={t.tile_k}"),
@@ -166,32 +169,34 @@ def _check(x, w, tiles: Tiles, w_transposed: bool):
     return m, k, n
 
 
-def _kernel(x_gmem, w_gmem, y_gmem, *, tiles: Tiles, w_transposed: bool):
+def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None):
+    """refs: y_gmem, or with the LoRA term (scale not None) a_gmem (R, K), b_gmem (R, N),
+    y_gmem."""
+    lora = scale is not None
+    a_gmem, b_gmem, y_gmem = refs if lora else (None, None, *refs)
     t = tiles
     m, k = x_gmem.shape
     n = y_gmem.shape[1]
     m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
     dt = y_gmem.dtype
-    tr = _operand_transforms(t.tile_k, jnp.dtype(dt).itemsize)
-    out_swizzle = plgpu.find_swizzle(t.epi_n * jnp.dtype(dt).itemsize * 8)
-    out_tr = (plgpu.TilingTransform((8, out_swizzle // jnp.dtype(dt).itemsize)),
-              plgpu.SwizzleTransform(out_swizzle))
+    isz = jnp.dtype(dt).itemsize
+    tr = _smem_transforms(t.tile_k, isz)    # x, w and a tiles: tile_k-element rows
+    out_tr = _smem_transforms(t.epi_n, isz)
 
     # The pipeline sees one CTA tile's x row-block (cta_m, K) and w column-block: (K, cta_n),
-    # or (cta_n, K) as stored when transposed; its grid is the K steps.
-    x_spec = plgpu.BlockSpec((t.cta_m, t.tile_k), lambda kk: (0, kk), transforms=tr,
-                             delay_release=t.in_flight)
-    if w_transposed:
-        w_spec = plgpu.BlockSpec((t.cta_n, t.tile_k), lambda kk: (0, kk), transforms=tr,
-                                 delay_release=t.in_flight)
-    else:
-        w_spec = plgpu.BlockSpec((t.tile_k, t.cta_n), lambda kk: (kk, 0), transforms=tr,
-                                 delay_release=t.in_flight)
+    # or (cta_n, K) as stored when transposed (and a^T (R, K) whole); its grid is the K steps.
+    def spec(block, index_map):
+        return plgpu.BlockSpec(block, index_map, transforms=tr, delay_release=t.in_flight)
+    in_specs = [spec((t.cta_m, t.tile_k), lambda kk: (0, kk)),
+                spec((t.cta_n, t.tile_k), lambda kk: (0, kk)) if w_transposed else
+                spec((t.tile_k, t.cta_n), lambda kk: (kk, 0))]
+    if lora:
+        in_specs.append(spec((a_gmem.shape[0], t.tile_k), lambda kk: (0, kk)))
 
     def make_pipeline(step_fn, context):
         return plgpu.emit_pipeline_warp_specialized(
             step_fn, grid=(k_steps,), memory_registers=MEMORY_REGISTERS,
-            in_specs=[x_spec, w_spec], max_concurrent_steps=t.stages,
+            in_specs=in_specs, max_concurrent_steps=t.stages,
             wg_axis="wg", num_compute_wgs=2, compute_context=context)
 
     # The SMEM ring and barriers are allocated once, outside the tile loop, and shared by the
@@ -200,15 +205,18 @@ def _kernel(x_gmem, w_gmem, y_gmem, *, tiles: Tiles, w_transposed: bool):
         return None
     ring = make_pipeline(unused, unused).get_allocations(
         x_gmem.at[pl.ds(0, t.cta_m), :],
-        w_gmem.at[pl.ds(0, t.cta_n), :] if w_transposed else w_gmem.at[:, pl.ds(0, t.cta_n)])
+        w_gmem.at[pl.ds(0, t.cta_n), :] if w_transposed else w_gmem.at[:, pl.ds(0, t.cta_n)],
+        *([a_gmem] if lora else []))
 
-    def scoped(ring, out_smem):
+    def scoped(ring, out_smem, lora_smem):
         wg = lax.axis_index("wg")   # 0, 1: compute; 2: memory
         # This WG's half of the CTA tile, as slices of the CTA tile (rows, cols).
         if t.split == "n":
             half_rows, half_cols = pl.ds(0, t.tile_m), pl.ds(wg * t.tile_n, t.tile_n)
         else:
             half_rows, half_cols = pl.ds(wg * t.tile_m, t.tile_m), pl.ds(0, t.tile_n)
+        # Two wgmma groups a step with the LoRA term: in_flight steps are twice as many groups.
+        pending = t.in_flight * (2 if lora else 1)
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def _tile(info):
@@ -217,47 +225,84 @@ def _kernel(x_gmem, w_gmem, y_gmem, *, tiles: Tiles, w_transposed: bool):
             mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, t.group)
             cta_rows, cta_cols = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
 
-            def step(_, x_smem, w_smem, acc_ref):
-                # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k) transposed.
+            def step(_, x_smem, w_smem, *rest):
+                # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k)
+                # transposed; with LoRA a_smem (R, tile_k) and the carry is both accumulators.
+                *a_smem, accs = rest
+                acc_ref = accs[0] if lora else accs
                 if w_transposed:
                     w_half = w_smem.at[half_cols, :].T if t.split == "n" else w_smem.T
                 else:
                     w_half = w_smem.at[:, half_cols] if t.split == "n" else w_smem
-                plgpu.wgmma(acc_ref, x_smem.at[half_rows, :], w_half)
-                plgpu.wgmma_wait(t.in_flight)   # slots older than in_flight steps are free
-                return acc_ref
+                x_half = x_smem.at[half_rows, :]
+                plgpu.wgmma(acc_ref, x_half, w_half)
+                if lora:   # xa += x_half @ a_tile: the x tile is already in SMEM
+                    plgpu.wgmma(accs[1], x_half, a_smem[0].T)
+                plgpu.wgmma_wait(pending)   # slots older than in_flight steps are free
+                return accs
+
+            def epilogue(acc_ref):
+                y = acc_ref[...].astype(dt)   # waits for the last wgmmas
+                y_half = y_gmem.at[cta_rows, cta_cols].at[half_rows, half_cols]
+                # The previous tile's stores have long finished reading both buffers.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                sub = 0
+                for i in range(t.tile_m // t.epi_m):
+                    for j in range(t.tile_n // t.epi_n):
+                        buf = out_smem.at[wg, sub % 2]
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf is free
+                        buf[...] = y[i * t.epi_m:(i + 1) * t.epi_m,
+                                     j * t.epi_n:(j + 1) * t.epi_n]
+                        plgpu.commit_smem()   # SMEM writes visible to the TMA unit
+                        plgpu.copy_smem_to_gmem(
+                            buf, y_half.at[pl.ds(i * t.epi_m, t.epi_m),
+                                           pl.ds(j * t.epi_n, t.epi_n)])
+                        sub += 1
 
             def context(run_k_loop):
-                def with_acc(acc_ref):   # (tile_m, tile_n) fp32, in registers
-                    run_k_loop(acc_ref)
-                    y = acc_ref[...].astype(dt)   # waits for the last wgmmas
-                    y_half = y_gmem.at[cta_rows, cta_cols].at[half_rows, half_cols]
-                    # The previous tile's stores have long finished reading both buffers.
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                    sub = 0
-                    for i in range(t.tile_m // t.epi_m):
-                        for j in range(t.tile_n // t.epi_n):
-                            buf = out_smem.at[wg, sub % 2]
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf is free
-                            buf[...] = y[i * t.epi_m:(i + 1) * t.epi_m,
-                                         j * t.epi_n:(j + 1) * t.epi_n]
-                            plgpu.commit_smem()   # SMEM writes visible to the TMA unit
-                            plgpu.copy_smem_to_gmem(
-                                buf, y_half.at[pl.ds(i * t.epi_m, t.epi_m),
-                                               pl.ds(j * t.epi_n, t.epi_n)])
-                            sub += 1
-                pl.run_scoped(with_acc, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+                if not lora:
+                    def with_acc(acc_ref):   # (tile_m, tile_n) fp32, in registers
+                        run_k_loop(acc_ref)
+                        epilogue(acc_ref)
+                    pl.run_scoped(with_acc, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
+                    return
+                xa_smem, b_smem, b_bar = lora_smem
+                # This WG's (R, tile_n) slice of b lands while the K loop runs.
+                plgpu.copy_gmem_to_smem(b_gmem.at[:, cta_cols].at[:, half_cols],
+                                        b_smem.at[wg], b_bar.at[wg])
+
+                def with_accs(acc_ref, xa_ref):   # (tile_m, tile_n), (tile_m, R) fp32
+                    run_k_loop((acc_ref, xa_ref))
+                    # acc += (scale * xa) @ b: scale in fp32, one rounding of the rank-R
+                    # activations to bf16 (as XLA's unfused x @ a would round them).
+                    xa_smem.at[wg][...] = (scale * xa_ref[...]).astype(dt)
+                    plgpu.commit_smem()   # generic-proxy writes visible to wgmma
+                    plgpu.barrier_wait(b_bar.at[wg])
+                    plgpu.wgmma(acc_ref, xa_smem.at[wg], b_smem.at[wg])
+                    epilogue(acc_ref)
+                r = a_gmem.shape[0]
+                pl.run_scoped(with_accs, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32),
+                              plgpu.ACC((t.tile_m, r), jnp.float32))
 
             x_rows = x_gmem.at[cta_rows, :]
             w_cols = w_gmem.at[cta_cols, :] if w_transposed else w_gmem.at[:, cta_cols]
-            make_pipeline(step, context)(x_rows, w_cols, allocations=ring)
+            make_pipeline(step, context)(x_rows, w_cols, *([a_gmem] if lora else []),
+                                         allocations=ring)
 
         plgpu.wait_smem_to_gmem(0)   # every store done before the CTA exits
 
+    lora_smem = None
+    if lora:
+        r = a_gmem.shape[0]
+        # Both operands of one wgmma share a swizzle: R elements (32 B at R = 16) for xa and b.
+        lora_tr = _smem_transforms(r, isz)
+        lora_smem = (plgpu.SMEM((2, t.tile_m, r), dt, transforms=lora_tr),
+                     plgpu.SMEM((2, r, t.tile_n), dt, transforms=lora_tr),
+                     plgpu.Barrier(num_barriers=2))
     pl.run_scoped(
         scoped, ring=ring,
         out_smem=plgpu.SMEM((2, 2, t.epi_m, t.epi_n), dt, transforms=out_tr),
-        collective_axes="wg")
+        lora_smem=lora_smem, collective_axes="wg")
 
 
 def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), num_sms=None):
@@ -277,3 +322,60 @@ def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), num_sms=
             lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         kernel_name="hopper_gemm",
     )(x, w)
+
+
+LORA_TILES = Tiles(stages=3)   # 4 stages of 128 x 256 CTA tiles leave no room for a and b
+
+
+def _padded_rank(r: int) -> int:
+    """R rounded up to 16, 32 or 64: whole wgmma K steps (16) of the xa operand, whose row
+    of R bf16 (32, 64 or 128 B) is one swizzle group."""
+    return next(p for p in (16, 32, 64) if r <= p)
+
+
+def lora_matmul(x, w, a, b, scale, *, w_transposed: bool = False, tiles: Tiles = LORA_TILES,
+                num_sms=None):
+    """x @ w + scale * (x @ a) @ b (x @ w.T + ... with w_transposed, w (N, K)) in x.dtype:
+    `matmul`'s kernel with the LoRA term fused (issue 20, stage 2). x (M, K), a (K, R),
+    b (R, N), R <= 64, all one 16-bit dtype; scale a Python number.
+
+    Per K step each compute WG issues a second, small wgmma, xa += x_tile @ a_tile, on the x
+    tile already in SMEM (a^T's (R, tile_k) tile rides in the same TMA ring); at the end of
+    the K loop xa (tile_m, R) fp32 is scaled, rounded to x.dtype into SMEM and one wgmma
+    adds (scale * xa) @ b_tile (R, tile_n), TMA-loaded during the K loop, into the fp32
+    accumulator before the usual epilogue. The extra tensor-core work is R / tile_n of the
+    main product (12.5% at R = 16, tile_n = 128): x @ a is recomputed for every N tile."""
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"a and b must be 2-D: a{a.shape} b{b.shape}")
+    m, k, n = _check(x, w, tiles, w_transposed, rank=_padded_rank(min(a.shape[1], 64)))
+    if a.shape[0] != k or b.shape != (a.shape[1], n):
+        raise ValueError(f"incompatible shapes: a must be (K, R) = ({k}, R) and b (R, N) = "
+                         f"(R, {n}); got a{a.shape} b{b.shape}")
+    r = a.shape[1]
+    if r > 64:
+        raise ValueError(f"R <= 64 is required (one swizzle group of xa), got R={r}")
+    if a.dtype != x.dtype or b.dtype != x.dtype:
+        raise ValueError(f"a and b must have x's dtype {x.dtype}, got {a.dtype}, {b.dtype}")
+    rp = _padded_rank(r)
+    # a^T (R, K): its (R, tile_k) tiles are K-contiguous like w's, and wgmma reads them
+    # transposed. Zero rows of a^T and of b add exact zeros.
+    a_t = jnp.pad(a.T, ((0, rp - r), (0, 0)))
+    b = jnp.pad(b, ((0, rp - r), (0, 0)))
+    grid = min(num_sms or _num_sms(), (m // tiles.cta_m) * (n // tiles.cta_n))
+    return plgpu.kernel(
+        functools.partial(_kernel, tiles=tiles, w_transposed=bool(w_transposed),
+                          scale=float(scale)),
+        out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
+        grid=(grid,), grid_names=("sm",),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name="hopper_lora_gemm",
+    )(x, w, a_t, b)
+
+
+def lora_reference(x, w, a, b, scale, *, w_transposed: bool = False):
+    """fp32 x @ w + scale * (x @ a) @ b in plain jnp (x @ a kept in fp32)."""
+    xa = reference(x, a)
+    return reference(x, w, w_transposed=w_transposed) + scale * jnp.dot(
+        xa, b.astype(jnp.float32), precision=lax.Precision.HIGHEST)

@@ -8,6 +8,7 @@ import numpy as np
 from conftest import DATA, GQA, STORIES, needs_data, random_params
 
 import jora
+import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,23 +32,23 @@ def test_remat_auto_takes_the_fastest_plan_that_fits():
     do not fit, says so, and takes the next; with room for all, the first (none)."""
     params, lcfg, tcfg, mesh, state, b = _setup(seq=1024)
     need = {}
-    for plan in jora.AUTO_PLANS[:2]:
-        o = jora.Options(**{"mlp_chunk": 0, **plan})
-        step = jora.make_train_step(GQA, lcfg, tcfg, mesh, o)
-        need[plan["remat"]] = jora.planned_bytes(step.lower(state, params, b,
+    for plan in trainer.AUTO_PLANS[:2]:
+        step = jora.make_train_step(GQA, lcfg, tcfg, mesh, plan=jora.Plan(**plan))
+        need[plan["remat"]] = trainer.planned_bytes(step.lower(state, params, b,
                                                             jax.random.key(0)).compile())
     assert need["min"] < need["none"], need   # remat keeps less: the test needs them apart
     lines = []
     limit = int((need["min"] + need["none"]) / 2 / 0.9)   # min fits, none does not
-    opts, _, compiled, _ = jora.choose_remat(GQA, lcfg, tcfg, mesh, jora.Options(remat="auto"),
-                                             state, params, b, jax.random.key(0), limit=limit,
-                                             log=lines.append)
-    assert opts.remat == "min" and compiled is not None
+    chosen, _, compiled, _ = trainer.choose_plan(
+        GQA, lcfg, tcfg, mesh, opts=jora.Options(), plan=jora.Plan(remat="auto"), state=state,
+        params=params, batch=b, key=jax.random.key(0), limit=limit, log=lines.append)
+    assert chosen.remat == "min" and compiled is not None
     assert "remat auto: min (plans" in lines[-1] and "none" in lines[-1], lines
-    opts, *_ = jora.choose_remat(GQA, lcfg, tcfg, mesh, jora.Options(remat="auto"), state,
-                                 params, b, jax.random.key(0), limit=10 * need["none"],
-                                 log=lines.append)
-    assert opts.remat == "none" and "the fastest plan" in lines[-1]
+    chosen, *_ = trainer.choose_plan(
+        GQA, lcfg, tcfg, mesh, opts=jora.Options(), plan=jora.Plan(remat="auto"), state=state,
+        params=params, batch=b, key=jax.random.key(0), limit=10 * need["none"],
+        log=lines.append)
+    assert chosen.remat == "none" and "the fastest plan" in lines[-1]
 
 
 def test_remat_auto_on_cpu_trains_the_plain_plan(tmp_path):
@@ -57,8 +58,9 @@ def test_remat_auto_on_cpu_trains_the_plain_plan(tmp_path):
                              np.r_[np.zeros(20), np.ones(20)].astype(np.float32))
                 for _ in range(8)]
     lines = []
-    _, summary = jora.train(GQA, params, lcfg, tcfg, examples, str(tmp_path / "run"), mesh,
-                            opts=jora.Options(remat="auto"), log=lines.append, log_every=1)
+    _, summary = trainer.train(GQA, params, lcfg, tcfg, examples, str(tmp_path / "run"), mesh,
+                               plan=jora.Plan(remat="auto"), log=lines.append,
+                               schedule=trainer.Schedule(log_every=1))
     assert any(l.startswith("remat auto: none (no device memory limit") for l in lines), lines
     assert any(l.startswith("compiled in") for l in lines)
     assert np.isfinite(summary["loss"])

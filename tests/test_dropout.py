@@ -30,7 +30,7 @@ def setup():
     return params, jax.device_get(lora), jora.make_batch(tokens, weights)
 
 
-def steps(setup, data, tp, opts=jora.Options(), unrolled=False, n=3, lcfg=LCFG):
+def steps(setup, data, tp, plan=jora.Plan(), unrolled=False, n=3, lcfg=LCFG):
     """n training steps (2 micro-batches of 2 rows each) -> (losses, gradient of step 1, LoRA)."""
     params, lora, batch = setup
     mesh = jora.make_mesh(tp, jax.devices()[:data * tp])
@@ -41,10 +41,10 @@ def steps(setup, data, tp, opts=jora.Options(), unrolled=False, n=3, lcfg=LCFG):
     spec = jora.Batch(*([jora.P(None, jora.DATA, None)] * 5))
     b = jora.shard(jora.Batch(*(x.reshape(2, 2, -1) for x in batch)), spec, mesh)
     one = jora.Batch(*(x[0] for x in b))
-    grad = jax.jit(jax.grad(lambda l: jora.loss(p, l, one, CFG, lcfg, opts, mesh=mesh,
+    grad = jax.jit(jax.grad(lambda l: jora.loss(p, l, one, CFG, lcfg, plan=plan, mesh=mesh,
                                                 key=jax.random.key(9))))(state.lora)
     tcfg = jora.TrainConfig(steps=n, batch_size=2, grad_accum=2, lr=1e-2, warmup=1)
-    step = jora.make_train_step(CFG, lcfg, tcfg, mesh, opts)
+    step = jora.make_train_step(CFG, lcfg, tcfg, mesh, plan=plan)
     losses = []
     for _ in range(n):
         state, m = step(state, p, b, jax.random.key(5))
@@ -53,13 +53,13 @@ def steps(setup, data, tp, opts=jora.Options(), unrolled=False, n=3, lcfg=LCFG):
 
 
 LAYOUTS = {   # data, tp, options, unrolled layers
-    "tp2": (1, 2, jora.Options(), False),
-    "tp4": (1, 4, jora.Options(), False),
-    "data2 x tp2": (2, 2, jora.Options(), False),
-    "sequence parallel": (1, 4, jora.Options(sequence_parallel=True), False),
-    "mlp chunks, remat full": (1, 2, jora.Options(mlp_chunk=5, remat="full"), False),
-    "unrolled layers, min": (1, 1, jora.Options(remat="min"), True),
-    "all at once": (2, 2, jora.Options(sequence_parallel=True, mlp_chunk=8, remat="min",
+    "tp2": (1, 2, jora.Plan(), False),
+    "tp4": (1, 4, jora.Plan(), False),
+    "data2 x tp2": (2, 2, jora.Plan(), False),
+    "sequence parallel": (1, 4, jora.Plan(sequence_parallel=True), False),
+    "mlp chunks, remat full": (1, 2, jora.Plan(mlp_chunk=5, remat="full"), False),
+    "unrolled layers, min": (1, 1, jora.Plan(remat="min"), True),
+    "all at once": (2, 2, jora.Plan(sequence_parallel=True, mlp_chunk=8, remat="min",
                                        chunk_layers=1, full_layers=1), True),
 }
 

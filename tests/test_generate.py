@@ -7,6 +7,7 @@ import pytest
 from conftest import GQA, STORIES, needs_data, random_lora, random_params
 
 import jora
+import trainer
 
 
 def full_recompute_greedy(params, prompt, n, cfg, lora=None, lcfg=None):
@@ -33,10 +34,10 @@ def test_kv_cache_equals_full_recompute_batched(model):
     params, lcfg, lora = model
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 128, n).tolist() for n in (1, 7, 20)]   # three lengths at once
-    got = jora.generate(params, prompts, GQA, 12, lora, lcfg)
+    got = jora.generate(params, prompts, GQA, lora, lcfg, jora.Sampling(12))
     for p, g in zip(prompts, got):
         assert g == full_recompute_greedy(params, p, 12, GQA, lora, lcfg)
-    base = jora.generate(params, prompts, GQA, 12)
+    base = jora.generate(params, prompts, GQA, sampling=jora.Sampling(12))
     assert base != got                                   # the adapters changed the answers
 
 
@@ -46,19 +47,19 @@ def test_unmerged_adapters_equal_merged_weights(model):
         jora.WEIGHT[t]: jora.merge_lora(getattr(params.layers, jora.WEIGHT[t]), ab, lcfg)
         for t, ab in lora._asdict().items()}))
     prompts = [[5, 9, 33], [7] * 11]
-    assert jora.generate(params, prompts, GQA, 16, lora, lcfg) == \
-        jora.generate(merged, prompts, GQA, 16)
+    assert jora.generate(params, prompts, GQA, lora, lcfg, jora.Sampling(16)) == \
+        jora.generate(merged, prompts, GQA, sampling=jora.Sampling(16))
 
 
 def test_sampling_is_seeded_and_stops_at_eos(model):
     params, lcfg, lora = model
-    a = jora.generate(params, [[5, 6]], GQA, 20, lora, lcfg, temperature=1.0, top_p=0.9, seed=1)
-    b = jora.generate(params, [[5, 6]], GQA, 20, lora, lcfg, temperature=1.0, top_p=0.9, seed=1)
-    c = jora.generate(params, [[5, 6]], GQA, 20, lora, lcfg, temperature=1.0, top_k=5, seed=2)
+    sample = lambda **s: jora.generate(params, [[5, 6]], GQA, lora, lcfg,
+                                       jora.Sampling(20, temperature=1.0, **s))
+    a, b, c = sample(top_p=0.9, seed=1), sample(top_p=0.9, seed=1), sample(top_k=5, seed=2)
     assert a == b and a != c and all(0 <= t < GQA.vocab_size for t in a[0] + c[0])
-    second = jora.generate(params, [[5, 6]], GQA, 3)[0][1]
+    second = jora.generate(params, [[5, 6]], GQA, sampling=jora.Sampling(3))[0][1]
     eos_cfg = jora.Config(**{**GQA.__dict__, "eos_id": second})
-    out = jora.generate(params, [[5, 6]], eos_cfg, 20)[0]
+    out = jora.generate(params, [[5, 6]], eos_cfg, sampling=jora.Sampling(20))[0]
     assert out[-1] == eos_cfg.eos_id and len(out) == 2
 
 
@@ -68,11 +69,11 @@ def test_stories260k_greedy_batched_and_under_tp2(stories):
     cfg, params = stories
     g = load_file(os.path.join(STORIES, "reference_logits.safetensors"))["greedy_ids"].tolist()
     prompts = [[1], g[:4], g[:30]]
-    out = jora.generate(params, prompts, cfg, 200)
+    out = jora.generate(params, prompts, cfg, sampling=jora.Sampling(200))
     assert out[0] == g[1:] and out[1][:197] == g[4:] and out[2][:171] == g[30:]
     mesh = jora.make_mesh(2, jax.devices()[:2])
     _, sharded = jora.load_hf(os.path.join(STORIES, "hf"), np.float32, mesh)
-    assert jora.generate(sharded, prompts[:1], cfg, 200)[0] == g[1:]
+    assert jora.generate(sharded, prompts[:1], cfg, sampling=jora.Sampling(200))[0] == g[1:]
 
 
 @pytest.mark.parametrize("pred, ref, em, f1", [
@@ -84,7 +85,7 @@ def test_stories260k_greedy_batched_and_under_tp2(stories):
     ("<ANSWER>: 348 <ANSWER>: 265", "<ANSWER>: 265", 1.0, 1.0),        # the last one counts
 ])
 def test_raft_answer_scores(pred, ref, em, f1):
-    s = jora.answer_scores(pred, ref)
+    s = trainer.answer_scores(pred, ref)
     assert s["exact_match"] == em and s["token_f1"] == pytest.approx(f1)
 
 

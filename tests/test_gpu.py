@@ -29,7 +29,7 @@ def test_cudnn_attention_matches_xla(packed):
     out = {}
     for impl in ("xla", "cudnn"):
         opts = jora.Options(attention=impl)
-        f = jax.value_and_grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts))
+        f = jax.value_and_grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts=opts))
         out[impl] = jax.device_get(f(lora))
     (lx, gx), (lc, gc) = out["xla"], out["cudnn"]
     assert abs(lx - lc) < 2e-2 * abs(lx)
@@ -48,8 +48,9 @@ def test_remat_attn_runs_the_attention_forward_once():
     batch = jora.make_batch(tokens)   # 256 positions: cuDNN wants even lengths
     fwd, grads = {}, {}
     for remat, full_layers in (("full", 0), ("attn", 0), ("attn", 1)):
-        opts = jora.Options(remat=remat, attention="cudnn", packed=False, full_layers=full_layers)
-        g = jax.grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts))
+        opts = jora.Options(attention="cudnn", packed=False)
+        plan = jora.Plan(remat=remat, full_layers=full_layers)
+        g = jax.grad(lambda l: jora.loss(params, l, batch, cfg, lcfg, opts=opts, plan=plan))
         run = (remat, full_layers)
         fwd[run] = str(jax.make_jaxpr(g)(lora)).count("dot_product_attention_fwd_wrapper[")
         grads[run] = jax.device_get(jax.jit(g)(lora))
@@ -69,8 +70,10 @@ def test_mlp_chunks_with_remat_attn_give_the_same_gradients():
     batch = jora.make_batch(tokens)
     out = {}
     for chunk in (0, 64):
-        opts = jora.Options(remat="attn", attention="cudnn", packed=False, mlp_chunk=chunk)
-        f = jax.jit(jax.value_and_grad(lambda l: jora.loss(params, l, batch, CFG, lcfg, opts)))
+        opts = jora.Options(attention="cudnn", packed=False)
+        plan = jora.Plan(remat="attn", mlp_chunk=chunk)
+        f = jax.jit(jax.value_and_grad(lambda l: jora.loss(params, l, batch, CFG, lcfg,
+                                                           opts=opts, plan=plan)))
         out[chunk] = jax.device_get(f(lora))
     np.testing.assert_allclose(out[64][0], out[0][0], rtol=1e-3)
     for a, b in zip(jax.tree.leaves(out[64][1]), jax.tree.leaves(out[0][1])):
@@ -97,7 +100,8 @@ def test_packed_cudnn_attention_matches_the_masked_reference(max_segments):
     seg = jnp.asarray(seg)
 
     def run(impl, dtype):
-        f = lambda q, k, v: jora.attend(q, k, v, seg, impl, max_segments).astype(jnp.float32)
+        f = lambda q, k, v: jora.attend(q, k, v, seg, jora.Options(
+            attention=impl, max_segments=max_segments)).astype(jnp.float32)
         out, vjp = jax.vjp(jax.jit(f), *(x.astype(dtype) for x in (q, k, v)))
         return [np.asarray(x, np.float32) for x in (out, *vjp(g))]
 
@@ -112,5 +116,5 @@ def test_packed_rows_with_too_many_runs_turn_to_nan():
     loss that the train step records and stops on; with room for every run, all is finite."""
     q = jax.random.normal(jax.random.key(7), (2, 256, 4, 64), jnp.bfloat16)
     seg = jnp.stack([jnp.arange(256) // 32, jnp.arange(256) // 128])   # 8 runs and 2 runs
-    f = lambda m: np.asarray(jax.jit(lambda q: jora.attend(q, q, q, seg, "cudnn", m))(q))
+    f = lambda m: np.asarray(jax.jit(lambda q: jora.attend(q, q, q, seg, jora.Options("cudnn", max_segments=m)))(q))
     assert np.isnan(f(4).astype(np.float32)).all() and np.isfinite(f(8).astype(np.float32)).all()

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import jora
+import trainer
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -239,7 +240,7 @@ def test_overwrite_refuses_an_invalid_new_run_and_removes_only_what_jora_wrote(
     tiny = tmp_path / "tiny.jsonl"
     tiny.write_text('{"prompt": "Spell 1:", "completion": " one"}\n' * 3)
     for bad in (["--eval-split", "1.0"], ["--data", str(tiny)], ["--lr", "nan"],
-                ["--batch-size", "12"]):   # (12 rows do not split over 8 devices: jora.train)
+                ["--batch-size", "12"]):   # (12 rows do not split over 8 devices: trainer.train)
         refused(files.model + RUN + ["--out", out, "--overwrite"] + bad)
         assert snapshot(out) == before, bad
     (tmp_path / "run" / "notes.txt").write_text("mine")
@@ -256,8 +257,8 @@ def test_overwrite_refuses_an_invalid_new_run_and_removes_only_what_jora_wrote(
 def test_two_runs_on_one_out_and_the_lock_survives_no_kill_9(files, tmp_path):
     out = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time; sys.path.insert(0, {ROOT!r}); import jora
-jora.lock_run({out!r}); print("locked", flush=True); time.sleep(300)"""],
+import sys, time; sys.path.insert(0, {ROOT!r}); import trainer
+trainer.lock_run({out!r}); print("locked", flush=True); time.sleep(300)"""],
                               stdout=subprocess.PIPE, text=True)
     try:
         with within(120, "the lock holder"):
@@ -268,8 +269,8 @@ jora.lock_run({out!r}); print("locked", flush=True); time.sleep(300)"""],
     finally:
         holder.kill()   # kill -9: the kernel drops the flock with the process
         holder.wait()
-    assert jora.lock_run(out)
-    jora.unlock_run(out)
+    assert trainer.lock_run(out)
+    trainer.unlock_run(out)
 
 
 # ---- non-finite steps: checkpoints are good only if every tensor is finite ------------------
@@ -288,10 +289,10 @@ def test_a_step_gone_non_finite_names_the_tensor_and_the_last_good_checkpoint(
                                        "--log-every", "2"])
     assert (f"non-finite lora.v.b at step 3; stopped. The last good checkpoint (every tensor "
             f"finite) is {out}/checkpoints/step_00000002") in msg
-    assert [os.path.basename(p) for p in jora.checkpoints(out)] == ["step_00000001",
+    assert [os.path.basename(p) for p in trainer.checkpoints(out)] == ["step_00000001",
                                                                     "step_00000002"]
-    for path in jora.checkpoints(out):
-        jora.read_checkpoint(path)   # raises for a non-finite tensor
+    for path in trainer.checkpoints(out):
+        trainer.read_checkpoint(path)   # raises for a non-finite tensor
 
 
 def test_a_checkpoint_with_a_non_finite_tensor_is_not_good(finished, tmp_path):
@@ -301,14 +302,14 @@ def test_a_checkpoint_with_a_non_finite_tensor_is_not_good(finished, tmp_path):
     t = jora.load_tensors(path)
     t["lora.q.b"][0, 0, 0] = np.nan
     save_file(t, path)
-    good, skipped = jora.good_checkpoint(out)
+    good, skipped = trainer.good_checkpoint(out)
     assert good.endswith("step_00000001")
     assert skipped == [f"{path}: tensor 'lora.q.b' is not finite"]
     lora = jora.init_lora(jax.random.key(0), jora.TINY, jora.LoraConfig())
     state = jora.TrainState(lora._replace(q=jora.LoraAB(lora.q.a * np.nan, lora.q.b)),
                             jora.adamw_init(lora), np.int32(0))
     with pytest.raises(FloatingPointError, match="not saved, tensor 'lora.q.a' is not finite"):
-        jora.save_checkpoint(str(tmp_path / "bad"), state, {})
+        trainer.save_checkpoint(str(tmp_path / "bad"), state, {})
     assert not os.path.exists(tmp_path / "bad")
 
 
@@ -344,7 +345,7 @@ def test_a_second_signal_stops_at_once(files, tmp_path):
     mesh = jora.make_mesh(1)
     cfg, params = jora.load_hf(files.base, jnp.float32, mesh)
     tok = jora.Tokenizer(files.base)
-    ex, _, _ = jora.prepare_examples(files.data, "auto", tok, 48, 0.0, 0, 8, False,
+    ex, _, _ = trainer.prepare_examples(files.data, "auto", tok, 48, 0.0, 0, 8, False,
                                      log=lambda *_: None)
 
     def log(line):   # two Ctrl-C while step 2 is logged
@@ -353,20 +354,21 @@ def test_a_second_signal_stops_at_once(files, tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
     out = str(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        jora.train(cfg, params, jora.LoraConfig(r=2), jora.TrainConfig(steps=50, batch_size=8,
+        trainer.train(cfg, params, jora.LoraConfig(r=2), jora.TrainConfig(steps=50, batch_size=8,
                                                                       seq_len=48),
-                   ex, out, mesh, log_every=1, log=log)
-    assert jora.checkpoints(out) == []      # no checkpoint: stopped at once
-    assert jora.lock_run(out)               # and the lock was given back
-    jora.unlock_run(out)
+                      ex, out, mesh, schedule=trainer.Schedule(log_every=1), log=log)
+    assert trainer.checkpoints(out) == []      # no checkpoint: stopped at once
+    assert trainer.lock_run(out)               # and the lock was given back
+    trainer.unlock_run(out)
 
     def log(line):   # one Ctrl-C during the baseline evaluation, before any step
         if line.startswith("step 0/"):
             os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        jora.train(cfg, params, jora.LoraConfig(r=2), jora.TrainConfig(steps=50, batch_size=8,
+        trainer.train(cfg, params, jora.LoraConfig(r=2), jora.TrainConfig(steps=50, batch_size=8,
                                                                       seq_len=48),
-                   ex[8:], out + "2", mesh, ex[:8], eval_every=10, log=log)
+                      ex[8:], out + "2", mesh, eval_examples=ex[:8],
+                      schedule=trainer.Schedule(eval_every=10), log=log)
     assert not os.path.exists(os.path.join(out + "2", "metrics.jsonl")) or steps_logged(
         out + "2") == []
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # handlers restored
@@ -393,7 +395,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(files, tmp_path):
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode == 143, "".join(lines) + rest
     assert "interrupted at step" in rest and "continue with --resume" in rest
-    assert jora.latest_checkpoint(out) is not None
+    assert trainer.latest_checkpoint(out) is not None
     assert not os.path.exists(os.path.join(out, "adapter"))   # not exported: not finished
     assert "143 (SIGTERM)" in train.parser().format_help()
 
@@ -402,7 +404,7 @@ def test_kill_9_then_resume_logs_each_step_once(files, tmp_path):
     out = str(tmp_path / "run")
     proc = _popen(files.model + RUN + ["--out", out, "--steps", "5000", "--save-every", "3"])
     metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 120
-    step = lambda: int(os.path.basename(jora.latest_checkpoint(out) or "step_0")[5:])
+    step = lambda: int(os.path.basename(trainer.latest_checkpoint(out) or "step_0")[5:])
     rows = lambda: open(metrics).read().count("\n") if os.path.exists(metrics) else 0
     while time.time() < deadline and not (step() and rows() > step() + 1):
         time.sleep(0.01)
@@ -461,9 +463,9 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_no_tmp(finished, tmp_p
 
 
 def test_resume_of_a_checkpoint_that_names_no_model_asks_for_it(tmp_path):
-    lcfg = jora.LoraConfig(r=2, targets=("q",))   # a checkpoint jora.train wrote for a library
+    lcfg = jora.LoraConfig(r=2, targets=("q",))   # a checkpoint trainer.train wrote for a library
     lora = jora.init_lora(jax.random.key(0), jora.TINY, lcfg)   # user: no run_info in it
-    jora.save_checkpoint(str(tmp_path / "run" / "checkpoints" / "step_00000001"),
+    trainer.save_checkpoint(str(tmp_path / "run" / "checkpoints" / "step_00000001"),
                          jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                          dict(step=1, data_position=[0, 8]))
     msg = refused(["--resume", "--out", str(tmp_path / "run")])

@@ -169,12 +169,12 @@ def test_triton_lowering_for_cuda_inside_shard_map():
 
 
 def test_jora_with_pallas_kernels_equals_its_jnp_path(tp=2):
-    """The integration: jora's loss and LoRA gradients with Options(kernels="pallas") equal
+    """The integration: jora's loss and LoRA gradients with Plan(kernels="pallas") equal
     its jnp path's, with tp=2 (column- and row-parallel projections, all seven adapted)."""
     import jora
     from conftest import GQA, random_lora, random_params
-    if "kernels" not in {f.name for f in dataclasses.fields(jora.Options)}:
-        pytest.skip("jora.Options has no `kernels` switch")
+    if "kernels" not in {f.name for f in dataclasses.fields(jora.Plan)}:
+        pytest.skip("jora.Plan has no `kernels` switch")
     if len(jax.devices()) < tp:
         pytest.skip(f"needs {tp} devices")
     params = random_params(jax.random.key(0), GQA)
@@ -187,8 +187,8 @@ def test_jora_with_pallas_kernels_equals_its_jnp_path(tp=2):
                 jora.shard(batch, jora.batch_specs(), mesh))
     out = {}
     for kernels in ("xla", "pallas"):
-        opts = jora.Options(kernels=kernels)
+        opts = jora.Plan(kernels=kernels)
         out[kernels] = jax.value_and_grad(
-            lambda lo: jora.loss(p, lo, b, GQA, lcfg, opts, mesh=mesh))(lo)
+            lambda lo: jora.loss(p, lo, b, GQA, lcfg, plan=opts, mesh=mesh))(lo)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
                  out["pallas"], out["xla"])

@@ -29,7 +29,7 @@ def test_stories260k_greedy_200_tokens(stories):
     from safetensors.numpy import load_file
     cfg, params = stories
     greedy = load_file(os.path.join(STORIES, "reference_logits.safetensors"))["greedy_ids"]
-    out = jora.generate(params, [[cfg.bos_id]], cfg, max_new_tokens=200)[0]
+    out = jora.generate(params, [[cfg.bos_id]], cfg, sampling=jora.Sampling(200))[0]
     assert out == greedy[1:].tolist()
 
 
@@ -275,16 +275,16 @@ def test_remat_policies_change_memory_not_results():
     tokens = np.asarray(jax.random.randint(jax.random.key(5), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
     out = {r: jax.device_get(jax.jit(jax.value_and_grad(lambda l, r=r: jora.loss(
-        params, l, batch, GQA, lcfg, jora.Options(remat=r))))(lora)) for r in jora.REMAT}
+        params, l, batch, GQA, lcfg, plan=jora.Plan(remat=r))))(lora)) for r in jora.REMAT}
     want_loss, want_g = out.pop("none")
     for r, (loss, g) in out.items():
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=r)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=r)
     with pytest.raises(ValueError, match="remat must be one of"):
-        jora.loss(params, lora, batch, GQA, lcfg, jora.Options(remat="some"))
+        jora.loss(params, lora, batch, GQA, lcfg, plan=jora.Plan(remat="some"))
     with pytest.raises(ValueError, match="loss_chunk must be >= 1"):
-        jora.loss(params, lora, batch, GQA, lcfg, jora.Options(loss_chunk=0))
+        jora.loss(params, lora, batch, GQA, lcfg, plan=jora.Plan(loss_chunk=0))
 
 
 @pytest.mark.parametrize("remat", ["none", "min", "full"])
@@ -296,7 +296,7 @@ def test_mlp_chunks_change_memory_not_results(remat):
     tokens = np.asarray(jax.random.randint(jax.random.key(6), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
     run = lambda chunk, lc=lcfg, key=None: jax.device_get(jax.jit(jax.value_and_grad(
-        lambda l: jora.loss(params, l, batch, GQA, lc, jora.Options(remat=remat, mlp_chunk=chunk),
+        lambda l: jora.loss(params, l, batch, GQA, lc, plan=jora.Plan(remat=remat, mlp_chunk=chunk),
                             key=key)))(lora))
     want_loss, want_g = run(0)
     for chunk in (5, 8):
@@ -313,7 +313,7 @@ def test_mlp_chunks_change_memory_not_results(remat):
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(unchunked_g)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="mlp_chunk must be >= 0"):
-        jora.Options(mlp_chunk=-1)
+        jora.Plan(mlp_chunk=-1)
 
 
 def _count(jaxpr, prim: str) -> int:
@@ -341,14 +341,14 @@ def _checkpoints(jaxpr) -> list:
 
 
 def test_chunk_layers_chunk_only_the_last_layers():
-    """Options.chunk_layers=1: only the last of the 2 layers runs its MLP over chunks (its
+    """Plan.chunk_layers=1: only the last of the 2 layers runs its MLP over chunks (its
     checkpointed body holds one more concatenation: the chunks'), with the loss and gradients of
     no chunks (every LoRA factor live). Stacked layers are refused by name."""
     params, lcfg, lora = _setup(targets=jora.PROJ)
     unrolled = jora.unstack_layers(params)
     tokens = np.asarray(jax.random.randint(jax.random.key(10), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
-    f = lambda p, **o: lambda l: jora.loss(p, l, batch, GQA, lcfg, jora.Options(remat="full", **o))
+    f = lambda p, **o: lambda l: jora.loss(p, l, batch, GQA, lcfg, plan=jora.Plan(remat="full", **o))
     joins = lambda **o: [_count(c, "concatenate") for c in _checkpoints(
         jax.make_jaxpr(f(unrolled, **o))(lora).jaxpr)][:GQA.n_layers]   # (then the loss's)
     base = joins()   # (RoPE concatenates too)
@@ -365,38 +365,38 @@ def test_chunk_layers_chunk_only_the_last_layers():
     with pytest.raises(ValueError, match="chunk_layers needs unrolled layers"):
         f(params, mlp_chunk=5, chunk_layers=1)(lora)
     with pytest.raises(ValueError, match="chunk_layers must be >= 0"):
-        jora.Options(chunk_layers=-1)
+        jora.Plan(chunk_layers=-1)
     with pytest.raises(ValueError, match="chunk_layers=4 .* needs mlp_chunk > 0"):
-        jora.Options(chunk_layers=4)
+        jora.Plan(chunk_layers=4)
 
 
 def test_full_layers_save_less_and_change_nothing_else(capsys):
-    """Options.full_layers=1 under remat "min": the first layer keeps only its input (fewer saved
+    """Plan.full_layers=1 under remat "min": the first layer keeps only its input (fewer saved
     residuals than "min" everywhere, more than "full" everywhere), and the loss and gradients
     (every LoRA factor live) are those of no remat. Stacked layers are refused by name."""
     params, lcfg, lora = _setup(targets=jora.PROJ)
     unrolled = jora.unstack_layers(params)
     tokens = np.asarray(jax.random.randint(jax.random.key(9), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
-    f = lambda opts: lambda l: jora.loss(unrolled, l, batch, GQA, lcfg, opts)
+    f = lambda opts: lambda l: jora.loss(unrolled, l, batch, GQA, lcfg, plan=opts)
     saved = {}
-    for k, o in dict(min=jora.Options(remat="min"), full=jora.Options(remat="full"),
-                     mixed=jora.Options(remat="min", full_layers=1)).items():
+    for k, o in dict(min=jora.Plan(remat="min"), full=jora.Plan(remat="full"),
+                     mixed=jora.Plan(remat="min", full_layers=1)).items():
         capsys.readouterr()
         jax.ad_checkpoint.print_saved_residuals(f(o), lora)   # one line a saved value
         saved[k] = len(capsys.readouterr().out.splitlines())
     assert saved["full"] < saved["mixed"] < saved["min"], saved
-    want_loss, want_g = jax.device_get(jax.value_and_grad(f(jora.Options()))(lora))
+    want_loss, want_g = jax.device_get(jax.value_and_grad(f(jora.Plan()))(lora))
     loss, g = jax.device_get(jax.jit(jax.value_and_grad(
-        f(jora.Options(remat="min", full_layers=1))))(lora))
+        f(jora.Plan(remat="min", full_layers=1))))(lora))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want_g)):
         assert np.abs(b).max() > 0
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="full_layers needs unrolled layers"):
-        jora.loss(params, lora, batch, GQA, lcfg, jora.Options(remat="min", full_layers=1))
+        jora.loss(params, lora, batch, GQA, lcfg, plan=jora.Plan(remat="min", full_layers=1))
     with pytest.raises(ValueError, match="full_layers must be >= 0"):
-        jora.Options(full_layers=-1)
+        jora.Plan(full_layers=-1)
 
 
 def test_logits_backward_in_bf16_matches_fp32_autodiff():

@@ -37,9 +37,9 @@ def on(mesh, params, lora, batch):
             jora.shard(batch, jora.batch_specs(), mesh))
 
 
-def loss_and_grads(mesh, params, lora, batch, opts=jora.Options()):
+def loss_and_grads(mesh, params, lora, batch, plan=jora.Plan()):
     p, l, b = on(mesh, params, lora, batch)
-    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(p, l, b, CFG, LCFG, opts, mesh=mesh)))
+    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(p, l, b, CFG, LCFG, plan=plan, mesh=mesh)))
     return jax.device_get(f(l))
 
 
@@ -65,7 +65,7 @@ def five_steps(mesh, params, lora, batch):
 def test_loss_and_lora_grads_match_unsharded(setup, data, tp, sp, mlp_chunk):
     params, lora, batch = setup
     want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
-    opts = jora.Options(sequence_parallel=sp, mlp_chunk=mlp_chunk,
+    opts = jora.Plan(sequence_parallel=sp, mlp_chunk=mlp_chunk,
                         remat="full" if mlp_chunk else "none")
     loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch, opts)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
@@ -206,8 +206,9 @@ def test_sequence_parallelism_shrinks_activation_memory_per_device():
         b = jora.make_batch(np.zeros((1, 1025), np.int32))
         b = jora.shard(jora.Batch(*(x[None] for x in b)),
                        jora.Batch(*([jora.P(None, jora.DATA, None)] * 5)), mesh)
-        opts = jora.Options(remat="full", sequence_parallel=sp, packed=False)
-        step = jora.make_train_step(cfg, lcfg, jora.TrainConfig(batch_size=1), mesh, opts)
+        step = jora.make_train_step(cfg, lcfg, jora.TrainConfig(batch_size=1), mesh,
+                                    opts=jora.Options(packed=False),
+                                    plan=jora.Plan(remat="full", sequence_parallel=sp))
         compiled = step.lower(state, params, b, jax.random.key(2)).compile()
         return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
@@ -230,15 +231,15 @@ def test_unstacked_layers_give_the_same_loss_grads_generation_and_export(setup, 
     assert own.layers.wq.is_deleted() and not p.layers.w_up.is_deleted()
     assert len(u.layers.wq) == CFG.n_layers and u.layers.wq[1].shape == (1, 64, 128)
     np.testing.assert_array_equal(u.layers.w_down[1][0], params.layers.w_down[1])
-    opts = jora.Options(remat="min")
-    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(u, l, b, CFG, LCFG, opts, mesh=mesh)))
+    opts = jora.Plan(remat="min")
+    f = jax.jit(jax.value_and_grad(lambda l: jora.loss(u, l, b, CFG, LCFG, plan=opts, mesh=mesh)))
     loss, g = jax.device_get(f(l))
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6), g, want_g)
 
     prompts = [[1, 5, 9], [3, 4, 5, 6, 7, 8, 2]]
-    want = jora.generate(params, prompts, CFG, 6, lora, LCFG)
-    assert jora.generate(u, prompts, CFG, 6, l, LCFG) == want
+    want = jora.generate(params, prompts, CFG, lora, LCFG, jora.Sampling(6))
+    assert jora.generate(u, prompts, CFG, l, LCFG, jora.Sampling(6)) == want
 
     jora.export_merged(str(tmp_path / "stacked"), CFG, params, lora, LCFG, dtype=np.float32)
     jora.export_merged(str(tmp_path / "unstacked"), CFG, u, l, LCFG, dtype=np.float32)

@@ -12,6 +12,7 @@ import pytest
 from conftest import DATA, GQA, STORIES, needs_data, random_lora, random_params
 
 import jora
+import trainer
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,21 +120,21 @@ def test_alpaca_template_and_answer_only_loss(tmp_path):
     base, _ = train.demo_setup(str(tmp_path))
     tok = jora.Tokenizer(base)
     records = [{"instruction": "Say 1", "input": "", "output": "1 2"}]
-    (ex,), report = jora.tokenize_records(records, "alpaca", tok, 512)
-    prompt = tok.encode(jora.alpaca_prompt("Say 1"), bos=True)
+    (ex,), report = trainer.tokenize_records(records, "alpaca", tok, 512)
+    prompt = tok.encode(trainer.alpaca_prompt("Say 1"), bos=True)
     assert ex.tokens.tolist() == prompt + tok.encode("1 2") + [tok.eos_id]
     assert ex.weights.tolist() == [0] * len(prompt) + [1] * (len(ex.tokens) - len(prompt))
-    assert "### Instruction:\nSay 1\n\n### Response:\n" in jora.alpaca_prompt("Say 1")
-    assert "### Input:\nx\n\n" in jora.alpaca_prompt("Say 1", "x")
+    assert "### Instruction:\nSay 1\n\n### Response:\n" in trainer.alpaca_prompt("Say 1")
+    assert "### Input:\nx\n\n" in trainer.alpaca_prompt("Say 1", "x")
 
 
 @needs_data
 def test_raft_keeps_oracle_and_answer_at_2048_with_llama2_tokenizer():
     tok = jora.Tokenizer(os.path.join(DATA, "llama2", "tokenizer.model"))
     path = os.path.join(DATA, "raft", "raft_en_test.jsonl")
-    records, fmt = jora.read_records(path)
+    records, fmt = trainer.read_records(path)
     assert fmt == "raft"
-    examples, report = jora.tokenize_records(records, fmt, tok, 2048, path)
+    examples, report = trainer.tokenize_records(records, fmt, tok, 2048, path)
     assert len(examples) == len(records) == 20 and report["skipped"] == 0
     docs_kept = 0
     for r, ex in zip(records, examples):
@@ -145,7 +146,7 @@ def test_raft_keeps_oracle_and_answer_at_2048_with_llama2_tokenizer():
         assert prompt.rstrip().endswith(r["question"].strip())
         docs_kept += prompt.count("<DOCUMENT>")
     assert report["dropped_distractors"] == 80 - docs_kept > 0     # reported, and exact
-    short, report = jora.tokenize_records(records, fmt, tok, 8192, path)
+    short, report = trainer.tokenize_records(records, fmt, tok, 8192, path)
     assert report["dropped_distractors"] == 0
 
 
@@ -165,7 +166,7 @@ def test_bad_data_files_name_file_and_record(tmp_path, content, message):
     path = tmp_path / "data.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        jora.read_records(str(path))
+        trainer.read_records(str(path))
 
 
 def test_every_record_too_long_is_an_error(tmp_path):
@@ -173,7 +174,7 @@ def test_every_record_too_long_is_an_error(tmp_path):
     records = [{"prompt": "Spell 1 2 3 4 5 6 7 8 9:", "completion": " one"}] * 3
     with pytest.raises(ValueError, match=r"d.jsonl: no usable examples: all 3 records are longer "
                                          r"than --seq-len 8"):
-        jora.tokenize_records(records, "completion", jora.Tokenizer(base), 8, "d.jsonl")
+        trainer.tokenize_records(records, "completion", jora.Tokenizer(base), 8, "d.jsonl")
 
 
 # ---- the loop: checkpoints, resume, signals, crashes ----------------------------------------
@@ -199,7 +200,7 @@ def test_resume_after_interrupt_is_bit_identical(demo, tmp_path):
         if line.startswith("step 4/"):
             os.kill(os.getpid(), signal.SIGINT)
     part = str(tmp_path / "part")
-    args = train.parse_args(demo + ["--out", part, "--steps", "8"])
+    args = train.parser().parse_args(demo + ["--out", part, "--steps", "8"])
     summary = _train_with_log(args, interrupt_at_4)
     assert summary["interrupted"] == 4
     assert os.path.isdir(os.path.join(part, "checkpoints", "step_00000004"))
@@ -222,7 +223,7 @@ def test_a_crash_keeps_the_steps_done_and_resume_continues_exactly(demo, tmp_pat
             raise RuntimeError("simulated crash")
         return make_batch(*a)
     monkeypatch.setattr(jora, "make_batch", crash_on_batch_5)
-    args = train.parse_args(demo + ["--out", part, "--steps", "7"])
+    args = train.parser().parse_args(demo + ["--out", part, "--steps", "7"])
     lines = []
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train_with_log(args, lines.append, log_every=3)
@@ -243,20 +244,20 @@ def _train_with_log(args, log, log_every=1):
                                jax.numpy.bfloat16, mesh)
     params = jora.unstack_layers(params, free=True)   # as train.main: the same programs
     tok = jora.Tokenizer(args.model)
-    records, fmt = jora.read_records(args.data)
-    examples, _ = jora.tokenize_records(records, fmt, tok, args.seq_len)
+    records, fmt = trainer.read_records(args.data)
+    examples, _ = trainer.tokenize_records(records, fmt, tok, args.seq_len)
     split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()
     examples = [examples[i] for i in split]
     tcfg = jora.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed)
-    _, summary = jora.train(cfg, params, train.lora_config(args), tcfg, examples, args.out, mesh,
-                            log_every=log_every, log=log)
+    _, summary = trainer.train(cfg, params, train.configs(args)[0], tcfg, examples, args.out,
+                               mesh, schedule=trainer.Schedule(log_every=log_every), log=log)
     return summary
 
 
 def test_progress_says_compiling_and_throughput_leaves_compile_out(demo, tmp_path):
     lines = []   # rank 7: a step no other test compiles, so not in the compilation cache
-    args = train.parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "3",
+    args = train.parser().parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "3",
                                     "--lora-r", "7"])
     _train_with_log(args, lines.append)
     assert lines[0].startswith("compiling the training step for 48 positions")
@@ -296,7 +297,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     lora = random_lora(jax.random.key(0), GQA, lcfg)
     state = jora.TrainState(lora, jora.adamw_init(lora), np.int32(0))
     good = tmp_path / "checkpoints" / "step_00000001"
-    jora.save_checkpoint(str(good), state, meta)
+    trainer.save_checkpoint(str(good), state, meta)
     script = f"""
 import os, sys, safetensors.numpy
 sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
@@ -307,17 +308,17 @@ def dying_save(tensors, path, **kw):   # half a file, then the process dies
 safetensors.numpy.save_file = dying_save
 lcfg = jora.LoraConfig(r=2, targets=("q",))
 lora = random_lora(jax.random.key(5), GQA, lcfg)
-jora.save_checkpoint({str(tmp_path / "checkpoints" / "step_00000002")!r},
+trainer.save_checkpoint({str(tmp_path / "checkpoints" / "step_00000002")!r},
                      jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)), dict(step=2))
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert r.returncode == -9, r.stderr.decode()
-    latest = jora.latest_checkpoint(str(tmp_path))
+    latest = trainer.latest_checkpoint(str(tmp_path))
     assert latest == str(good)
     meta_cfg = dict(config=jora.dataclasses.asdict(GQA), lora=jora.dataclasses.asdict(lcfg))
     with open(good / "state.json", "w") as f:
         json.dump({**meta, **meta_cfg}, f)
-    loaded, _ = jora.load_checkpoint(latest, GQA, lcfg, jora.make_mesh(1, jax.devices()[:1]))
+    loaded, _ = trainer.load_checkpoint(latest, GQA, lcfg, jora.make_mesh(1, jax.devices()[:1]))
     np.testing.assert_array_equal(loaded.lora.q.b, lora.q.b)
 
 
@@ -327,11 +328,11 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
                                                  r"at step \d+; stopped. The last good"):
         train.main(demo + ["--out", out, "--steps", "10", "--lr", "1e38", "--clip", "0",
                            "--save-every", "1", "--lora-dropout", "0"])
-    latest = jora.latest_checkpoint(out)
+    latest = trainer.latest_checkpoint(out)
     assert latest is not None
     cfg, _ = jora.load_hf(demo[1])
-    args = train.parse_args(demo + ["--lora-dropout", "0"])
-    state, meta = jora.load_checkpoint(latest, cfg, train.lora_config(args), jora.make_mesh(1))
+    args = train.parser().parse_args(demo + ["--lora-dropout", "0"])
+    state, meta = trainer.load_checkpoint(latest, cfg, train.configs(args)[0], jora.make_mesh(1))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.lora))
 
 
@@ -415,14 +416,14 @@ def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
     monkeypatch.setattr(train, "main", other)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         train.cli([])
-    monkeypatch.setattr(train, "main", lambda argv: jora.read_records("/nonexistent.json"))
+    monkeypatch.setattr(train, "main", lambda argv: trainer.read_records("/nonexistent.json"))
     with pytest.raises(SystemExit, match="error: .*nonexistent.json"):
         train.cli([])
 
 
 def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(jora, "PEAK_FLOPS", {jax.default_backend(): 1e12})
-    args = train.parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "2"])
+    args = train.parser().parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "2"])
     args.seq_len = 400   # the demo's examples are < 64 tokens: rows are padded to 64, not 400
     _train_with_log(args, lambda line: None)
     with open(os.path.join(str(tmp_path / "run"), "metrics.jsonl")) as f:
@@ -430,7 +431,7 @@ def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, mo
     cfg, devices = jora.load_hf(args.model, np.float32)[0], jora.make_mesh(1).size
     for r in rows:   # MFU is per device: the data-parallel mesh spans every (CPU) device
         assert r["mfu"] == pytest.approx(
-            r["tokens_per_s"] * jora.flops_per_token(cfg, 64) / (1e12 * devices), rel=1e-9)
+            r["tokens_per_s"] * trainer.flops_per_token(cfg, 64) / (1e12 * devices), rel=1e-9)
 
 
 def test_tokenizing_shows_progress_on_long_work(tmp_path, monkeypatch):
@@ -439,7 +440,7 @@ def test_tokenizing_shows_progress_on_long_work(tmp_path, monkeypatch):
     clock = iter(range(0, 10_000, 4))   # each look at the clock: 4 s later
     monkeypatch.setattr("time.time", lambda: next(clock))
     lines = []
-    ex, _ = jora.tokenize_records(records, "completion", jora.Tokenizer(base), 64, "d.jsonl",
+    ex, _ = trainer.tokenize_records(records, "completion", jora.Tokenizer(base), 64, "d.jsonl",
                                   log=lines.append)
     assert len(ex) == 30 and lines and len(lines) < 30
     assert lines[0] == "d.jsonl: tokenized 2 of 30 records"   # 2 done when the clock reads 12 s

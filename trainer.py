@@ -1,0 +1,766 @@
+"""trainer.py: a whole training run around jora's step, as train.py runs it.
+
+Read jora.py first: it holds the technique (model, LoRA, tensor parallelism, loss, AdamW, the
+step, packed batches, generation, Hugging Face files). This file adds what a run on real data
+needs around it, top to bottom:
+  1 data files: Alpaca, RAFT and prompt/completion records -> jora.Example
+  2 scoring RAFT answers
+  3 compiling the step, and remat "auto": the fastest jora.Plan whose memory fits the device
+  4 checkpoints and the run folder (OUT): one run a folder, resume, overwrite
+  5 the loop: train()
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jora
+
+
+# =============================================================================================
+# 1. Data files -> examples
+# =============================================================================================
+
+ALPACA = ("Below is an instruction that describes a task{}. Write a response that appropriately "
+          "completes the request.\n\n### Instruction:\n{}\n\n{}### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input_: str = "") -> str:
+    """The Stanford Alpaca prompt template (with or without an input)."""
+    if input_:
+        return ALPACA.format(", paired with an input that provides further context",
+                             instruction, f"### Input:\n{input_}\n\n")
+    return ALPACA.format("", instruction, "")
+
+
+FORMAT_KEYS = {"alpaca": ("instruction", "output"), "raft": ("instruction", "cot_answer"),
+               "completion": ("prompt", "completion")}
+OPTIONAL_KEYS = dict(alpaca=("input",), raft=("oracle_context",), completion=())
+
+
+def _parse_records(path: str, text: str) -> list:
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            try:   # valid JSON, but one value over several lines: not JSONL
+                whole = json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(f"{path}: record {len(records) + 1} (line {n}) is malformed "
+                                 f"JSON ({e.msg})") from None
+            raise ValueError(f"{path}: holds {jora.JSON_KIND.get(type(whole), 'JSON')} where a list of "
+                             f"records (JSON) or one record a line (JSONL) was expected") from None
+    return records
+
+
+def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
+    """Read a JSON list or JSONL file -> (records, format). Errors name the file and record."""
+    records = _parse_records(path, jora.read_text(path))
+    if not records:
+        raise ValueError(f"{path}: no records")
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f"{path}: record {i} is {jora.JSON_KIND.get(type(r), 'JSON')}, not a JSON "
+                             f"object")
+    if fmt == "auto":
+        fmt = next((f for f in ("raft", "alpaca", "completion")
+                    if all(k in records[0] for k in FORMAT_KEYS[f])), None)
+        if fmt is None:
+            raise ValueError(f"{path}: record 1 has keys {sorted(records[0])}; cannot tell the "
+                             f"format (alpaca needs instruction/output, raft "
+                             f"instruction/cot_answer, completion prompt/completion)")
+    optional = OPTIONAL_KEYS[fmt]
+    for i, r in enumerate(records, 1):
+        for k in FORMAT_KEYS[fmt] + ("question",) * (fmt == "raft") + optional:
+            if k not in r and k not in optional:
+                raise ValueError(f"{path}: record {i} has no '{k}' (format {fmt})")
+            if k in r and not isinstance(r[k], str):
+                raise ValueError(f"{path}: record {i} field '{k}' is {type(r[k]).__name__}, "
+                                 f"not a string")
+        ctx = r.get("context", {}) if fmt == "raft" else {}
+        docs = ctx.get("sentences", [[]]) if isinstance(ctx, dict) else None
+        if not (isinstance(docs, list) and docs and isinstance(docs[0], list)
+                and all(isinstance(d, str) for d in docs[0])):
+            k, v = ("context", ctx) if docs is None else ("context.sentences", docs)
+            raise ValueError(f"{path}: record {i} field '{k}' is {jora.JSON_KIND.get(type(v), 'JSON')}; "
+                             f'format raft expects "context": {{"sentences": [[document, ...]]}}')
+    return records, fmt
+
+
+def _prompt(r: dict, fmt: str, tok: jora.Tokenizer, docs=None) -> list[int]:
+    if fmt == "alpaca":
+        return tok.encode(alpaca_prompt(r["instruction"], r.get("input", "")), bos=True)
+    if fmt == "raft" and docs is not None:   # gorilla raft.py's layout
+        return tok.encode("".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + r["question"],
+                          bos=True)
+    return tok.encode(r["prompt" if fmt == "completion" else "instruction"], bos=True)
+
+
+def tokenize_records(records, fmt: str, tok: jora.Tokenizer, seq_len: int, path: str = "data",
+                     log=None):
+    """-> (examples, report). An example is at most seq_len + 1 tokens (one row's inputs and
+    targets). RAFT examples that are too long lose distractor documents first (longest first;
+    never the oracle, never the answer); what still does not fit is skipped; other formats
+    are truncated at the end of the answer if the prompt fits, else skipped. Nothing silent:
+    `report` counts every such case. log: called with a progress line every 10 s."""
+    report = dict(examples=0, dropped_distractors=0, shortened_raft=0, truncated=0, skipped=0)
+    out, limit, shown = [], seq_len + 1, time.time()
+    for i, r in enumerate(records):
+        if log and time.time() - shown > 10:   # ~700 long RAFT records a second
+            log(f"{path}: tokenized {i:,} of {len(records):,} records")
+            shown = time.time()
+        answer = tok.encode(r[FORMAT_KEYS[fmt][1]]) + [tok.eos_id]
+        prompt = _prompt(r, fmt, tok)
+        if fmt == "raft":
+            docs, oracle, dropped = list(r.get("context", {}).get("sentences", [[]])[0]), \
+                r.get("oracle_context"), 0
+            while len(prompt) + len(answer) > limit and any(d != oracle for d in docs):
+                docs.remove(max((d for d in docs if d != oracle), key=len))
+                prompt, dropped = _prompt(r, fmt, tok, docs), dropped + 1
+            report["dropped_distractors"] += dropped
+            report["shortened_raft"] += dropped > 0
+        if len(prompt) + len(answer) > limit:
+            if fmt == "raft" or len(prompt) >= limit:
+                report["skipped"] += 1
+                continue
+            answer = answer[:limit - len(prompt)]
+            report["truncated"] += 1
+        w = np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(answer), np.float32)])
+        out.append(jora.Example(np.asarray(prompt + answer, np.int32), w))
+    report["examples"] = len(out)
+    if not out:
+        raise ValueError(f"{path}: no usable examples: all {len(records)} records are longer "
+                         f"than --seq-len {seq_len} ({report})")
+    return out, report
+
+
+def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eval_split: float,
+                     seed: int, rows: int, pack: bool, max_segments: int = jora.Options.max_segments,
+                     log=print):
+    """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
+    from seed + 7) -> (train examples, eval examples, batches an epoch). Refuses, with the
+    numbers and the flags that decide them, a split that leaves too few to fill one batch."""
+    records, fmt = read_records(path, fmt)
+    examples, report = tokenize_records(records, fmt, tok, seq_len, path, log)
+    log(f"data: {path} ({fmt}) {len(records)} records -> {report}")
+    n_eval = int(len(examples) * eval_split)
+    if eval_split and not n_eval:
+        raise ValueError(f"--eval-split {eval_split} of {len(examples)} examples holds out none")
+    split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
+    train_ex = [examples[i] for i in split[n_eval:]]
+    try:
+        per_epoch = jora.batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
+    except ValueError as e:
+        raise ValueError(f"{path}: {len(records)} records, {len(examples)} usable at --seq-len "
+                         f"{seq_len}, {n_eval} held out by --eval-split {eval_split}: {e}") from None
+    if pack:   # how full the rows are: max_segments can leave them part empty
+        used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (seq_len + 1))
+        log(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of positions used")
+    return train_ex, [examples[i] for i in split[:n_eval]], per_epoch
+
+
+# =============================================================================================
+# 2. Scoring RAFT answers
+# =============================================================================================
+
+def extract_answer(text: str) -> str:
+    """The final answer of a RAFT chain of thought: the text after the last '<ANSWER>:'."""
+    return text.rsplit("<ANSWER>:", 1)[-1].strip()
+
+
+def _normal_words(text: str) -> list[str]:   # SQuAD's normalisation: case, punctuation, articles
+    import re
+    import string
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    return re.sub(r"\b(a|an|the)\b", " ", text).split()
+
+
+def answer_scores(prediction: str, reference: str) -> dict:
+    """Exact match and token F1 (as in SQuAD) of the final answers of two completions."""
+    p, r = _normal_words(extract_answer(prediction)), _normal_words(extract_answer(reference))
+    common = sum(min(p.count(w), r.count(w)) for w in set(p))
+    f1 = 0.0 if not common else 2 * common / (len(p) + len(r))
+    return dict(exact_match=float(p == r), token_f1=f1 if p or r else 1.0)
+
+
+def generate_and_score(params, lora, examples, cfg, lcfg, tok, max_new_tokens: int = 256,
+                       mesh=None) -> dict:
+    """Greedy answers to the prompts of `examples`, scored against their reference answers."""
+    prompts = [ex.tokens[ex.weights == 0].tolist() for ex in examples]
+    refs = [tok.decode(ex.tokens[ex.weights > 0]) for ex in examples]
+    outs = jora.generate(params, prompts, cfg, lora, lcfg, jora.Sampling(max_new_tokens),
+                         mesh=mesh)
+    scores = [answer_scores(tok.decode(o), r) for o, r in zip(outs, refs)]
+    return {k: sum(s[k] for s in scores) / len(scores) for k in ("exact_match", "token_f1")}
+
+
+# =============================================================================================
+# 3. Compiling the step, and remat "auto"
+# =============================================================================================
+
+def compile_step(step_fn, args, log=print):
+    """step_fn.lower(*args).compile() -> (compiled, seconds), saying how long it took and
+    whether jax's persistent compilation cache (jax_compilation_cache_dir, if set) served it."""
+    hits = []
+    listen = lambda event, **_: hits.append(1) if event.endswith("/cache_hits") else None
+    jax.monitoring.register_event_listener(listen)
+    t = time.time()
+    try:
+        lowered = step_fn.lower(*args)
+        t_lower = time.time() - t
+        compiled = lowered.compile()
+    finally:
+        jax.monitoring.unregister_event_listener(listen)
+    spent = time.time() - t
+    log(f"compiled in {spent:.1f} s (traced in {t_lower:.1f} s" +
+        ("; XLA's part from the compilation cache)" if hits else ")"))
+    return compiled, spent
+
+
+def planned_bytes(compiled) -> int | None:
+    """XLA's planned peak device memory for a compiled step (per device), or None."""
+    plan = compiled.memory_analysis()
+    if plan is None:
+        return None
+    return (plan.argument_size_in_bytes + plan.temp_size_in_bytes + plan.output_size_in_bytes
+            - plan.alias_size_in_bytes)
+
+
+# remat "auto" tries these, fastest first, and takes the first whose memory plan fits.
+AUTO_PLANS = (dict(remat="none"), dict(remat="min"),
+              dict(remat="attn", mlp_chunk=2048, chunk_layers=4),
+              dict(remat="attn", mlp_chunk=2048), dict(remat="full", mlp_chunk=2048))
+
+
+def choose_plan(cfg, lcfg, tcfg, mesh, *, opts, plan, state, params, batch, key,
+                margin: float = 0.9, limit: int | None = None, log=print):
+    """remat "auto": the fastest of AUTO_PLANS whose compiled step, at this batch's shape, plans
+    at most `margin` of `limit` (default: the device's memory) -> (Plan, step_fn, compiled
+    step or None, seconds spent). Where no limit is known (XLA's CPU backend), the plain plan.
+    The line it logs says why."""
+    local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+    limit = limit or (local.memory_stats() or {}).get("bytes_limit")
+    step_of = lambda p: jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=p)
+    if not limit:   # nothing to fit, so nothing to compile yet
+        p = dataclasses.replace(plan, **AUTO_PLANS[0])
+        log(f"remat auto: {p.describe()} (no device memory limit to fit here)")
+        return p, step_of(p), None, 0.0
+    tried, spent = [], 0.0
+    for auto in AUTO_PLANS:
+        if auto.get("chunk_layers") and not jora.unstacked(params.layers):
+            continue
+        p = dataclasses.replace(plan, **{"mlp_chunk": 0, "chunk_layers": 0, **auto})
+        log(f"remat auto: compiling the step with {p.describe()} ...")
+        compiled, t = compile_step(step_of(p), (state, params, batch, key), log)
+        spent += t
+        need = planned_bytes(compiled)
+        if need is None or need <= margin * limit or auto is AUTO_PLANS[-1]:
+            why = (f"plans {(need or 0) / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB" +
+                   (f"; {', '.join(tried)} would not fit" if tried else "; the fastest plan"))
+            log(f"remat auto: {p.describe()} ({why})")
+            return p, step_of(p), compiled, spent
+        tried.append(f"{p.describe()} {need / 2**30:.1f} GiB")
+
+
+PEAK_FLOPS = {"gpu": 800e12}   # measured bf16 matmul rate of one H200; MFU is reported against it
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Model FLOPs per token of LoRA training with frozen weights: forward 2N + input-gradients
+    2N over the N matmul parameters (lm_head included; no weight gradients), plus causal
+    attention 6*T*D*L (forward 2TDL, backward twice that). Recomputation is not counted."""
+    n = sum(math.prod(jora.proj_shape(cfg, t)) for t in jora.PROJ) * cfg.n_layers
+    n += cfg.d_model * cfg.vocab_size
+    return 4 * n + 6 * seq_len * cfg.n_heads * cfg.head_dim * cfg.n_layers
+
+
+def mfu(flops_per_s: float, devices: int) -> float | None:
+    """Model FLOPs utilisation of `devices` against PEAK_FLOPS (None: no peak for this backend)."""
+    peak = PEAK_FLOPS.get(jax.default_backend())
+    return flops_per_s / (peak * devices) if peak else None
+
+
+def is_oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+LESS_MEMORY = ("To use less: --remat full (or attn, with --full-layers N for the first N layers "
+               "full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
+               "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
+               "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
+               "planned peak (planned_gib) without running.")
+
+
+# =============================================================================================
+# 4. Checkpoints and the run folder
+# =============================================================================================
+
+def _flat(lora, prefix: str) -> dict:
+    return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
+            if ab is not None for part in ("a", "b")}
+
+
+def save_checkpoint(folder: str, state: jora.TrainState, meta: dict):
+    """LoRA factors, AdamW moments and counters (safetensors) + run metadata (JSON); atomic."""
+    from safetensors.numpy import save_file
+    tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
+               **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
+    tensors = {k: np.ascontiguousarray(jora.to_host(v)) for k, v in tensors.items()}
+    if bad := next((k for k, v in tensors.items() if not np.isfinite(v).all()), None):
+        raise FloatingPointError(f"{folder}: not saved, tensor '{bad}' is not finite")
+
+    def write(tmp):
+        if tmp:
+            save_file(tensors, os.path.join(tmp, "state.safetensors"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"format": "jora-train/1", **meta}, f, indent=2)
+
+    jora._atomic_dir(folder, write)
+
+
+def read_checkpoint(folder: str) -> tuple[dict, dict]:
+    """-> (tensors, state.json) of a checkpoint, refusing (ValueError) one that does not read
+    back whole or holds a non-finite tensor: a checkpoint is good only if every tensor is."""
+    meta = jora.read_json(os.path.join(folder, "state.json"), dict, "a JSON object (jora-train/1)")
+    for key in ("step", "data_position"):
+        if key not in meta:
+            raise ValueError(f"{folder}/state.json: missing field '{key}'")
+    t = jora.load_tensors(os.path.join(folder, "state.safetensors"))
+    if bad := next((k for k, v in t.items() if not np.isfinite(v).all()), None):
+        raise ValueError(f"{folder}/state.safetensors: tensor '{bad}' is not finite")
+    return t, meta
+
+
+def load_checkpoint(folder: str, cfg, lcfg, mesh) -> tuple[jora.TrainState, dict]:
+    """Inverse of save_checkpoint; refuses a checkpoint of another model or LoRA shape."""
+    t, meta = read_checkpoint(folder)
+    for key, want in (("config", dataclasses.asdict(cfg)), ("lora", dataclasses.asdict(lcfg))):
+        have = meta.get(key, {})
+        diff = {k: (have.get(k), v) for k, v in json.loads(json.dumps(want)).items()
+                if have.get(k) != v}
+        if diff:
+            k, (a, b) = next(iter(diff.items()))
+            raise ValueError(f"{folder}: checkpoint was made with {key}.{k}={a!r}, this run has "
+                             f"{b!r} ({len(diff)} difference(s)); use another --out or the same "
+                             f"model and LoRA settings")
+    tree = lambda p: jora.Lora(**{x: jora.LoraAB(a=t[f"{p}.{x}.a"], b=t[f"{p}.{x}.b"])
+                                  for x in lcfg.targets})
+    scalar = lambda name: t[name].reshape(())   # safetensors stores a scalar as shape (1,)
+    state = jora.TrainState(lora=tree("lora"), opt=jora.AdamW(scalar("step"), tree("mu"),
+                                                              tree("nu")),
+                            bad_step=scalar("bad_step"))
+    return jora.shard(state, jora.state_specs(lcfg), mesh), meta
+
+
+def _steps(out: str, ext=("",)) -> list[str]:   # OUT/checkpoints/step_N(.tmp, .old), sorted
+    root = os.path.join(out, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in sorted(names) if (p := n.partition("."))[0][:5] ==
+            "step_" and p[0][5:].isdigit() and p[2] in ext]
+
+
+def checkpoints(out: str) -> list[str]:   # OUT/checkpoints/step_N folders, oldest first
+    return _steps(out)
+
+
+def latest_checkpoint(out: str) -> str | None:
+    return (checkpoints(out) or [None])[-1]
+
+
+def good_checkpoint(out: str) -> tuple[str | None, list[str]]:
+    """-> (the newest checkpoint that read_checkpoint accepts or None, why each newer one is
+    not good)."""
+    skipped = []
+    for path in reversed(checkpoints(out)):
+        try:
+            read_checkpoint(path)
+            return path, skipped
+        except (ValueError, OSError) as e:
+            skipped.append(str(e))
+    return None, skipped
+
+
+def check_out(out: str, resume: bool = False, overwrite: bool = False):
+    """Refuse an `out` holding another run (unless resume or overwrite), and a resume with no
+    good checkpoint; -> (the checkpoint to resume from or None, why each newer one is not
+    good). Reads only: call it before writing."""
+    if (os.path.exists(os.path.join(out, "metrics.jsonl")) or checkpoints(out)) and not (
+            resume or overwrite):
+        raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
+                              f"--overwrite to start again there")
+    if not resume:
+        return None, []
+    path, skipped = good_checkpoint(out)
+    if path is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/checkpoints" +
+                                (f" reads back whole: {skipped[0]}" if skipped else ""))
+    return path, skipped
+
+
+def resume_info(out: str) -> tuple[str, dict]:
+    """-> (the checkpoint a resume starts from, the run_info it was saved with, its steps
+    included)."""
+    path, _ = check_out(out, resume=True)
+    meta = jora.read_json(os.path.join(path, "state.json"))
+    return path, dict(meta.get("run") or {}, steps=meta.get("train", {}).get("steps"))
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "merged")   # what a run writes in OUT,
+                                                    # besides checkpoints/step_N (.tmp, .old)
+
+
+def run_info(out: str) -> dict | None:
+    """The run_info of the run in `out` (from OUT/run.json, else its newest checkpoint): None if
+    `out` holds no run, {} if that cannot be read."""
+    for f in (os.path.join(out, "run.json"),
+              os.path.join(latest_checkpoint(out) or out, "state.json")):
+        if os.path.isfile(f):
+            try:
+                return dict(jora.read_json(f).get("run") or {})
+            except (ValueError, OSError):
+                return {}
+    return {} if os.path.exists(os.path.join(out, "metrics.jsonl")) else None
+
+
+def clean_run(out: str, extra=()):
+    """--overwrite: remove what a run wrote in `out` (RUN_FILES, `extra`, checkpoints/step_N),
+    never anything else."""
+    names = [n + s for n in RUN_FILES + tuple(extra) for s in ("", ".tmp", ".old")]
+    root = os.path.join(out, "checkpoints")
+    for path in [os.path.join(out, n) for n in names] + _steps(out, ("", "tmp", "old")):
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
+
+
+_LOCKS = {}   # lock file -> its open file: the run folders this process holds
+
+
+def lock_run(out: str) -> bool:
+    """One run a folder: take an exclusive flock on OUT/.lock, which the kernel drops when the
+    process ends however it ends (kill -9 too). -> False if this process held it already;
+    OSError if another process holds it."""
+    import fcntl
+    path = os.path.abspath(os.path.join(out, ".lock"))
+    if path in _LOCKS:
+        return False
+    os.makedirs(out, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise OSError(f"--out {out} is in use by another run ({who}); wait for it to end or "
+                      f"use another --out") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    _LOCKS[path] = f
+    return True
+
+
+def unlock_run(out: str):
+    if f := _LOCKS.pop(os.path.abspath(os.path.join(out, ".lock")), None):
+        f.close()
+
+
+def _drop_metrics_after(out: str, step: int) -> int:
+    """Resume: remove metric rows past the checkpoint's step (they will be logged again) and a
+    row cut short by kill -9; -> how many."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
+
+
+def export_run(out: str, cfg, params, lora, lcfg, source: str, dtype=jnp.bfloat16, log=print):
+    """OUT/adapter (PEFT) and OUT/merged (HF). An old merged/ goes first: a crash between the two
+    leaves a new adapter/ and no merged/, never a merged/ of other factors beside it."""
+    merged, t = os.path.join(out, "merged"), time.time()
+    size = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
+    log(f"writing {out}/adapter (PEFT) and {merged} (HF, {jnp.dtype(dtype).name}, "
+        f"{size / 2**20:,.0f} MiB) ...")
+    if jax.process_index() == 0 and os.path.exists(merged):
+        shutil.rmtree(merged)
+    jora.export_adapter(os.path.join(out, "adapter"), cfg, lora, lcfg, base_model=source)
+    jora.export_merged(merged, cfg, params, lora, lcfg, source=source, dtype=dtype)
+    log(f"wrote {out}/adapter and {merged} in {time.time() - t:.1f} s")
+
+
+# =============================================================================================
+# 5. The loop
+# =============================================================================================
+
+def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, *,
+             opts=jora.Options(), plan=jora.Plan()):
+    """Mean answer-token loss over `examples`, one pass (the last batch filled with empties)."""
+    nll = n = 0.0
+    empty = jora.Example(np.zeros(1, np.int32), np.zeros(1, np.float32))   # predicts nothing
+    for i in range(0, len(examples), rows):
+        chunk = examples[i:i + rows]
+        tokens, weights, segs, _ = next(jora.batches(chunk + [empty] * (rows - len(chunk)),
+                                                     rows, seq_len, False, 0))
+        b = jora.shard(jora.make_batch(tokens, weights, segs), jora.batch_specs(), mesh)
+        a, c = jora.loss_sums(params, lora, b, cfg, lcfg, opts=opts, plan=plan, mesh=mesh)
+        nll, n = nll + float(a), n + float(c)
+    return nll / max(n, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When a run logs, evaluates and saves, in optimizer steps (0: never)."""
+    log_every: int = 10
+    eval_every: int = 0       # the held-out loss
+    eval_generate: int = 0    # greedy answers to 8 held-out prompts, scored
+    save_every: int = 0       # checkpoints besides the last (and one on a signal or an error)
+    keep: int = 3             # checkpoints kept
+
+    def __post_init__(self):
+        for name, least in (("log_every", 1), ("save_every", 0), ("eval_every", 0),
+                            ("eval_generate", 0), ("keep", 1)):
+            if getattr(self, name) < least:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, "
+                                 f"got {getattr(self, name)}")
+
+
+class Run:
+    """The state of one run in its folder: the train state, where the data continues, the
+    metrics not yet logged, and what the summary holds. Process 0 alone logs and writes."""
+
+    def __init__(self, out, cfg, lcfg, tcfg, mesh, schedule: Schedule, log):
+        self.out, self.cfg, self.lcfg, self.tcfg, self.mesh = out, cfg, lcfg, tcfg, mesh
+        self.schedule, self.main = schedule, jax.process_index() == 0
+        self.log = log if self.main else (lambda *_: None)
+        self.state = self.meta = None
+        self.position, self.start, self.done, self.saved = (0, 0), 0, 0, 0
+        self.pending, self.tokens, self.flops, self.summary = [], 0, 0.0, {}
+        self.t0 = self.t_start = time.time()
+        self.names = ["loss", "gradient"] + [f"lora.{t}.{p}" for t in lcfg.targets for p in "ab"]
+
+    def record(self, row: dict):   # a line of OUT/metrics.jsonl
+        self.summary.update(row)
+        if self.main:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def stop_if_bad(self):   # a non-finite step: name what went bad and the last good checkpoint
+        bad = int(self.state.bad_step)
+        if bad:
+            finite = [np.asarray(m["finite"]) for m in jax.device_get(self.pending)]
+            what = next((self.names[i] for f in finite for i in np.flatnonzero(~f)), "a tensor")
+            good = good_checkpoint(self.out)[0]
+            raise FloatingPointError(
+                f"non-finite {what} at step {bad}; stopped. " +
+                (f"The last good checkpoint (every tensor finite) is {good}" if good else
+                 "No good checkpoint was saved") + "; a lower --lr or --clip may help")
+
+    def checkpoint(self):
+        self.stop_if_bad()
+        save_checkpoint(os.path.join(self.out, "checkpoints", f"step_{self.done:08d}"),
+                        self.state, dict(self.meta, step=self.done,
+                                         data_position=list(self.position)))
+        for old in (checkpoints(self.out) if self.main else [])[:-self.schedule.keep]:
+            shutil.rmtree(old)   # (keep >= 1: never this one)
+        self.saved = self.done
+
+    def report(self):   # a metrics row for the steps since the last: the loop's only host sync
+        self.stop_if_bad()
+        ms, dt, tc = jax.device_get(self.pending), time.time() - self.t0, self.tcfg
+        row = dict(step=self.done, loss=float(np.mean([x["loss"] for x in ms])),
+                   lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
+                   tokens_per_s=self.tokens / dt)
+        line = (f"step {self.done}/{tc.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
+                f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
+        if (u := mfu(self.flops / dt, self.mesh.size)) is not None:
+            row["mfu"] = u
+            line += f"  MFU {u:.1%}"
+        eta = (time.time() - self.t_start) / (self.done - self.start) * (tc.steps - self.done)
+        self.log(line + f"  ETA {eta / 60:.1f} min")
+        self.record(row)
+        self.pending, self.tokens, self.flops, self.t0 = [], 0, 0.0, time.time()
+
+    def evaluate(self, params, examples, opts, plan):
+        ev = evaluate(params, self.state.lora, examples, self.cfg, self.lcfg, self.mesh,
+                      self.tcfg.batch_size, self.tcfg.seq_len, opts=opts, plan=plan)
+        self.log(f"step {self.done}/{self.tcfg.steps}  eval_loss {ev:.4f}  "
+                 f"perplexity {math.exp(ev):.2f}")
+        self.record(dict(step=self.done, eval_loss=ev, eval_perplexity=math.exp(ev)))
+
+    def score(self, params, examples, tokenizer):
+        s = generate_and_score(params, self.state.lora, examples[:8], self.cfg, self.lcfg,
+                               tokenizer, mesh=self.mesh)
+        self.log(f"step {self.done}/{self.tcfg.steps}  exact_match {s['exact_match']:.3f}  "
+                 f"token_f1 {s['token_f1']:.3f}")
+        self.record(dict(step=self.done, **s))
+
+    def save_on_error(self, e: Exception):
+        """A crash (out of memory at a new length, ...): keep the steps done, if their state
+        survived (a failed step may have consumed its donated input). With several processes
+        the others may be gone, so they cannot save together."""
+        if (self.done > self.saved and not isinstance(e, FloatingPointError)
+                and jax.process_count() == 1
+                and not any(x.is_deleted() for x in jax.tree.leaves(self.state))):
+            if self.pending:   # the steps since the last row: their metrics too
+                self.report()
+            self.checkpoint()
+            self.log(f"stopped by an error after step {self.done}: checkpoint saved; continue "
+                     f"with --resume")
+
+
+def _start(run: Run, examples, *, opts, resume, overwrite, run_info, pack, plan):
+    """Check everything, then take OUT's lock and set up a fresh or resumed state -> the data."""
+    cfg, lcfg, tcfg, mesh, out = run.cfg, run.lcfg, run.tcfg, run.mesh, run.out
+    path, skipped = check_out(out, resume, overwrite)   # all is checked before anything is written
+    jora.check_tp(cfg, mesh.shape[jora.MODEL])
+    if tcfg.batch_size % mesh.shape[jora.DATA]:
+        raise ValueError(f"--batch-size {tcfg.batch_size} must be a multiple of the data-parallel "
+                         f"size {mesh.shape[jora.DATA]}")
+    run.meta = dict(config=dataclasses.asdict(cfg), lora=dataclasses.asdict(lcfg),
+                    train=dataclasses.asdict(tcfg), opts=dataclasses.asdict(opts),
+                    plan=dataclasses.asdict(plan), pack=pack, run=run_info or {})
+    if resume:
+        run.state, saved = load_checkpoint(path, cfg, lcfg, mesh)
+        run.position, run.start = tuple(saved["data_position"]), int(saved["step"])
+    data = jora.batches(examples, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, pack,
+                        tcfg.seed, run.position, max_segments=opts.max_segments)  # refuses here
+    run.locked = run.main and lock_run(out)
+    run.done = run.saved = run.start
+    if resume:
+        for why in skipped:
+            run.log(f"warning: {why}; resuming from the checkpoint before it")
+        dropped = _drop_metrics_after(out, run.start) if run.main else 0
+        run.log(f"resumed from {path} at step {run.start}" +
+                (f" (dropped {dropped} metric rows logged after it)" if dropped else ""))
+        return data
+    if overwrite and run.main:
+        clean_run(out)
+    if run.main:   # what this run is: checkpoints repeat it; the demo looks here
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(run.meta, f, indent=2)
+    lora = jora.init_lora(jax.random.key(tcfg.seed), cfg, lcfg)
+    run.state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), jnp.zeros((), jnp.int32)),
+                           jora.state_specs(lcfg), mesh)
+    return data
+
+
+def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=(),
+          opts: jora.Options = jora.Options(), plan: jora.Plan = jora.Plan(), pack: bool = False,
+          schedule: Schedule = Schedule(), resume: bool = False, overwrite: bool = False,
+          run_info: dict | None = None, tokenizer=None, log=print):
+    """Fine-tune LoRA adapters on `examples` -> (trained jora.Lora, summary dict).
+
+    Writes OUT/metrics.jsonl (one JSON object per log or eval row) and OUT/checkpoints/step_N
+    as `schedule` says, on SIGINT/SIGTERM and at the end; holds OUT's lock while it writes. A
+    signal stops after the step in flight with a checkpoint (summary["interrupted"] = the step,
+    ["signal"] = the signal); a second one stops at once (KeyboardInterrupt). resume=True
+    continues from the newest good checkpoint exactly (same data order, dropout masks and
+    optimizer state). plan.remat "auto" picks the plan at the longest rows (choose_plan).
+    schedule.eval_generate needs `tokenizer`, to score the decoded answers.
+    """
+    opts, s = dataclasses.replace(opts, packed=pack), schedule
+    run = Run(out, cfg, lcfg, tcfg, mesh, s, log)
+    data = _start(run, examples, opts=opts, resume=resume, overwrite=overwrite,
+                  run_info=run_info, pack=pack, plan=plan)
+    rows, compiled = tcfg.batch_size * tcfg.grad_accum, {}   # tokens' shape -> compiled step
+    key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
+    interrupted, handlers = [], {}
+
+    def on_signal(sig, frame):   # the first asks for a checkpoint after the step in flight;
+        if interrupted:          # a second one stops now (no print here: the signal may have
+            raise KeyboardInterrupt   # come in the middle of one)
+        interrupted.append(sig)
+
+    try:
+        if plan.remat == "auto":   # decided at the longest rows the data can make
+            full = jora.accum_batch(jora.make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32)),
+                                    tcfg.grad_accum, mesh)
+            plan, step_fn, step, _ = choose_plan(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan,
+                                                 state=run.state, params=params, batch=full,
+                                                 key=key, log=run.log)
+            compiled.update({(rows, tcfg.seq_len + 1): step} if step else {})
+            run.meta["plan"] = dataclasses.asdict(plan)
+        else:
+            step_fn = jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                handlers[sig] = signal.signal(sig, on_signal)
+            except ValueError:   # not the main thread: no handlers, no graceful stop
+                pass
+        if s.eval_every and eval_examples and run.start == 0:
+            run.evaluate(params, eval_examples, opts, plan)   # the baseline of later ones
+        if interrupted:   # a signal before the first step: there is nothing to save, stop now
+            raise KeyboardInterrupt
+        run.t0 = run.t_start = time.time()
+        for step in range(run.start, tcfg.steps):
+            tokens, weights, segs, after = next(data)
+            b = jora.accum_batch(jora.make_batch(tokens, weights, segs), tcfg.grad_accum, mesh)
+            if tokens.shape not in compiled:   # a new length: compile it here, in view and off
+                # the clocks (minutes for 7B at long T, seconds from the cache)
+                run.log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
+                compiled[tokens.shape], spent = compile_step(step_fn, (run.state, params, b, key),
+                                                             run.log)
+                run.t0, run.t_start = run.t0 + spent, run.t_start + spent
+            run.state, m = compiled[tokens.shape](run.state, params, b, key)
+            run.position, run.done = after, step + 1   # where the data continues after it
+            run.pending.append(m)
+            real = int((segs > 0).sum())   # tokens; attention FLOPs at this batch's length
+            run.tokens += real
+            run.flops += real * flops_per_token(cfg, tokens.shape[1] - 1)
+            done = run.done
+            if done % s.log_every == 0 or done == tcfg.steps or interrupted:
+                run.report()
+            if s.eval_every and eval_examples and (done % s.eval_every == 0 or done == tcfg.steps):
+                run.evaluate(params, eval_examples, opts, plan)
+            if s.eval_generate and eval_examples and done % s.eval_generate == 0:
+                run.score(params, eval_examples, tokenizer)
+            if interrupted:
+                run.checkpoint()
+                run.log(f"interrupted at step {done}: checkpoint saved; continue with --resume")
+                run.summary.update(interrupted=done, signal=interrupted[0])
+                return run.state.lora, run.summary
+            if s.save_every and done % s.save_every == 0 and done < tcfg.steps:
+                run.checkpoint()
+        run.checkpoint()
+    except Exception as e:
+        run.save_on_error(e)
+        raise
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+        if run.locked:
+            unlock_run(out)
+    return run.state.lora, run.summary
