@@ -51,6 +51,13 @@ tile_m a multiple of 64 (wgmma's M); tile_n a multiple of 64 and <= 256 (wgmma's
 tile_m and is a multiple of 64 (so is a TMA store's row count of the swizzled buffer),
 epi_n divides tile_n and is a multiple of 8; stages >= 1 and > in_flight; in_flight in {0, 1};
 the SMEM total above <= 227 KiB.
+
+Stage 2 (`lora_matmul`, experimental): y = x @ w + scale * (x @ a) @ b with xa = x @ a
+accumulated by a second small wgmma per K step from the x tiles already in SMEM, and
+(scale * xa) @ b added into the fp32 accumulator by one wgmma before the epilogue. It lowers
+for CUDA at the default LORA_TILES, and matches `lora_reference` in the interpreter at 64 x 64
+WG tiles with 2 stages; with tile_n = 128 or 3 stages the interpreter hangs (not understood;
+it may deadlock on a GPU too), so it is not benchmarked yet.
 """
 import dataclasses
 import functools
