@@ -2,12 +2,10 @@
 
 SPDX-License-Identifier: MIT.  Last checked with Python 3.12 and jax 0.11.2.
 
-Read it top to bottom; nothing calls anything defined further down:
-   1 config           4 speed and memory     7 data            10 training loop
-   2 parameters       5 loss and forward     8 generation
-   3 model            6 AdamW and the step   9 Hugging Face files in and out
-Copy this file alone into a project: it needs jax, numpy and einops (safetensors and
-sentencepiece are imported by the functions that read and write files).
+Read it top to bottom (nothing calls anything defined further down): 1 config, 2 parameters,
+3 model, 4 speed and memory, 5 loss, 6 AdamW and the step, 7 data, 8 generation, 9 Hugging Face
+files. trainer.py runs a whole training run on it. Copy this file alone into a project: it needs
+jax, numpy and einops (safetensors and sentencepiece only to read and write files).
 
 Letters used in every shape comment and einsum:
   B batch            T positions (query)   S positions (key)   V vocab
@@ -48,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -93,9 +90,7 @@ def read_json(path: str, expect=dict, shape: str = "a JSON object"):
     return value
 
 
-# =============================================================================================
-# 1. Config
-# =============================================================================================
+# 1. Config --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -226,8 +221,7 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the model attends to, and with which kernel. (How fast and in how much memory it
-    runs is a Plan, section 4.)"""
+    """What the model attends to, and with which kernel (how fast it runs is a Plan: section 4)."""
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     packed: bool = True       # rows hold several examples: attend within each segment only.
                               # False (one example a row, padding at the end) needs no mask,
@@ -244,9 +238,7 @@ class Options:
                              f"the padding after it), got {self.max_segments}")
 
 
-# =============================================================================================
-# 2. Parameters, and how each is split over the mesh
-# =============================================================================================
+# 2. Parameters, and how each is split over the mesh ---------------------------------------------
 
 class Layer(NamedTuple):      # stacked: each leaf (L, ...); see unstack_layers for the other form
     attn_norm: jax.Array      # (L, D)
@@ -300,8 +292,7 @@ def lora_specs(lcfg: LoraConfig) -> Lora:
     return Lora(**{t: (col if t in COLUMN else row) for t in lcfg.targets})
 
 
-def proj_shape(cfg: Config, target: str) -> tuple[int, int]:
-    """(I, O) of one projection."""
+def proj_shape(cfg: Config, target: str) -> tuple[int, int]:   # (I, O) of one projection
     D, F, NH, KH = cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     return dict(q=(D, NH), k=(D, KH), v=(D, KH), o=(NH, D), gate=(D, F), up=(D, F),
                 down=(F, D))[target]
@@ -357,9 +348,8 @@ def check_tp(cfg: Config, tp: int):
 
 
 def shard(tree, specs, mesh):
-    """Place every array of `tree` on `mesh`, split as the congruent `specs` tree says.
-    On several hosts every process passes the same host values and sends only its own
-    devices' slices."""
+    """Place every array of `tree` on `mesh`, split as the congruent `specs` tree says. On
+    several hosts each process passes the same values and sends its own devices' slices."""
     def put(x, spec):
         sharding = NamedSharding(mesh, spec)
         if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
@@ -376,9 +366,7 @@ def mesh_of(params: Params):
     return s.mesh if isinstance(s, NamedSharding) else make_mesh(1, jax.devices()[:1])
 
 
-# =============================================================================================
-# 3. Model: one decoder layer (it runs inside shard_map, so shapes are per device)
-# =============================================================================================
+# 3. Model: one decoder layer (it runs inside shard_map, so shapes are per device) ---------------
 
 def rms_norm(x, w, eps):
     """x (..., D) -> same dtype; statistics in fp32 (Zhang & Sennrich 2019)."""
@@ -445,12 +433,10 @@ def vary_alike(*xs):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lora_delta(x, a, b, scale: float):
     """scale * x (B, T, I) @ A (I, R) @ B (R, O) -> (B, T, O) in x's dtype.
-
     Every (B, T, .) tensor stays in x's dtype, so that XLA adds the result to x @ W in that
     GEMM's epilogue; every matmul accumulates in fp32, and the scale multiplies only (B, T, R)
     tensors. The backward is written out so that dA and dB, sums over all positions, are fp32
-    (autodiff's would be rounded to x's dtype). Call it on vary_alike operands.
-    """
+    (autodiff's would be rounded to x's dtype). Call it on vary_alike operands."""
     return _lora_fwd(x, a, b, scale)[0]
 
 
@@ -516,12 +502,9 @@ def segment_runs(segment_ids, max_runs: int):
 
 def attend(q, k, v, segment_ids, opts: Options):
     """Causal self-attention. q (B, T, N, H), k/v (B, T, K, H) -> like q. segment_ids (B, T) or
-    None: a position attends only within its own segment (packed rows).
-
-    cuDNN with max_segments > 0 gets each row's runs of one segment id as offsets and attends
-    within each run alone, skipping the blocks across runs; otherwise a (T, T) mask, which
-    flash attention reads as an additive bias and the XLA path applies to (T, T) scores.
-    """
+    None: a position attends only within its own segment (packed rows). cuDNN with
+    max_segments > 0 attends within each row's runs of one segment id, given as offsets,
+    skipping the blocks across runs; else a (T, T) mask (flash attention: an additive bias)."""
     impl = opts.attention
     if impl == "auto":
         impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
@@ -551,16 +534,14 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
                   lcfg: LoraConfig | None, drop: Dropout | None = None, sp: bool = False,
                   proj=project, mlp_over=None):
     """One pre-norm Llama block: x (B, T, D), replicated over "model" -> (x', attn's aux).
-
     attn(q, k, v) -> (o, aux): plain causal attention when training, attention over a KV cache
     (aux = the updated cache) when generating.
     drop: this layer's dropout seed and this device's first global row (None: no dropout).
     sp (sequence parallelism, Korthikanti et al. 2022): x is (B, T/tp, D), this device's slice
     of the positions, all-gathered before the column-parallel projections; the row-parallel
     sums are reduce-scattered back to slices instead of all-reduced. The same bytes move, but
-    norms, residuals and the activations remat keeps shrink by tp.
-    proj, mlp_over: how projections and the MLP run (section 4: a fused kernel, MLP chunks).
-    """
+    norms, residuals and the activations remat keeps shrink by tp. proj, mlp_over: how
+    projections and the MLP run (section 4: a fused kernel, MLP chunks)."""
     if sp:
         gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
         reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
@@ -586,15 +567,12 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
 
     def mlp(h, s):   # h (B, C, D) at positions [s, s + C) -> this device's partial (B, C, D)
         g, u = tag(linear("gate", h, s), "gate"), tag(linear("up", h, s), "up")  # (B, C, F/tp)
-        gu = jax.nn.silu(g) * u
-        return linear("down", gu, s)
+        return linear("down", jax.nn.silu(g) * u, s)
 
     return x + reduce(mlp(h, 0) if mlp_over is None else mlp_over(mlp, h)), aux
 
 
-# =============================================================================================
-# 4. Speed and memory: how the layers run. Nothing here changes what they compute.
-# =============================================================================================
+# 4. Speed and memory: how the layers run. Nothing here changes what they compute. ---------------
 
 def keep_attention(prim, *_, **__) -> bool:
     """Remat policy: save only the cuDNN attention forward's outputs (result and softmax stats).
@@ -641,15 +619,9 @@ class Plan:
             raise ValueError(f"chunk_layers={self.chunk_layers} chooses which layers run their "
                              f"MLP over chunks: it needs mlp_chunk > 0, the chunk size")
 
-    def describe(self) -> str:
-        chunks = "" if not self.mlp_chunk else f" + MLP chunks of {self.mlp_chunk}" + (
-            f" in the last {self.chunk_layers} layers" if self.chunk_layers else "")
-        return self.remat + chunks
-
 
 def unstack_layers(params: Params, free: bool = False) -> Params:
     """Stacked layers (each leaf (L, ...)) -> each leaf a tuple of L one-layer slices (1, ...).
-
     Under lax.scan XLA copies each layer's weights out of the stack for its GEMMs; unrolled,
     each GEMM reads its weight in place (faster steps, longer compiles). Slices keep their
     ranks, so param_specs() holds. free: delete each stacked leaf once split (peak: one leaf
@@ -695,11 +667,9 @@ def fused_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop=None):
 
 def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
     """x = layer(x, w, ab, i, *args, proj=..., mlp_over=...) for each layer i, as the plan says.
-
     Stacked layers: one lax.scan, so one compiled layer. Unstacked layers are unrolled, and each
     layer is a call of one jitted body per (remat policy, MLP chunks), which jax traces once
-    and reuses for every layer alike. *args are the same for every layer.
-    """
+    and reuses for every layer alike. *args are the same for every layer."""
     n = len(layers.wq) if unstacked(layers) else layers.wq.shape[0]
     proj = fused_project if plan.kernels == "pallas" else project
     for f in ("full_layers", "chunk_layers"):
@@ -728,9 +698,7 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
     return x
 
 
-# =============================================================================================
-# 5. Loss and forward: vocab-parallel, chunked cross-entropy, under one shard_map
-# =============================================================================================
+# 5. Loss and forward: vocab-parallel, chunked cross-entropy, under one shard_map ----------------
 
 class Batch(NamedTuple):
     tokens: jax.Array         # (B, T) int32 model input
@@ -750,11 +718,9 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
     key: dropout's (None: none), whose masks depend on the global row, not on the device."""
     x = params.embed[tokens]                                                # (B, T, D)
     B, T = tokens.shape
-    seed = row = None
-    if key is not None:
-        seed = functools.reduce(lambda s, w: mix32(s ^ w), jax.random.key_data(key).ravel(),
-                                jnp.uint32(0))
-        row = jax.lax.axis_index(DATA) * B
+    seed = None if key is None else functools.reduce(lambda s, w: mix32(s ^ w),
+                                                     jax.random.key_data(key).ravel(),
+                                                     jnp.uint32(0))
     tp = jax.lax.axis_size(MODEL)
     sp = plan.sequence_parallel and tp > 1
     if sp:   # keep only this device's slice of the positions between the parallel regions
@@ -768,20 +734,19 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
         return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, drop=drop, sp=sp,
                              proj=proj, mlp_over=mlp_over)[0]
 
-    x = run_layers(layer, x, params.layers, lora or Lora(), plan, positions, segment_ids,
-                   seed, row)
+    x = run_layers(layer, x, params.layers, lora or Lora(), plan, positions, segment_ids, seed,
+                   jax.lax.axis_index(DATA) * B)   # this device's first global row
     x = rms_norm(x, params.final_norm, cfg.norm_eps)
     return jax.lax.all_gather(x, MODEL, axis=1, tiled=True) if sp else x
 
 
+@jax.custom_vjp
 def logits_matmul(h, w):
     """h (..., D) @ w (D, V) -> fp32 logits, and a backward that multiplies in h's dtype.
-
     Autodiff's own backward would multiply the fp32 logit gradient by w promoted to fp32: an
     fp32 copy of lm_head (500 MiB at 7B) and fp32 GEMMs. Rounding the gradient to bf16 first
     is what bf16 training does everywhere else (HF's logits are bf16 in both directions).
-    Call it on vary_alike operands.
-    """
+    Call it on vary_alike operands."""
     return jnp.einsum("...D,DV->...V", h, w, preferred_element_type=jnp.float32)
 
 
@@ -793,7 +758,6 @@ def _logits_bwd(res, g):                                                    # g 
     return dh.astype(h.dtype), dw.astype(w.dtype)                                # when frozen)
 
 
-logits_matmul = jax.custom_vjp(logits_matmul)
 logits_matmul.defvjp(lambda h, w: (logits_matmul(h, w), (h, w)), _logits_bwd)
 
 
@@ -838,10 +802,9 @@ def _local_loss_sums(params, lora, batch: Batch, key, *, cfg, lcfg, opts, plan):
 
 
 def on_mesh(f, mesh, lcfg, lora, *specs, out_specs, plan: Plan):
-    """f(params, lora, *rest) under jax.shard_map: parameters and LoRA factors split as
-    param_specs and lora_specs say, the rest as `specs`. The Pallas kernels cannot carry
-    shard_map's varying-axis types, so they run with the check off (gradients are taken
-    outside the shard_map: exact either way)."""
+    """f(params, lora, *rest) under jax.shard_map, the rest split as `specs` say. The Pallas
+    kernels cannot carry shard_map's varying-axis types: they run with its check off (exact
+    either way, as gradients are taken outside the shard_map)."""
     lspecs = None if lora is None else lora_specs(lcfg)
     return jax.shard_map(f, mesh=mesh, in_specs=(param_specs(), lspecs, *specs),
                          out_specs=out_specs, check_vma=plan.kernels != "pallas")
@@ -876,11 +839,9 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
               lcfg: LoraConfig | None = None, *, opts: Options = Options(),
               plan: Plan = Plan(), key=None, mesh=None):
     """-> (sum of token nll over weighted positions, number of weighted positions), fp32.
-
     Differentiable in `lora` from the outside: jax.grad of this is correct for every mesh.
     key: for dropout (None: none). Inside your own jit, pass `mesh` (it is read from the
-    arrays' placement otherwise).
-    """
+    arrays' placement otherwise)."""
     check_runs(batch.segment_ids, opts)
     return _loss_sums(params, lora, batch, key, cfg=cfg, lcfg=lcfg, opts=opts, plan=plan,
                       mesh=mesh_of(params) if mesh is None else mesh)
@@ -920,9 +881,7 @@ def forward(params: Params, tokens, cfg: Config, lora: Lora | None = None,
                     plan=plan, mesh=mesh_of(params) if mesh is None else mesh)
 
 
-# =============================================================================================
-# 6. AdamW over the LoRA factors only, and the training step
-# =============================================================================================
+# 6. AdamW over the LoRA factors only, and the training step -------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -992,12 +951,10 @@ def state_specs(lcfg: LoraConfig) -> TrainState:
 def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, *,
                     opts: Options = Options(), plan: Plan = Plan()):
     """-> step(state, params, batches, key) -> (state, metrics), jitted, the state donated.
-
     batches: a Batch whose leaves are (A, B, T) for A = grad_accum micro-batches. The loss is
     normalised by the answer tokens of all A micro-batches together (not a mean of means).
     A step whose loss, gradient or any updated factor is not finite leaves the state unchanged
-    and is recorded (bad_step); metrics["finite"] says which: [loss, gradient, *factors].
-    """
+    and is recorded (bad_step); metrics["finite"] says which: [loss, gradient, *factors]."""
     def step(state: TrainState, params: Params, batches: Batch, key):
         keys = jax.random.split(jax.random.fold_in(key, state.opt.step), tcfg.grad_accum)
 
@@ -1036,9 +993,7 @@ def accum_batch(b: Batch, grad_accum: int, mesh) -> Batch:
     return shard(Batch(*map(split, b)), Batch(*[P(None, DATA, None)] * len(Batch._fields)), mesh)
 
 
-# =============================================================================================
-# 7. Data: tokenizer, examples, packed batches in a deterministic, resumable order
-# =============================================================================================
+# 7. Data: the tokenizer, and next-token batches of packed rows ---------------------------------
 
 class Tokenizer:
     """A sentencepiece `tokenizer.model` (Llama-2's, or any other); BOS/EOS ids from the model."""
@@ -1065,17 +1020,10 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
-class Example(NamedTuple):
-    tokens: np.ndarray        # (n,) int32: BOS, prompt, answer, EOS
-    weights: np.ndarray       # (n,) fp32: 1 on answer tokens and EOS (the tokens to predict)
-
-
 def make_batch(tokens, weights=None, segment_ids=None) -> Batch:
     """Next-token batch from rows of tokens (B, T+1) (numpy): input = [:-1], target = [1:].
-
     weights (B, T+1) marks which *target* tokens count (default: all); segment_ids (B, T+1)
-    gives packed examples (0 = padding) and restarts positions at each new segment.
-    """
+    gives packed examples (0 = padding) and restarts positions at each new segment."""
     tokens = np.asarray(tokens, np.int32)
     w = np.ones_like(tokens, np.float32) if weights is None else np.asarray(weights, np.float32)
     seg = np.ones_like(tokens) if segment_ids is None else np.asarray(segment_ids, np.int32)
@@ -1087,86 +1035,7 @@ def make_batch(tokens, weights=None, segment_ids=None) -> Batch:
                  positions=pos[:, :-1].astype(np.int32), segment_ids=seg[:, :-1])
 
 
-def padded_length(n: int, limit: int, bucket: int = 64) -> int:
-    """n positions rounded up to a multiple of `bucket`, one that doubles each time n doubles past
-    16 buckets (8 lengths a doubling: at most 1/8 padding), capped at `limit`. Each length
-    compiles its own step: 1,024 to 32,768 are 40 lengths, not 496."""
-    step = bucket
-    while step * 16 < n:
-        step *= 2
-    return min(limit, -(-n // step) * step)
-
-
-def _rows(examples, order, cursor, rows, seq_len, pack, most):
-    """The next `rows` rows of examples from order[cursor:] -> (rows, cursor after them)."""
-    group = []
-    while cursor < len(order) and len(group) < rows:
-        row, used = [], 0
-        while cursor < len(order):
-            n = len(examples[order[cursor]].tokens)
-            if row and (not pack or used + n > seq_len + 1 or len(row) == most):
-                break
-            row.append(examples[order[cursor]])
-            used, cursor = used + n, cursor + 1
-        group.append(row)
-    return group, cursor
-
-
-def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
-            position: tuple[int, int] = (0, 0), bucket: int = 64,
-            max_segments: int = Options.max_segments):
-    """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
-
-    Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
-    `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
-    examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...), at most max_segments - 1
-    of them (the padding tail is one run more; 0: no limit); otherwise one example a row,
-    padded to the batch's longest, T rounded up by padded_length. Examples that cannot fill one
-    batch are refused here, at the call, not at the first next().
-    """
-    def endless(epoch, cursor):
-        most = max_segments - 1 if pack and max_segments else None
-        while True:
-            order = np.random.default_rng([seed, epoch]).permutation(len(examples))
-            whole, yielded = cursor == 0, False   # an epoch from its start yielding nothing
-            while True:
-                group, cursor = _rows(examples, order, cursor, rows, seq_len, pack, most)
-                if len(group) < rows:   # the epoch's tail: start the next epoch instead
-                    break
-                n = max(sum(len(e.tokens) for e in row) for row in group)
-                T1 = 1 + (seq_len if pack else padded_length(n - 1, seq_len, bucket))
-                out = [np.zeros((rows, T1), dt) for dt in (np.int32, np.float32, np.int32)]
-                for i, row in enumerate(group):
-                    at = 0
-                    for j, ex in enumerate(row, 1):
-                        for a, v in zip(out, (ex.tokens, ex.weights, j)):
-                            a[i, at:at + len(ex.tokens)] = v
-                        at += len(ex.tokens)
-                yielded = True
-                yield *out, (epoch, cursor)
-            if whole and not yielded:
-                raise ValueError(f"{len(examples)} examples cannot fill one batch of {rows} rows "
-                                 f"(--batch-size x --grad-accum)" +
-                                 (f" of --seq-len {seq_len} packed tokens" if pack else ""))
-            epoch, cursor = epoch + 1, 0
-
-    data = endless(*position)
-    return itertools.chain([next(data)], data)
-
-
-def batches_per_epoch(examples, rows: int, seq_len: int, pack: bool, seed: int = 0,
-                      max_segments: int = Options.max_segments) -> float:
-    """Batches in one pass over `examples` (what --epochs counts); packed: the packer's batches,
-    counted by running it. Refuses examples that cannot fill one batch, as `batches` does."""
-    data = batches(examples, rows, seq_len, pack, seed, max_segments=max_segments)
-    if not pack:
-        return len(examples) / rows
-    return sum(1 for *_, (epoch, _) in itertools.takewhile(lambda b: b[3][0] == 0, data))
-
-
-# =============================================================================================
-# 8. Generation: prefill + KV-cache decoding in one jitted loop
-# =============================================================================================
+# 8. Generation: prefill + KV-cache decoding in one jitted loop ----------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -1179,7 +1048,7 @@ class Sampling:
 
 
 def sample(logits, key, s: Sampling):
-    """logits (B, V) fp32 -> token ids (B,)."""
+    """logits (B, V) fp32 -> token ids (B,)."""   # (s is static: each Sampling compiles once)
     if s.temperature == 0:
         return jnp.argmax(logits, -1).astype(jnp.int32)
     if s.top_k > 0:
@@ -1266,9 +1135,7 @@ def generate(params: Params, prompts: list[list[int]], cfg: Config, lora: Lora |
             for row in np.asarray(out).tolist()]
 
 
-# =============================================================================================
-# 9. Hugging Face files: safetensors checkpoints in, merged models and PEFT adapters out
-# =============================================================================================
+# 9. Hugging Face files: safetensors checkpoints in, merged models and PEFT adapters out ---------
 
 HF_NAME = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_proj",
                wo="self_attn.o_proj", w_gate="mlp.gate_proj", w_up="mlp.up_proj",
@@ -1509,13 +1376,10 @@ def _atomic_dir(folder: str, write):
 def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = None,
                   lcfg: LoraConfig | None = None, *, source: str | None = None,
                   dtype=jnp.bfloat16, shard_bytes: int = 5 * 2**30):
-    """Write an HF Llama folder (W + scale*A@B merged) that transformers loads.
-
-    Files of about `shard_bytes` with model.safetensors.index.json when larger; config.json
-    from `cfg`; tokenizer files copied from `source` (the folder the model came from). Each
-    tensor is merged and cast on a device, fetched, written and dropped: the host holds one
-    tensor at a time.
-    """
+    """Write an HF Llama folder (W + scale*A@B merged) that transformers loads: files of
+    about `shard_bytes` (with model.safetensors.index.json when several), config.json from
+    `cfg`, tokenizer files copied from `source` (the folder the model came from). Each tensor
+    is merged and cast on a device, fetched, written and dropped: the host holds one at a time."""
     dt, lora = jnp.dtype(dtype), lora or Lora()
     items = [("model.embed_tokens.weight", params.embed.shape,
               lambda: merge_lora(params.embed, None, lcfg, dt))]
@@ -1587,11 +1451,9 @@ def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,
 
     def write(tmp):
         if tmp:
-            save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"),
-                      metadata={"format": "pt"})
+            save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), {"format": "pt"})
             with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
                 json.dump(config, f, indent=2)
-
     _atomic_dir(folder, write)
 
 
@@ -1630,11 +1492,8 @@ def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
             raise ValueError(f"{folder}: '{name}' has shape {w[name].shape}, expected {want}")
         return w[name].astype(np.float32).T
 
-    out = {}
-    for t in lcfg.targets:
-        (i_, o_), L = proj_shape(cfg, t), cfg.n_layers
-        out[t] = LoraAB(a=jnp.asarray(np.stack([factor(t, i, "lora_A", (lcfg.r, i_))
-                                                for i in range(L)])),
-                        b=jnp.asarray(np.stack([factor(t, i, "lora_B", (o_, lcfg.r))
-                                                for i in range(L)])))
-    return Lora(**out), lcfg
+    stack = lambda t, part, want: jnp.asarray(np.stack([factor(t, i, part, want)
+                                                         for i in range(cfg.n_layers)]))
+    return Lora(**{t: LoraAB(a=stack(t, "lora_A", (lcfg.r, proj_shape(cfg, t)[0])),
+                             b=stack(t, "lora_B", (proj_shape(cfg, t)[1], lcfg.r)))
+                   for t in lcfg.targets}), lcfg

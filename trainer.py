@@ -3,19 +3,22 @@
 Read jora.py first: it holds the technique (model, LoRA, tensor parallelism, loss, AdamW, the
 step, packed batches, generation, Hugging Face files). This file adds what a run on real data
 needs around it, top to bottom:
-  1 data files: Alpaca, RAFT and prompt/completion records -> jora.Example
+  1 data: Alpaca, RAFT and prompt/completion files -> examples -> packed rows, in a
+    deterministic order that a checkpoint can resume
   2 scoring RAFT answers
   3 compiling the step, and remat "auto": the fastest jora.Plan whose memory fits the device
   4 checkpoints and the run folder (OUT): one run a folder, resume, overwrite
   5 the loop: train()
 """
 import dataclasses
+import itertools
 import json
 import math
 import os
 import shutil
 import signal
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +27,12 @@ import numpy as np
 import jora
 
 
-# =============================================================================================
-# 1. Data files -> examples
-# =============================================================================================
+# 1. Data: files -> examples -> packed rows ------------------------------------------------------
+
+class Example(NamedTuple):
+    tokens: np.ndarray        # (n,) int32: BOS, prompt, answer, EOS
+    weights: np.ndarray       # (n,) fp32: 1 on answer tokens and EOS (the tokens to predict)
+
 
 ALPACA = ("Below is an instruction that describes a task{}. Write a response that appropriately "
           "completes the request.\n\n### Instruction:\n{}\n\n{}### Response:\n")
@@ -141,12 +147,89 @@ def tokenize_records(records, fmt: str, tok: jora.Tokenizer, seq_len: int, path:
             answer = answer[:limit - len(prompt)]
             report["truncated"] += 1
         w = np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(answer), np.float32)])
-        out.append(jora.Example(np.asarray(prompt + answer, np.int32), w))
+        out.append(Example(np.asarray(prompt + answer, np.int32), w))
     report["examples"] = len(out)
     if not out:
         raise ValueError(f"{path}: no usable examples: all {len(records)} records are longer "
                          f"than --seq-len {seq_len} ({report})")
     return out, report
+
+
+def padded_length(n: int, limit: int, bucket: int = 64) -> int:
+    """n positions rounded up to a multiple of `bucket`, one that doubles each time n doubles past
+    16 buckets (8 lengths a doubling: at most 1/8 padding), capped at `limit`. Each length
+    compiles its own step: 1,024 to 32,768 are 40 lengths, not 496."""
+    step = bucket
+    while step * 16 < n:
+        step *= 2
+    return min(limit, -(-n // step) * step)
+
+
+def _rows(examples, order, cursor, rows, seq_len, pack, most):
+    """The next `rows` rows of examples from order[cursor:] -> (rows, cursor after them)."""
+    group = []
+    while cursor < len(order) and len(group) < rows:
+        row, used = [], 0
+        while cursor < len(order):
+            n = len(examples[order[cursor]].tokens)
+            if row and (not pack or used + n > seq_len + 1 or len(row) == most):
+                break
+            row.append(examples[order[cursor]])
+            used, cursor = used + n, cursor + 1
+        group.append(row)
+    return group, cursor
+
+
+def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
+            position: tuple[int, int] = (0, 0), bucket: int = 64,
+            max_segments: int = jora.Options.max_segments):
+    """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
+
+    Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
+    `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
+    examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...), at most max_segments - 1
+    of them (the padding tail is one run more; 0: no limit); otherwise one example a row,
+    padded to the batch's longest, T rounded up by padded_length. Examples that cannot fill one
+    batch are refused here, at the call, not at the first next().
+    """
+    def endless(epoch, cursor):
+        most = max_segments - 1 if pack and max_segments else None
+        while True:
+            order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+            whole, yielded = cursor == 0, False   # an epoch from its start yielding nothing
+            while True:
+                group, cursor = _rows(examples, order, cursor, rows, seq_len, pack, most)
+                if len(group) < rows:   # the epoch's tail: start the next epoch instead
+                    break
+                n = max(sum(len(e.tokens) for e in row) for row in group)
+                T1 = 1 + (seq_len if pack else padded_length(n - 1, seq_len, bucket))
+                out = [np.zeros((rows, T1), dt) for dt in (np.int32, np.float32, np.int32)]
+                for i, row in enumerate(group):
+                    at = 0
+                    for j, ex in enumerate(row, 1):
+                        for a, v in zip(out, (ex.tokens, ex.weights, j)):
+                            a[i, at:at + len(ex.tokens)] = v
+                        at += len(ex.tokens)
+                yielded = True
+                yield *out, (epoch, cursor)
+            if whole and not yielded:
+                raise ValueError(f"{len(examples)} examples cannot fill one batch of {rows} rows "
+                                 f"(--batch-size x --grad-accum)" +
+                                 (f" of --seq-len {seq_len} packed tokens" if pack else ""))
+            epoch, cursor = epoch + 1, 0
+
+    data = endless(*position)
+    return itertools.chain([next(data)], data)
+
+
+def batches_per_epoch(examples, rows: int, seq_len: int, pack: bool, seed: int = 0,
+                      max_segments: int = jora.Options.max_segments) -> float:
+    """Batches in one pass over `examples` (what --epochs counts); packed: the packer's batches,
+    counted by running it. Refuses examples that cannot fill one batch, as `batches` does."""
+    data = batches(examples, rows, seq_len, pack, seed, max_segments=max_segments)
+    if not pack:
+        return len(examples) / rows
+    return sum(1 for *_, (epoch, _) in itertools.takewhile(lambda b: b[3][0] == 0, data))
 
 
 def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eval_split: float,
@@ -164,7 +247,7 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eva
     split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
     train_ex = [examples[i] for i in split[n_eval:]]
     try:
-        per_epoch = jora.batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
+        per_epoch = batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
     except ValueError as e:
         raise ValueError(f"{path}: {len(records)} records, {len(examples)} usable at --seq-len "
                          f"{seq_len}, {n_eval} held out by --eval-split {eval_split}: {e}") from None
@@ -174,9 +257,7 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eva
     return train_ex, [examples[i] for i in split[:n_eval]], per_epoch
 
 
-# =============================================================================================
-# 2. Scoring RAFT answers
-# =============================================================================================
+# 2. Scoring RAFT answers ------------------------------------------------------------------------
 
 def extract_answer(text: str) -> str:
     """The final answer of a RAFT chain of thought: the text after the last '<ANSWER>:'."""
@@ -209,9 +290,7 @@ def generate_and_score(params, lora, examples, cfg, lcfg, tok, max_new_tokens: i
     return {k: sum(s[k] for s in scores) / len(scores) for k in ("exact_match", "token_f1")}
 
 
-# =============================================================================================
-# 3. Compiling the step, and remat "auto"
-# =============================================================================================
+# 3. Compiling the step, and remat "auto" --------------------------------------------------------
 
 def compile_step(step_fn, args, log=print):
     """step_fn.lower(*args).compile() -> (compiled, seconds), saying how long it took and
@@ -241,6 +320,12 @@ def planned_bytes(compiled) -> int | None:
             - plan.alias_size_in_bytes)
 
 
+def describe(plan: jora.Plan) -> str:
+    chunks = "" if not plan.mlp_chunk else f" + MLP chunks of {plan.mlp_chunk}" + (
+        f" in the last {plan.chunk_layers} layers" if plan.chunk_layers else "")
+    return plan.remat + chunks
+
+
 # remat "auto" tries these, fastest first, and takes the first whose memory plan fits.
 AUTO_PLANS = (dict(remat="none"), dict(remat="min"),
               dict(remat="attn", mlp_chunk=2048, chunk_layers=4),
@@ -258,23 +343,23 @@ def choose_plan(cfg, lcfg, tcfg, mesh, *, opts, plan, state, params, batch, key,
     step_of = lambda p: jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=p)
     if not limit:   # nothing to fit, so nothing to compile yet
         p = dataclasses.replace(plan, **AUTO_PLANS[0])
-        log(f"remat auto: {p.describe()} (no device memory limit to fit here)")
+        log(f"remat auto: {describe(p)} (no device memory limit to fit here)")
         return p, step_of(p), None, 0.0
     tried, spent = [], 0.0
     for auto in AUTO_PLANS:
         if auto.get("chunk_layers") and not jora.unstacked(params.layers):
             continue
         p = dataclasses.replace(plan, **{"mlp_chunk": 0, "chunk_layers": 0, **auto})
-        log(f"remat auto: compiling the step with {p.describe()} ...")
+        log(f"remat auto: compiling the step with {describe(p)} ...")
         compiled, t = compile_step(step_of(p), (state, params, batch, key), log)
         spent += t
         need = planned_bytes(compiled)
         if need is None or need <= margin * limit or auto is AUTO_PLANS[-1]:
             why = (f"plans {(need or 0) / 2**30:.1f} GiB of {limit / 2**30:.1f} GiB" +
                    (f"; {', '.join(tried)} would not fit" if tried else "; the fastest plan"))
-            log(f"remat auto: {p.describe()} ({why})")
+            log(f"remat auto: {describe(p)} ({why})")
             return p, step_of(p), compiled, spent
-        tried.append(f"{p.describe()} {need / 2**30:.1f} GiB")
+        tried.append(f"{describe(p)} {need / 2**30:.1f} GiB")
 
 
 PEAK_FLOPS = {"gpu": 800e12}   # measured bf16 matmul rate of one H200; MFU is reported against it
@@ -306,9 +391,7 @@ LESS_MEMORY = ("To use less: --remat full (or attn, with --full-layers N for the
                "planned peak (planned_gib) without running.")
 
 
-# =============================================================================================
-# 4. Checkpoints and the run folder
-# =============================================================================================
+# 4. Checkpoints and the run folder --------------------------------------------------------------
 
 def _flat(lora, prefix: str) -> dict:
     return {f"{prefix}.{t}.{part}": getattr(ab, part) for t, ab in lora._asdict().items()
@@ -521,18 +604,16 @@ def export_run(out: str, cfg, params, lora, lcfg, source: str, dtype=jnp.bfloat1
     log(f"wrote {out}/adapter and {merged} in {time.time() - t:.1f} s")
 
 
-# =============================================================================================
-# 5. The loop
-# =============================================================================================
+# 5. The loop ------------------------------------------------------------------------------------
 
 def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, *,
              opts=jora.Options(), plan=jora.Plan()):
     """Mean answer-token loss over `examples`, one pass (the last batch filled with empties)."""
     nll = n = 0.0
-    empty = jora.Example(np.zeros(1, np.int32), np.zeros(1, np.float32))   # predicts nothing
+    empty = Example(np.zeros(1, np.int32), np.zeros(1, np.float32))   # predicts nothing
     for i in range(0, len(examples), rows):
         chunk = examples[i:i + rows]
-        tokens, weights, segs, _ = next(jora.batches(chunk + [empty] * (rows - len(chunk)),
+        tokens, weights, segs, _ = next(batches(chunk + [empty] * (rows - len(chunk)),
                                                      rows, seq_len, False, 0))
         b = jora.shard(jora.make_batch(tokens, weights, segs), jora.batch_specs(), mesh)
         a, c = jora.loss_sums(params, lora, b, cfg, lcfg, opts=opts, plan=plan, mesh=mesh)
@@ -655,7 +736,7 @@ def _start(run: Run, examples, *, opts, resume, overwrite, run_info, pack, plan)
     if resume:
         run.state, saved = load_checkpoint(path, cfg, lcfg, mesh)
         run.position, run.start = tuple(saved["data_position"]), int(saved["step"])
-    data = jora.batches(examples, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, pack,
+    data = batches(examples, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, pack,
                         tcfg.seed, run.position, max_segments=opts.max_segments)  # refuses here
     run.locked = run.main and lock_run(out)
     run.done = run.saved = run.start

@@ -85,8 +85,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
                     cfg, lcfg, tc, mesh, opts=opts, plan=plan)
                 step, spent = trainer.compile_step(step_fn, (state, params, b, key), say)
             row["compile_s"] = round(spent, 1)
-            if (plan := trainer.planned_bytes(step)) is not None:   # XLA's plan, before running
-                row["planned_gib"] = round(plan / 2**30, 3)
+            if (planned := trainer.planned_bytes(step)) is not None:   # XLA plans, before running
+                row["planned_gib"] = round(planned / 2**30, 3)
             if steps > 0:   # (--bench-steps 0: compile and plan only: what would fit?)
                 row.update(_time_steps(step, state, (params, b, key), steps, warmup,
                                        profile and f"{profile}/{seq}", rows * seq,

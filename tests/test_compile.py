@@ -54,7 +54,7 @@ def test_remat_auto_takes_the_fastest_plan_that_fits():
 def test_remat_auto_on_cpu_trains_the_plain_plan(tmp_path):
     params, lcfg, tcfg, mesh, _, _ = _setup()
     rng = np.random.default_rng(1)
-    examples = [jora.Example(rng.integers(3, GQA.vocab_size, 40).astype(np.int32),
+    examples = [trainer.Example(rng.integers(3, GQA.vocab_size, 40).astype(np.int32),
                              np.r_[np.zeros(20), np.ones(20)].astype(np.float32))
                 for _ in range(8)]
     lines = []

@@ -92,8 +92,9 @@ def test_raft_answer_scores(pred, ref, em, f1):
 def test_eval_generate_during_training_writes_scores(tmp_path):
     import json
 
+    import demo
     import train
-    base, data = train.demo_setup(str(tmp_path / "demo"))
+    base, data = demo.demo_setup(str(tmp_path / "demo"))
     out = str(tmp_path / "run")
     train.main(["--model", base, "--data", data, "--out", out, "--steps", "2", "--seq-len", "48",
                 "--batch-size", "8", "--eval-split", "0.01", "--eval-every", "2",

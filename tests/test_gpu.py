@@ -116,5 +116,6 @@ def test_packed_rows_with_too_many_runs_turn_to_nan():
     loss that the train step records and stops on; with room for every run, all is finite."""
     q = jax.random.normal(jax.random.key(7), (2, 256, 4, 64), jnp.bfloat16)
     seg = jnp.stack([jnp.arange(256) // 32, jnp.arange(256) // 128])   # 8 runs and 2 runs
-    f = lambda m: np.asarray(jax.jit(lambda q: jora.attend(q, q, q, seg, jora.Options("cudnn", max_segments=m)))(q))
+    attend = lambda m: lambda q: jora.attend(q, q, q, seg, jora.Options("cudnn", max_segments=m))
+    f = lambda m: np.asarray(jax.jit(attend(m))(q))
     assert np.isnan(f(4).astype(np.float32)).all() and np.isfinite(f(8).astype(np.float32)).all()

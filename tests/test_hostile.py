@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import demo
 import jora
 import trainer
 import train
@@ -32,7 +33,7 @@ RUN = ["--seq-len", "48", "--batch-size", "8", "--lora-r", "4", "--targets", "q,
 def files(tmp_path_factory):
     """The demo's small model and data, and adapters for it (and for a 3-layer variant)."""
     root = tmp_path_factory.mktemp("hostile")
-    base, data = train.demo_setup(str(root / "demo"))
+    base, data = demo.demo_setup(str(root / "demo"))
     cfg = jora.Config.from_hf(base)
     lcfg = jora.LoraConfig(r=2, targets=("q", "v"))
     for name, c in (("adapter", cfg), ("adapter3", dataclasses.replace(cfg, n_layers=3))):
@@ -171,7 +172,8 @@ CASES = {   # id: (argv from (tmp, files), what the line must say)
     "data not UTF-8": (lambda t, fs: _data(t, fs, b'{"prompt": "\xff"}\n'),
                        "data.jsonl: not UTF-8 text (gzipped?)"),
     "data gzipped": (lambda t, fs: _data(t, fs, gzip.compress(open(fs.data, "rb").read()),
-                                         "data.jsonl.gz"), "data.jsonl.gz: not UTF-8 text (gzipped?)"),
+                                         "data.jsonl.gz"),
+                     "data.jsonl.gz: not UTF-8 text (gzipped?)"),
     "data one JSON object": (lambda t, fs: _data(t, fs, json.dumps(RAFT, indent=1), "d.json"),
                              "d.json: holds a JSON object where a list of records (JSON) or one "
                              "record a line (JSONL) was expected"),
@@ -334,10 +336,10 @@ def test_a_dataset_that_cannot_fill_a_batch_is_refused_within_seconds(files, tmp
         assert ("many.jsonl: 300 records, 270 usable at --seq-len 16, 0 held out by "
                 "--eval-split 0.0: 270 examples cannot fill one batch of 300 rows "
                 "(--batch-size x --grad-accum) of --seq-len 16 packed tokens") in msg, msg
-        ex = [jora.Example(np.ones(5, np.int32), np.ones(5, np.float32))] * 3
+        ex = [trainer.Example(np.ones(5, np.int32), np.ones(5, np.float32))] * 3
         for pack, position in ((False, (0, 0)), (True, (0, 0)), (True, (4, 2))):
             with pytest.raises(ValueError, match="3 examples cannot fill one batch of 4 rows"):
-                jora.batches(ex, 4, 16, pack, 0, position)   # at the call: no next() needed
+                trainer.batches(ex, 4, 16, pack, 0, position)   # at the call: no next() needed
         assert time.time() - t < 30
 
 

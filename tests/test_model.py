@@ -348,7 +348,8 @@ def test_chunk_layers_chunk_only_the_last_layers():
     unrolled = jora.unstack_layers(params)
     tokens = np.asarray(jax.random.randint(jax.random.key(10), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
-    f = lambda p, **o: lambda l: jora.loss(p, l, batch, GQA, lcfg, plan=jora.Plan(remat="full", **o))
+    f = lambda p, **o: lambda l: jora.loss(p, l, batch, GQA, lcfg,
+                                           plan=jora.Plan(remat="full", **o))
     joins = lambda **o: [_count(c, "concatenate") for c in _checkpoints(
         jax.make_jaxpr(f(unrolled, **o))(lora).jaxpr)][:GQA.n_layers]   # (then the loss's)
     base = joins()   # (RoPE concatenates too)

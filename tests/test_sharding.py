@@ -159,9 +159,10 @@ def test_two_processes_train_like_one(tmp_path):
     import subprocess
     import sys
 
+    import demo
     import train
     from safetensors.numpy import load_file
-    base, data = train.demo_setup(str(tmp_path / "demo"))
+    base, data = demo.demo_setup(str(tmp_path / "demo"))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, os.path.join(root, "train.py"), "--model", base, "--data", data,
            "--steps", "3", "--tp", "2", "--batch-size", "4", "--seq-len", "48",

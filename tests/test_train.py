@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import DATA, GQA, STORIES, needs_data, random_lora, random_params
 
+import demo as demo_module
 import jora
 import trainer
 import train
@@ -86,26 +87,26 @@ def test_accumulation_equals_one_big_batch():
 
 def test_batches_are_deterministic_resumable_and_packed():
     rng = np.random.default_rng(0)
-    ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
+    ex = [trainer.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(5, 30, 40)]
-    a = jora.batches(ex, 2, 63, pack=True, seed=3)
+    a = trainer.batches(ex, 2, 63, pack=True, seed=3)
     first = [next(a) for _ in range(6)]
-    again = jora.batches(ex, 2, 63, pack=True, seed=3)
+    again = trainer.batches(ex, 2, 63, pack=True, seed=3)
     for x, y in zip(first, [next(again) for _ in range(6)]):
         np.testing.assert_array_equal(x[0], y[0])
-    resumed = jora.batches(ex, 2, 63, pack=True, seed=3, position=first[2][3])
+    resumed = trainer.batches(ex, 2, 63, pack=True, seed=3, position=first[2][3])
     np.testing.assert_array_equal(next(resumed)[0], first[3][0])
     tokens, weights, segs, _ = first[0]
     assert tokens.shape == (2, 64) and segs.max() >= 2            # several examples a row
-    other = next(jora.batches(ex, 2, 63, pack=True, seed=4))[0]
+    other = next(trainer.batches(ex, 2, 63, pack=True, seed=4))[0]
     assert not np.array_equal(other, tokens)
-    t, _, s, _ = next(jora.batches(ex, 3, 255, pack=False, seed=0, bucket=16))
+    t, _, s, _ = next(trainer.batches(ex, 3, 255, pack=False, seed=0, bucket=16))
     assert (t.shape[1] - 1) % 16 == 0 and t.shape[1] < 64 and s.max() == 1   # padded to the longest
 
 
 def test_padded_lengths_are_few_and_pad_at_most_an_eighth():
     n = np.arange(1, 40_000)
-    got = np.array([jora.padded_length(int(k), 32_768) for k in n])
+    got = np.array([trainer.padded_length(int(k), 32_768) for k in n])
     assert (got % 64 == 0).all() and (got >= np.minimum(n, 32_768)).all() and got.max() == 32_768
     short = n <= 1024   # every multiple of 64 up to 1,024, as before
     np.testing.assert_array_equal(got[short], -(-n[short] // 64) * 64)
@@ -113,11 +114,11 @@ def test_padded_lengths_are_few_and_pad_at_most_an_eighth():
     assert (got[fits] <= n[fits] * 1.125).all()   # padding: at most 1/8 of the example
     assert len(np.unique(got[fits])) == 5 * 8     # 8 lengths in each doubling 1k..32k
     assert (got[n > 32_768] == 32_768).all()      # capped at --seq-len
-    assert jora.padded_length(70, 1000, bucket=48) == 96
+    assert trainer.padded_length(70, 1000, bucket=48) == 96
 
 
 def test_alpaca_template_and_answer_only_loss(tmp_path):
-    base, _ = train.demo_setup(str(tmp_path))
+    base, _ = demo_module.demo_setup(str(tmp_path))
     tok = jora.Tokenizer(base)
     records = [{"instruction": "Say 1", "input": "", "output": "1 2"}]
     (ex,), report = trainer.tokenize_records(records, "alpaca", tok, 512)
@@ -170,7 +171,7 @@ def test_bad_data_files_name_file_and_record(tmp_path, content, message):
 
 
 def test_every_record_too_long_is_an_error(tmp_path):
-    base, _ = train.demo_setup(str(tmp_path))
+    base, _ = demo_module.demo_setup(str(tmp_path))
     records = [{"prompt": "Spell 1 2 3 4 5 6 7 8 9:", "completion": " one"}] * 3
     with pytest.raises(ValueError, match=r"d.jsonl: no usable examples: all 3 records are longer "
                                          r"than --seq-len 8"):
@@ -181,7 +182,7 @@ def test_every_record_too_long_is_an_error(tmp_path):
 
 @pytest.fixture
 def demo(tmp_path):
-    base, data = train.demo_setup(str(tmp_path / "demo"))
+    base, data = demo_module.demo_setup(str(tmp_path / "demo"))
     return ["--model", base, "--data", data, "--seq-len", "48", "--batch-size", "8",
             "--lora-r", "4", "--targets", "q,v,o", "--lr", "3e-3", "--warmup", "2",
             "--log-every", "1", "--lora-dropout", "0.1"]
@@ -301,7 +302,7 @@ def test_killed_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path):
     script = f"""
 import os, sys, safetensors.numpy
 sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
-import jax, numpy as np, jora
+import jax, numpy as np, jora, trainer
 from conftest import GQA, random_lora
 def dying_save(tensors, path, **kw):   # half a file, then the process dies
     open(path, "wb").write(b"\\0" * 1000); os.kill(os.getpid(), 9)
@@ -422,7 +423,7 @@ def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
 
 
 def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, monkeypatch):
-    monkeypatch.setattr(jora, "PEAK_FLOPS", {jax.default_backend(): 1e12})
+    monkeypatch.setattr(trainer, "PEAK_FLOPS", {jax.default_backend(): 1e12})
     args = train.parser().parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "2"])
     args.seq_len = 400   # the demo's examples are < 64 tokens: rows are padded to 64, not 400
     _train_with_log(args, lambda line: None)
@@ -435,7 +436,7 @@ def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, mo
 
 
 def test_tokenizing_shows_progress_on_long_work(tmp_path, monkeypatch):
-    base, _ = train.demo_setup(str(tmp_path))
+    base, _ = demo_module.demo_setup(str(tmp_path))
     records = [{"prompt": f"Spell {i % 10}:", "completion": " one"} for i in range(30)]
     clock = iter(range(0, 10_000, 4))   # each look at the clock: 4 s later
     monkeypatch.setattr("time.time", lambda: next(clock))
@@ -450,15 +451,15 @@ def test_packing_keeps_to_max_segments():
     """Rows hold at most max_segments - 1 examples (the padding tail is one run more), so the
     static offsets cuDNN gets always cover every row; 0 packs as many as fit."""
     rng = np.random.default_rng(1)
-    ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
+    ex = [trainer.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(2, 6, 200)]
     for most in (2, 3, 5):
-        b = jora.batches(ex, 2, 127, pack=True, seed=0, max_segments=most)
+        b = trainer.batches(ex, 2, 127, pack=True, seed=0, max_segments=most)
         for _ in range(10):
             _, _, segs, _ = next(b)
             assert segs.max() == most - 1                  # short examples: the cap binds
             assert jora.count_runs(segs[:, :-1]) <= most   # what the model sees: T positions
-    _, _, segs, _ = next(jora.batches(ex, 2, 127, pack=True, seed=0, max_segments=0))
+    _, _, segs, _ = next(trainer.batches(ex, 2, 127, pack=True, seed=0, max_segments=0))
     assert segs.max() > 16                                 # no cap: as many as fit
 
 
@@ -466,10 +467,10 @@ def test_an_epoch_of_packed_rows_counts_batches_not_examples():
     """--epochs with --pack: one pass over the examples is the packer's batches, not
     examples / rows (that trained several epochs when rows hold several examples)."""
     rng = np.random.default_rng(2)
-    ex = [jora.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
+    ex = [trainer.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(5, 20, 60)]
-    n = jora.batches_per_epoch(ex, 2, 63, True, 0, 8)
-    b = jora.batches(ex, 2, 63, pack=True, seed=0, max_segments=8)
+    n = trainer.batches_per_epoch(ex, 2, 63, True, 0, 8)
+    b = trainer.batches(ex, 2, 63, pack=True, seed=0, max_segments=8)
     used = sum(len(np.unique(s[s > 0])) for _ in range(n) for s in next(b)[2])
     assert 60 - 2 * 7 < used <= 60 and n < 60 / 4   # the epoch, bar a short tail; ~4+ a row
     assert next(b)[3][0] == 1                         # the next batch is the next epoch's
