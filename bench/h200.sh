@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {redesign, redesign16k, liger7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -45,8 +45,8 @@ case "$part" in
          jora --seq-len 2048 --remat none --lora-dropout 0.05 --bench-steps 5
          hf --seq 2048 --steps 5 --dropout 0.05
          PYTHONPATH=/tmp/liger hf --seq 2048 --steps 5 --liger
-         jora --seq-len 2048 --remat min --targets $ALL7 --lora-dropout 0.05 --bench-steps 5 --compile-cache "$OUT/cc"
-         jora --seq-len 2048 --remat min --targets $ALL7 --lora-dropout 0.05 --bench-steps 5 --compile-cache "$OUT/cc"
+         jora --seq-len 2048 --remat min --targets $ALL7 --lora-dropout 0.05 --bench-steps 5 --compile-cache "/tmp/jora_cc"
+         jora --seq-len 2048 --remat min --targets $ALL7 --lora-dropout 0.05 --bench-steps 5 --compile-cache "/tmp/jora_cc"
          jora --seq-len 2048 --remat none --targets $ALL7 --lora-dropout 0.05 --bench-steps 5
          hf --seq 2048 --targets $ALL7_HF --steps 5 --dropout 0.05 ;;
   auto)  jora --seq-len ${AUTOSEQ:-2048,16384,32768} --remat auto --lora-dropout 0.05 --bench-steps 3
@@ -121,6 +121,27 @@ case "$part" in
            jora --seq-len 8192 --remat full --bench-doc 1024 --max-segments $ms --bench-steps 3; done ;;
   packed32) for ms in 0 8; do   # packed rows at 32,768: examples of 4,096, mask (0) or offsets
            jora --seq-len 32768 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-doc 4096 --max-segments $ms --bench-steps 3; done ;;
+  redesign) # the code before the redesign (.dev/old: 8da0969) and after it, each row in turn
+         for args in "--seq-len 2048 --remat none" "--seq-len 2048 --remat min --targets $ALL7"; do
+           for code in old new; do
+             d=.; c="--compile-cache /tmp/jora_cc"; [ $code = old ] && d=.dev/old && c=--no-compile-cache
+             (cd $d && python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0.05 $c $args --bench-steps 10) 2>&1 \
+               | tee -a "$OUT/redesign.log" | grep '^{' | sed "s/^{/{\"code\": \"$code\", /" >> "$ROWS"
+           done; done
+         # the same step again from the compilation cache: the warm compile
+         python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0.05 --compile-cache "/tmp/jora_cc" \
+           --seq-len 2048 --remat min --targets $ALL7 --bench-steps 3 2>&1 | tee -a "$OUT/redesign.log" \
+           | grep '^{' | sed 's/^{/{"code": "new", "warm": true, /' >> "$ROWS" ;;
+  redesign16k) for code in old new; do   # q,v at 16,384 with the README's memory flags
+           d=.; [ $code = old ] && d=.dev/old
+           (cd $d && python3 train.py --benchmark --size 7b --batch-size 1 --lora-dropout 0.05 --no-compile-cache \
+             --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --bench-steps 4) 2>&1 \
+             | tee -a "$OUT/redesign.log" | grep '^{' | sed "s/^{/{\"code\": \"$code\", /" >> "$ROWS"
+         done ;;
+  liger7) PYTHONPATH=/tmp/liger hf --seq 2048 --targets $ALL7_HF --steps 5 --dropout 0.05 --liger
+         PYTHONPATH=/tmp/liger hf --seq 2048 --steps 5 --dropout 0.05 --liger
+         PYTHONPATH=/tmp/liger hf --seq 16384 --remat --targets $ALL7_HF --steps 3 --dropout 0.05 --liger ;;
+  gemm)  python3 -m experiments.bench_hopper_gemm 2>&1 | tee -a "$RESULTS/gemm-h200-$DAY.md" ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$ROWS" ;;
 esac
 done
