@@ -148,11 +148,11 @@ class Config:
         for key in ("attention_bias", "mlp_bias"):
             if get(key, False):
                 refuse(key, True, "Llama-2 projections have no bias")
-        rope = dict(get("rope_scaling", None) or {})   # transformers 5: rope_parameters
-        rope.update(get("rope_parameters", None) or {})
-        config = dict(config, rope_theta=rope.get("rope_theta", get("rope_theta", 10_000.0)),
-                      rope_factor=rope.get("factor", 1.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
+        scaling = dict(get("rope_scaling", None) or {})   # transformers 5: rope_parameters
+        scaling.update(get("rope_parameters", None) or {})
+        config = dict(config, rope_theta=scaling.get("rope_theta", get("rope_theta", 10_000.0)),
+                      rope_factor=scaling.get("factor", 1.0))
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind not in ("default", "linear"):
             refuse("rope_scaling.rope_type", kind, "only default and linear RoPE are implemented")
         d, n = number("hidden_size"), number("num_attention_heads")
@@ -430,16 +430,6 @@ def vary_alike(*xs):
                  if union - t.varying else x for x, t in zip(xs, types))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def lora_delta(x, a, b, scale: float):
-    """scale * x (B, T, I) @ A (I, R) @ B (R, O) -> (B, T, O) in x's dtype.
-    Every (B, T, .) tensor stays in x's dtype, so that XLA adds the result to x @ W in that
-    GEMM's epilogue; every matmul accumulates in fp32, and the scale multiplies only (B, T, R)
-    tensors. The backward is written out so that dA and dB, sums over all positions, are fp32
-    (autodiff's would be rounded to x's dtype). Call it on vary_alike operands."""
-    return _lora_fwd(x, a, b, scale)[0]
-
-
 def _lora_fwd(x, a, b, scale):
     xa = (scale * jnp.einsum("BTI,IR->BTR", x, a.astype(x.dtype),
                              preferred_element_type=jnp.float32)).astype(x.dtype)   # (B, T, R)
@@ -455,6 +445,16 @@ def _lora_bwd(scale, res, g):   # g (B, T, O): the output's gradient, in x's dty
     da = jnp.einsum("BTI,BTR->IR", x, gb, preferred_element_type=f32)
     db = jnp.einsum("BTR,BTO->RO", xa, g, preferred_element_type=f32)
     return dx, da.astype(a.dtype), db.astype(b.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(x, a, b, scale: float):
+    """scale * x (B, T, I) @ A (I, R) @ B (R, O) -> (B, T, O) in x's dtype.
+    Every (B, T, .) tensor stays in x's dtype, so that XLA adds the result to x @ W in that
+    GEMM's epilogue; every matmul accumulates in fp32, and the scale multiplies only (B, T, R)
+    tensors. The backward is written out so that dA and dB, sums over all positions, are fp32
+    (autodiff's would be rounded to x's dtype). Call it on vary_alike operands."""
+    return _lora_fwd(x, a, b, scale)[0]
 
 
 lora_delta.defvjp(_lora_fwd, _lora_bwd)

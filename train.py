@@ -23,44 +23,56 @@ import demo
 import jora
 import trainer
 
-EPILOG = """exit status: 0 finished; 1 an error, said in one line; 2 a malformed command line;
-130 (SIGINT, Ctrl-C) or 143 (SIGTERM): stopped after a checkpoint, continue with --resume; 130
-also: stopped at once by a second signal, or by Ctrl-C outside the training steps. One run at a
-time in an --out (OUT/.lock)."""
+EPILOG = """exit status: 0 finished; 1 an error, said in one line; 2 a bad command line; 130
+(SIGINT) or 143 (SIGTERM): stopped after a checkpoint (--resume continues it), or at once by a
+second signal or a Ctrl-C outside the steps. One run at a time in an --out (OUT/.lock)."""
+
+
+# Numeric flags: default and the interval a value must lie in (NaN lies in none); None: no
+# default. --help lists them with their defaults.
+NUMBERS = dict(
+    batch_size=(8, "[1"), grad_accum=(1, "[1"), lora_r=(16, "[1"), lora_alpha=(16.0, "(0"),
+    lora_dropout=(0.05, "[0,1)"), tp=(1, "[1"), loss_chunk=(2048, "[1"), mlp_chunk=(0, "[0"),
+    full_layers=(0, "[0"), chunk_layers=(0, "[0"), steps=(None, "[1"), epochs=(1.0, "(0"),
+    seq_len=(1024, "[1"), lr=(2e-4, "(0"), warmup=(10, "[0"), weight_decay=(0.0, "[0"),
+    clip=(1.0, "[0"), seed=(0, "[0"), eval_split=(0.0, "[0,1)"), save_every=(0, "[0"),
+    eval_every=(0, "[0"), eval_generate=(0, "[0"), log_every=(10, "[1"), keep=(3, "[1"),
+    max_new_tokens=(256, "[1"), temperature=(0.0, "[0"), top_k=(0, "[0"), top_p=(1.0, "(0,1]"))
+HELP = dict(   # README's table says what every flag is for
+    mlp_chunk="positions per MLP chunk (0: all)", tp="devices per tensor-parallel group",
+    chunk_layers="with --mlp-chunk: only the last N layers chunk their MLP (0: all)",
+    full_layers="the first N layers remat full whatever --remat says",
+    steps="optimizer steps (default: --epochs)", eval_generate="every N steps, score answers "
+    "to 8 held-out prompts", epochs="passes over the training examples")
 
 
 def model_flags(a):   # what train.py and bench/benchmark.py share: the model, LoRA, devices
-    a("--batch-size", type=int, default=8)
-    a("--grad-accum", type=int, default=1)
-    a("--max-segments", type=int, default=jora.Options.max_segments, help="with --pack: at most "
-      "N - 1 examples a row (N runs with the padding, ~0.3 GiB each at 16k on 7B; 0: a mask)")
-    a("--lora-r", type=int, default=16)
-    a("--lora-alpha", type=float, default=16.0)
-    a("--lora-dropout", type=float, default=0.05)
+    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "lora_dropout", "tp",
+                 "loss_chunk", "mlp_chunk", "full_layers", "chunk_layers"):
+        number(a, name)
+    a("--max-segments", type=int, default=jora.Options.max_segments, help="with --pack: at "
+      "most N - 1 examples a row (0: a (T, T) mask)")
     a("--targets", default="q,v", help="any of q,k,v,o,gate,up,down, or 'all'")
     a("--remat", default="auto", choices=["auto", *jora.REMAT], help="what the backward "
       "keeps (auto: the fastest plan whose memory fits the device, said at start)")
     a("--compile-cache", default=os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                               os.path.expanduser("~/.cache"), "jora", "xla"),
-      help="jax's persistent compilation cache: later runs of the same shapes skip most of "
-           "the compile (default: %(default)s)")
+      help="jax's persistent compilation cache (default: %(default)s)")
     a("--no-compile-cache", action="store_true", help="compile every run afresh")
-    a("--loss-chunk", type=int, default=2048, help="positions per cross-entropy chunk")
-    a("--mlp-chunk", type=int, default=0, help="positions per MLP chunk (0: all): less memory")
-    a("--full-layers", type=int, default=0, help="the first N layers remat full whatever "
-      "--remat says (with attn: one (T, D) less a layer, one more attention forward)")
-    a("--chunk-layers", type=int, default=0, help="with --mlp-chunk: only the last N layers "
-      "chunk their MLP (0: all): where memory peaks; the others run faster")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--kernels", default="auto", choices=["auto", "pallas", "xla"], help="LoRA projections: "
-      "the fused Pallas kernel or XLA (auto: XLA, faster in the whole 7B model; see README)")
+      "the fused Pallas kernel or XLA (auto: XLA, faster in the whole 7B model)")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    a("--tp", type=int, default=1, help="devices per tensor-parallel group")
     a("--sequence-parallel", action="store_true", help="split positions over the tp group")
-    a("--coordinator", help="host:port of process 0, for several hosts (or "
-                            "JAX_COORDINATOR_ADDRESS)")
-    a("--num-processes", type=int)
-    a("--process-id", type=int)
+    a("--coordinator", help="host:port of process 0, for several hosts")
+    for flag in ("--num-processes", "--process-id"):
+        a(flag, type=int)
+
+
+def number(a, name):
+    default = NUMBERS[name][0]
+    a("--" + name.replace("_", "-"), type=type(default) if default is not None else int,
+      default=default, help=HELP.get(name, "") + " (%(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,23 +84,11 @@ def parser() -> argparse.ArgumentParser:
     a("--format", default="auto", choices=["auto", "alpaca", "raft", "completion"])
     a("--tokenizer", help="sentencepiece tokenizer.model (default: the model's)")
     a("--out", default="out", help="run folder: checkpoints, metrics, exports")
-    a("--steps", type=int, help="optimizer steps (default: --epochs)")
-    a("--epochs", type=float, default=1.0, help="passes over the training examples (packed: "
-      "the packer's rows of them), when --steps is not given")
-    a("--seq-len", type=int, default=1024, help="tokens per row")
     a("--pack", action="store_true", help="pack several examples into each row")
     model_flags(a)
-    a("--lr", type=float, default=2e-4)
-    a("--warmup", type=int, default=10)
-    a("--weight-decay", type=float, default=0.0)
-    a("--clip", type=float, default=1.0, help="gradient-norm clip (0: off)")
-    a("--seed", type=int, default=0)
-    a("--eval-split", type=float, default=0.0, help="fraction of examples held out")
-    a("--save-every", type=int, default=0)
-    a("--eval-every", type=int, default=0)
-    a("--eval-generate", type=int, default=0, help="every N steps, generate and score answers")
-    a("--log-every", type=int, default=10)
-    a("--keep", type=int, default=3, help="checkpoints to keep")
+    for name in NUMBERS:
+        if "--" + name.replace("_", "-") not in p._option_string_actions:
+            number(a, name)
     a("--resume", nargs="?", const="", help="continue the run in --out (or in RESUME); its "
       "model, data and settings come from the checkpoint unless given")
     a("--overwrite", action="store_true", help="start afresh in an --out that holds a run "
@@ -98,9 +98,6 @@ def parser() -> argparse.ArgumentParser:
     a("--adapter", help="PEFT adapter folder to apply with --generate")
     a("--prompt", action="append", default=[])
     a("--prompts", help="file with one prompt per line")
-    for flag, kind, default in (("max-new-tokens", int, 256), ("temperature", float, 0.0),
-                                ("top-k", int, 0), ("top-p", float, 1.0)):
-        a(f"--{flag}", type=kind, default=default)
     p.set_defaults(demo=False)
     return p
 
@@ -112,17 +109,10 @@ def given_flags(argv) -> set[str]:   # the flags on the command line (not their 
     return set(vars(p.parse_args(argv))) - {"demo"}   # (not a flag)
 
 
-LIMITS = dict(   # flag: the interval it must lie in (NaN lies in none)
-    steps="[1", epochs="(0", batch_size="[1", grad_accum="[1", seq_len="[1", lora_r="[1",
-    lora_alpha="(0", lora_dropout="[0,1)", lr="(0", warmup="[0", weight_decay="[0", clip="[0",
-    eval_split="[0,1)", save_every="[0", eval_every="[0", eval_generate="[0", log_every="[1",
-    keep="[1", max_new_tokens="[1", temperature="[0", top_k="[0", top_p="(0,1]", tp="[1")
-
-
 def check_flags(args):
     """Every flag and combination, before anything is read or written: ValueError naming it."""
-    for k, spec in LIMITS.items():
-        v, (lo, _, hi) = getattr(args, k), spec[1:].rstrip(")]").partition(",")
+    for k, (_, spec) in NUMBERS.items():
+        v, (lo, _, hi) = getattr(args, k, None), spec[1:].rstrip(")]").partition(",")
         if v is not None and not ((float(lo) < v if spec[0] == "(" else float(lo) <= v) and (
                 v <= float(hi or "inf") if spec[-1] == "]" else v < float(hi or "inf"))):
             want = f"in {spec}" if hi else f"{'>' if spec[0] == '(' else '>='} {lo}"
@@ -139,26 +129,8 @@ def check_flags(args):
                not args.eval_split, "--eval-every/--eval-generate need --eval-split > 0"),
               ((args.prompt or args.prompts) and not args.generate,
                "--prompt/--prompts apply to --generate only")]
-    for bad, why in refuse:
-        if bad:
-            raise ValueError(why)
-
-
-RESUMED = ("model data format tokenizer seq_len pack max_segments lora_r lora_alpha "
-           "lora_dropout targets lr warmup weight_decay clip dtype seed eval_split batch_size "
-           "grad_accum steps save_every eval_every eval_generate log_every keep demo").split()
-
-
-def resume_flags(args, given, out, say):
-    """--resume: the run's model, data and settings from its checkpoint, unless given (and
-    then warned about where they differ)."""
-    path, run = trainer.resume_info(out)
-    for k in (k for k in RESUMED if k in run):
-        if k not in given:
-            setattr(args, k, run[k])
-        elif run[k] != getattr(args, k):
-            say(f"warning: --{k.replace('_', '-')} {getattr(args, k)} differs from the run's "
-                f"{run[k]} ({path})")
+    if why := next((why for bad, why in refuse if bad), None):
+        raise ValueError(why)
 
 
 def configs(args):
@@ -170,12 +142,6 @@ def configs(args):
                             targets=targets), jora.Options(**fields(jora.Options)),
             jora.Plan(**dict(fields(jora.Plan), kernels="pallas" if args.kernels == "pallas"
                              else "xla")))
-
-
-def use_compile_cache(args):   # steps compiled once are read back by later runs
-    if not args.no_compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def generate(args, params, cfg, tok, mesh):
@@ -195,12 +161,12 @@ def generate(args, params, cfg, tok, mesh):
 
 def run(args, given, out) -> dict:
     check_flags(args)
-    use_compile_cache(args)
+    trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     if args.resume is not None:
-        resume_flags(args, given, out, say)
+        trainer.resume_settings(args, given, out, say)
     elif not args.generate and args.model is None:
         demo.configure(args, out, given)   # (refuses an --out holding another run)
     elif not args.generate:
@@ -216,9 +182,8 @@ def run(args, given, out) -> dict:
     say(f"loading {args.model} ...", flush=True)   # 7B: 13 GB read from the safetensors files
     cfg, params = jora.load_hf(args.model, dtype, mesh)
     params = jora.unstack_layers(params, free=True)   # faster steps, longer compile
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    say(f"loaded {n_params / 1e6:,.1f}M parameters ({cfg.n_layers} layers, {dtype.name}) in "
-        f"{time.time() - t:.1f} s")
+    say(f"loaded {sum(x.size for x in jax.tree.leaves(params)) / 1e6:,.1f}M parameters "
+        f"({cfg.n_layers} layers, {dtype.name}) in {time.time() - t:.1f} s")
     tok = jora.Tokenizer(args.tokenizer or args.model)
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
@@ -239,15 +204,14 @@ def run(args, given, out) -> dict:
         cfg, params, lcfg, tcfg, train_ex, out, mesh, eval_examples=eval_ex, opts=opts,
         plan=plan, pack=args.pack, schedule=schedule, resume=args.resume is not None,
         overwrite=args.overwrite, run_info=dict(vars(args)), tokenizer=tok)
-    if "interrupted" in summary:
+    if "interrupted" in summary:   # (a checkpoint is saved: --resume continues)
         return summary
     trainer.export_run(out, cfg, params, lora, lcfg, args.model,
                        jnp.float32 if args.demo else jnp.bfloat16, log=say)
     if args.demo:
         summary["exact_match"] = demo.score(params, cfg, lora, lcfg, tok, say)
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if '"loss"' in line]
-    summary["first_loss"] = rows[0]["loss"] if rows else None
+        summary["first_loss"] = next((json.loads(x)["loss"] for x in f if '"loss"' in x), None)
     return summary
 
 

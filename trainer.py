@@ -51,6 +51,10 @@ FORMAT_KEYS = {"alpaca": ("instruction", "output"), "raft": ("instruction", "cot
 OPTIONAL_KEYS = dict(alpaca=("input",), raft=("oracle_context",), completion=())
 
 
+def _kind(value) -> str:   # what a JSON value is, in words
+    return jora.JSON_KIND.get(type(value), "JSON")
+
+
 def _parse_records(path: str, text: str) -> list:
     if text.lstrip().startswith("["):
         try:
@@ -69,7 +73,7 @@ def _parse_records(path: str, text: str) -> list:
             except json.JSONDecodeError:
                 raise ValueError(f"{path}: record {len(records) + 1} (line {n}) is malformed "
                                  f"JSON ({e.msg})") from None
-            raise ValueError(f"{path}: holds {jora.JSON_KIND.get(type(whole), 'JSON')} where a list of "
+            raise ValueError(f"{path}: holds {_kind(whole)} where a list of "
                              f"records (JSON) or one record a line (JSONL) was expected") from None
     return records
 
@@ -81,7 +85,7 @@ def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
         raise ValueError(f"{path}: no records")
     for i, r in enumerate(records, 1):
         if not isinstance(r, dict):
-            raise ValueError(f"{path}: record {i} is {jora.JSON_KIND.get(type(r), 'JSON')}, not a JSON "
+            raise ValueError(f"{path}: record {i} is {_kind(r)}, not a JSON "
                              f"object")
     if fmt == "auto":
         fmt = next((f for f in ("raft", "alpaca", "completion")
@@ -103,7 +107,7 @@ def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
         if not (isinstance(docs, list) and docs and isinstance(docs[0], list)
                 and all(isinstance(d, str) for d in docs[0])):
             k, v = ("context", ctx) if docs is None else ("context.sentences", docs)
-            raise ValueError(f"{path}: record {i} field '{k}' is {jora.JSON_KIND.get(type(v), 'JSON')}; "
+            raise ValueError(f"{path}: record {i} field '{k}' is {_kind(v)}; "
                              f'format raft expects "context": {{"sentences": [[document, ...]]}}')
     return records, fmt
 
@@ -233,8 +237,8 @@ def batches_per_epoch(examples, rows: int, seq_len: int, pack: bool, seed: int =
 
 
 def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eval_split: float,
-                     seed: int, rows: int, pack: bool, max_segments: int = jora.Options.max_segments,
-                     log=print):
+                     seed: int, rows: int, pack: bool,
+                     max_segments: int = jora.Options.max_segments, log=print):
     """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
     from seed + 7) -> (train examples, eval examples, batches an epoch). Refuses, with the
     numbers and the flags that decide them, a split that leaves too few to fill one batch."""
@@ -250,7 +254,8 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eva
         per_epoch = batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
     except ValueError as e:
         raise ValueError(f"{path}: {len(records)} records, {len(examples)} usable at --seq-len "
-                         f"{seq_len}, {n_eval} held out by --eval-split {eval_split}: {e}") from None
+                         f"{seq_len}, {n_eval} held out by --eval-split {eval_split}: "
+                         f"{e}") from None
     if pack:   # how full the rows are: max_segments can leave them part empty
         used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (seq_len + 1))
         log(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of positions used")
@@ -291,6 +296,14 @@ def generate_and_score(params, lora, examples, cfg, lcfg, tok, max_new_tokens: i
 
 
 # 3. Compiling the step, and remat "auto" --------------------------------------------------------
+
+def use_compile_cache(folder: str | None):
+    """jax's persistent compilation cache in `folder` (None: off): steps compiled once are read
+    back by later runs. A process-wide setting, so the command lines call it, not the library."""
+    if folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 
 def compile_step(step_fn, args, log=print):
     """step_fn.lower(*args).compile() -> (compiled, seconds), saying how long it took and
@@ -501,6 +514,23 @@ def resume_info(out: str) -> tuple[str, dict]:
     path, _ = check_out(out, resume=True)
     meta = jora.read_json(os.path.join(path, "state.json"))
     return path, dict(meta.get("run") or {}, steps=meta.get("train", {}).get("steps"))
+
+
+RESUMED = ("model data format tokenizer seq_len pack max_segments lora_r lora_alpha "
+           "lora_dropout targets lr warmup weight_decay clip dtype seed eval_split batch_size "
+           "grad_accum steps save_every eval_every eval_generate log_every keep demo").split()
+
+
+def resume_settings(args, given: set, out: str, say=print):
+    """--resume: the run's model, data and settings (RESUMED) from its checkpoint into `args`
+    (train.py's flags), except those `given` on the command line, warned about if they differ."""
+    path, run = resume_info(out)
+    for k in (k for k in RESUMED if k in run):
+        if k not in given:
+            setattr(args, k, run[k])
+        elif run[k] != getattr(args, k):
+            say(f"warning: --{k.replace('_', '-')} {getattr(args, k)} differs from the run's "
+                f"{run[k]} ({path})")
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "merged")   # what a run writes in OUT,

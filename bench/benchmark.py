@@ -114,7 +114,7 @@ def main(argv=None) -> list[dict]:
     a("--profile", help="write a profiler trace of the timed steps to this folder")
     train.model_flags(a)
     args = p.parse_args(argv)
-    train.use_compile_cache(args)
+    trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)

@@ -1,0 +1,47 @@
+"""jora.py and trainer.py read top to bottom: nothing uses a module-level name defined further
+down, and the line budgets hold (jora.py 1,500, train.py 250)."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def forward_references(path: str) -> list[str]:
+    """'user (line) -> name (line)' for each module-level definition that uses a module-level
+    name defined below it (in a function body, a default, a decorator or a base class)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    defined = {}   # name -> line of its definition
+    for node in tree.body:
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+        names = [t.id for t in targets if isinstance(t, ast.Name)]
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        for n in names:
+            defined.setdefault(n, node.lineno)
+    bad = []
+    for node in tree.body:
+        if not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+            continue
+        local = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)   # bound inside it
+                 and isinstance(n.ctx, ast.Store)} | {a.arg for a in ast.walk(node)
+                                                       if isinstance(a, ast.arg)}
+        local |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef,
+                                                                  ast.ClassDef)) and n is not node}
+        for sub in ast.walk(node):
+            if (isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load)
+                    and sub.id not in local and defined.get(sub.id, 0) > node.lineno):
+                bad.append(f"line {node.lineno} uses {sub.id} (line {defined[sub.id]})")
+    return bad
+
+
+@pytest.mark.parametrize("module", ["jora.py", "trainer.py"])
+def test_nothing_uses_a_name_defined_further_down(module):
+    assert forward_references(os.path.join(ROOT, module)) == []
+
+
+def test_line_budgets():
+    count = lambda f: sum(1 for _ in open(os.path.join(ROOT, f), encoding="utf-8"))
+    assert count("jora.py") <= 1500 and count("train.py") <= 250
