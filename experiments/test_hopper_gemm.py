@@ -7,6 +7,11 @@ interpreter does not check what only the CUDA lowering checks (wgmma operand lay
 shapes, SMEM size), so the benchmark's configurations are also lowered for CUDA, which needs
 no GPU. Both layouts of w: (K, N), and (N, K) read transposed."""
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from experiments.bench_hopper_gemm import CONFIGS
+from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
 from experiments.hopper_gemm import Tiles, lora_matmul, lora_reference, matmul, reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -198,3 +204,48 @@ def test_lora_bad_operands_raise():
                     1.0, tiles=Tiles(stages=2))
     with pytest.raises(ValueError, match="SMEM"):
         lora_matmul(x, w, a, b, 1.0, tiles=Tiles())   # 4 stages + a, b, xa: 248 KiB
+
+
+# experiments/bench_hopper_lora.py: what can be checked without a GPU, none of it able to hang
+# (nothing here runs a kernel; children are killed by the harness's own timeouts).
+@pytest.mark.parametrize("tiles", LORA_CONFIGS, ids=lambda kw: str(Tiles(**kw)))
+def test_bench_lora_configs_lower_for_cuda(tiles):
+    """Every LoRA configuration the benchmark times lowers for CUDA at its widest shape."""
+    m, k, n, r = 2048, 4096, 11008, 16
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
+    f = jax.jit(lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, tiles=Tiles(**tiles)))
+    with _fake_h200(132):
+        text = f.trace(s(m, k), s(k, n), s(k, r), s(r, n)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert sum("@mosaic_gpu" in line for line in text.splitlines()) == 1
+
+
+def test_bench_harness_reports_hang_and_crash():
+    """run_items gives a hung child one TIMEOUT row and the rest "not run"; a crashed one a
+    "crashed" row, then a fresh child for the rest (here crashing again: "not run")."""
+    script = ("import json, os, sys, time; s = json.loads(sys.argv[1]); "
+              "print('@@' + json.dumps(dict(event='ready', backend='gpu', kind='fake')), "
+              "flush=True)\n"
+              "for i, item in enumerate(s['items']):\n"
+              "    if item == 1: time.sleep(600)\n"
+              "    if item == 2: os._exit(3)\n"
+              "    print('@@' + json.dumps(dict(event='row', i=i, status='ok')), flush=True)\n")
+    cmd = lambda spec: [sys.executable, "-c", script, json.dumps(spec)]   # noqa: E731
+    now = time.time()
+    for items, want in (([0, 1, 0, 0], ["ok", "TIMEOUT", "not run", "not run"]),
+                        ([0, 2, 0, 2, 2, 0], ["ok", "crashed (rc 3)", "ok", "crashed (rc 3)",
+                                              "not run", "not run"])):
+        got = {}
+        ready = run_items(dict(items=items), timeout=3, budget_end=now + 60, hard_stop=now + 90,
+                          report=lambda i, row: got.setdefault(i, row["status"]), cmd=cmd)
+        assert ready["kind"] == "fake"
+        assert all(got[i].startswith(w) for i, w in enumerate(want)), got
+    assert time.time() - now < 30
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU this would run the whole benchmark")
+def test_bench_lora_cpu_path():
+    out = subprocess.run([sys.executable, "-m", "experiments.bench_hopper_lora"], timeout=120,
+                         capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "needs a GPU", out
