@@ -10,6 +10,7 @@ needs around it, top to bottom:
   4 checkpoints and the run folder (OUT): one run a folder, resume, overwrite
   5 the loop: train()
 """
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -677,10 +678,20 @@ class Run:
         self.schedule, self.main = schedule, jax.process_index() == 0
         self.log = log if self.main else (lambda *_: None)
         self.state = self.meta = None
+        self.locked = False
         self.position, self.start, self.done, self.saved = (0, 0), 0, 0, 0
         self.pending, self.tokens, self.flops, self.summary = [], 0, 0.0, {}
         self.t0 = self.t_start = time.time()
         self.names = ["loss", "gradient"] + [f"lora.{t}.{p}" for t in lcfg.targets for p in "ab"]
+
+    def count(self, metrics, position, segment_ids):
+        """A step done: its metrics (read at the next report), where the data continues after
+        it, its tokens and their FLOPs (attention at this batch's length)."""
+        self.pending.append(metrics)
+        self.position, self.done = position, self.done + 1
+        real = int((segment_ids > 0).sum())
+        self.tokens += real
+        self.flops += real * flops_per_token(self.cfg, segment_ids.shape[1] - 1)
 
     def record(self, row: dict):   # a line of OUT/metrics.jsonl
         self.summary.update(row)
@@ -788,6 +799,45 @@ def _start(run: Run, examples, *, opts, resume, overwrite, run_info, pack, plan)
     return data
 
 
+@contextlib.contextmanager
+def _signals():
+    """-> a list that SIGINT or SIGTERM appends to: the first asks the loop for a checkpoint
+    after the step in flight, a second stops at once (KeyboardInterrupt)."""
+    interrupted, handlers = [], {}
+
+    def on_signal(sig, frame):   # (no print here: the signal may have come in the middle of one)
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:   # not the main thread: no handlers, no graceful stop
+            pass
+    try:
+        yield interrupted
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+
+
+def _step_fn(run: Run, params, key, *, opts, plan):
+    """-> (plan, step_fn, {tokens' shape: compiled step}); remat "auto" decides the plan at the
+    longest rows the data can make, compiling them."""
+    cfg, lcfg, tcfg, mesh = run.cfg, run.lcfg, run.tcfg, run.mesh
+    if plan.remat != "auto":
+        return plan, jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan), {}
+    rows = tcfg.batch_size * tcfg.grad_accum
+    full = jora.accum_batch(jora.make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32)),
+                            tcfg.grad_accum, mesh)
+    plan, step_fn, step, _ = choose_plan(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan,
+                                         state=run.state, params=params, batch=full, key=key,
+                                         log=run.log)
+    run.meta["plan"] = dataclasses.asdict(plan)
+    return plan, step_fn, {(rows, tcfg.seq_len + 1): step} if step else {}
+
+
 def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=(),
           opts: jora.Options = jora.Options(), plan: jora.Plan = jora.Plan(), pack: bool = False,
           schedule: Schedule = Schedule(), resume: bool = False, overwrite: bool = False,
@@ -806,72 +856,48 @@ def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=()
     run = Run(out, cfg, lcfg, tcfg, mesh, s, log)
     data = _start(run, examples, opts=opts, resume=resume, overwrite=overwrite,
                   run_info=run_info, pack=pack, plan=plan)
-    rows, compiled = tcfg.batch_size * tcfg.grad_accum, {}   # tokens' shape -> compiled step
     key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)
-    interrupted, handlers = [], {}
-
-    def on_signal(sig, frame):   # the first asks for a checkpoint after the step in flight;
-        if interrupted:          # a second one stops now (no print here: the signal may have
-            raise KeyboardInterrupt   # come in the middle of one)
-        interrupted.append(sig)
-
     try:
-        if plan.remat == "auto":   # decided at the longest rows the data can make
-            full = jora.accum_batch(jora.make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32)),
-                                    tcfg.grad_accum, mesh)
-            plan, step_fn, step, _ = choose_plan(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan,
-                                                 state=run.state, params=params, batch=full,
-                                                 key=key, log=run.log)
-            compiled.update({(rows, tcfg.seq_len + 1): step} if step else {})
-            run.meta["plan"] = dataclasses.asdict(plan)
-        else:
-            step_fn = jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                handlers[sig] = signal.signal(sig, on_signal)
-            except ValueError:   # not the main thread: no handlers, no graceful stop
-                pass
-        if s.eval_every and eval_examples and run.start == 0:
-            run.evaluate(params, eval_examples, opts, plan)   # the baseline of later ones
-        if interrupted:   # a signal before the first step: there is nothing to save, stop now
-            raise KeyboardInterrupt
-        run.t0 = run.t_start = time.time()
-        for step in range(run.start, tcfg.steps):
-            tokens, weights, segs, after = next(data)
-            b = jora.accum_batch(jora.make_batch(tokens, weights, segs), tcfg.grad_accum, mesh)
-            if tokens.shape not in compiled:   # a new length: compile it here, in view and off
-                # the clocks (minutes for 7B at long T, seconds from the cache)
-                run.log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
-                compiled[tokens.shape], spent = compile_step(step_fn, (run.state, params, b, key),
-                                                             run.log)
-                run.t0, run.t_start = run.t0 + spent, run.t_start + spent
-            run.state, m = compiled[tokens.shape](run.state, params, b, key)
-            run.position, run.done = after, step + 1   # where the data continues after it
-            run.pending.append(m)
-            real = int((segs > 0).sum())   # tokens; attention FLOPs at this batch's length
-            run.tokens += real
-            run.flops += real * flops_per_token(cfg, tokens.shape[1] - 1)
-            done = run.done
-            if done % s.log_every == 0 or done == tcfg.steps or interrupted:
-                run.report()
-            if s.eval_every and eval_examples and (done % s.eval_every == 0 or done == tcfg.steps):
-                run.evaluate(params, eval_examples, opts, plan)
-            if s.eval_generate and eval_examples and done % s.eval_generate == 0:
-                run.score(params, eval_examples, tokenizer)
-            if interrupted:
-                run.checkpoint()
-                run.log(f"interrupted at step {done}: checkpoint saved; continue with --resume")
-                run.summary.update(interrupted=done, signal=interrupted[0])
-                return run.state.lora, run.summary
-            if s.save_every and done % s.save_every == 0 and done < tcfg.steps:
-                run.checkpoint()
+        plan, step_fn, compiled = _step_fn(run, params, key, opts=opts, plan=plan)
+        with _signals() as interrupted:
+            if s.eval_every and eval_examples and run.start == 0:
+                run.evaluate(params, eval_examples, opts, plan)   # the baseline of later ones
+            if interrupted:   # a signal before the first step: nothing to save, stop now
+                raise KeyboardInterrupt
+            run.t0 = run.t_start = time.time()
+            for step in range(run.start, tcfg.steps):
+                tokens, weights, segs, after = next(data)
+                b = jora.accum_batch(jora.make_batch(tokens, weights, segs), tcfg.grad_accum,
+                                     mesh)
+                if tokens.shape not in compiled:   # a new length: compiled in view, off the
+                    # clocks (minutes for 7B at long T, seconds from the compilation cache)
+                    run.log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
+                    compiled[tokens.shape], spent = compile_step(
+                        step_fn, (run.state, params, b, key), run.log)
+                    run.t0, run.t_start = run.t0 + spent, run.t_start + spent
+                run.state, m = compiled[tokens.shape](run.state, params, b, key)
+                run.count(m, after, segs)
+                done = run.done
+                if done % s.log_every == 0 or done == tcfg.steps or interrupted:
+                    run.report()
+                if s.eval_every and eval_examples and (done % s.eval_every == 0
+                                                       or done == tcfg.steps):
+                    run.evaluate(params, eval_examples, opts, plan)
+                if s.eval_generate and eval_examples and done % s.eval_generate == 0:
+                    run.score(params, eval_examples, tokenizer)
+                if interrupted:
+                    run.checkpoint()
+                    run.log(f"interrupted at step {done}: checkpoint saved; continue with "
+                            f"--resume")
+                    run.summary.update(interrupted=done, signal=interrupted[0])
+                    return run.state.lora, run.summary
+                if s.save_every and done % s.save_every == 0 and done < tcfg.steps:
+                    run.checkpoint()
         run.checkpoint()
     except Exception as e:
         run.save_on_error(e)
         raise
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
         if run.locked:
             unlock_run(out)
     return run.state.lora, run.summary

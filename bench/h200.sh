@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {redesign, redesign16k, liger7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -141,6 +141,10 @@ case "$part" in
   liger7) PYTHONPATH=/tmp/liger hf --seq 2048 --targets $ALL7_HF --steps 5 --dropout 0.05 --liger
          PYTHONPATH=/tmp/liger hf --seq 2048 --steps 5 --dropout 0.05 --liger
          PYTHONPATH=/tmp/liger hf --seq 16384 --remat --targets $ALL7_HF --steps 3 --dropout 0.05 --liger ;;
+  long7) jora --seq-len 16384 --remat auto --targets $ALL7 --lora-dropout 0.05 --bench-steps 3
+         jora --seq-len 16384 --remat attn --mlp-chunk 2048 --chunk-layers 4 --targets $ALL7 --lora-dropout 0.05 --bench-steps 3
+         hf --seq 16384 --remat --targets $ALL7_HF --steps 3 --dropout 0.05
+         PYTHONPATH=/tmp/liger hf --seq 16384 --remat --steps 3 --dropout 0.05 --liger ;;
   gemm)  python3 -m experiments.bench_hopper_gemm 2>&1 | tee -a "$RESULTS/gemm-h200-$DAY.md" ;;
   decode) python3 bench/decode.py --size 7b --batch 1 16 --new 256 | tee -a "$ROWS" ;;
 esac

@@ -31,8 +31,8 @@ the rank-R product, and its backward does the same for dx; fusing the add into t
 saves those (M, N) and (M, K) passes. A Mosaic GPU kernel (wgmma + TMA, experiments/) would
 close more of the GEMM's gap to cuBLAS, but it covers only the forward and dx GEMMs (no masks,
 custom_vjp or shard_map), while this backend is complete: forward, backward, any shape, tp.
-Whether it pays in the whole model is measured, not assumed: jora's `kernels="auto"` picks XLA
-(bench/NOTES.md, "Pallas LoRA kernel, per projection").
+Whether it pays in the whole model is measured, not assumed: train.py's `--kernels auto` picks
+XLA, which is faster in the whole 7B model (bench/NOTES.md).
 
 Constraints and what the wrapper does about them:
   * Any M, K, N, R. Partial edge tiles are masked inside the kernel (loads read zeros, stores
@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from jora import vary_alike   # operands alike in shard_map's varying axes: see jora
 
 _MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
 
@@ -149,7 +151,7 @@ class Tiles:
     """Output tile (bm, bn), contraction step bk, and Triton's launch parameters.
 
     The defaults are the fastest of the tilings `python -m kernels.bench --sweep` tries, at all
-    three Llama-2-7B projections in bf16 on Hopper (bench/NOTES.md, change 7): a 64 x 256 tile
+    three Llama-2-7B projections in bf16 on Hopper: a 64 x 256 tile
     over 8 warps holds 64 fp32 accumulators a thread (128 x 128 over 4 warps: 128), each loaded
     x tile serves 256 columns, and 4 stages keep the loads ahead of the MMAs.
     """
@@ -245,7 +247,7 @@ def _check(x, w, a, b, scale):
     if x.ndim != 2 or w.ndim != 2 or a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"lora_matmul takes 2-D operands (reshape (B, T, K) to (B*T, K)); "
                          f"got x {x.shape} w {w.shape} a {a.shape} b {b.shape}")
-    (M, K), N, R = x.shape, w.shape[1], a.shape[1]
+    K, N, R = x.shape[1], w.shape[1], a.shape[1]
     if w.shape[0] != K or a.shape[0] != K or b.shape != (R, N):
         raise ValueError(f"shapes do not chain: x {x.shape} (M, K), w {w.shape} (K, N), "
                          f"a {a.shape} (K, R), b {b.shape} (R, N)")
@@ -253,21 +255,6 @@ def _check(x, w, a, b, scale):
         raise ValueError(f"x and w must share one floating dtype; got {x.dtype} and {w.dtype}")
     if isinstance(scale, jax.Array) or not isinstance(scale, (int, float, np.number)):
         raise ValueError(f"scale must be a Python number (it is compiled in); got {type(scale)}")
-
-
-def _match_vma(*xs):
-    """Give every operand the union of the varying mesh axes, as jnp does implicitly.
-
-    Only does anything under shard_map(check_vma=True) (GPU): there a replicated operand (a,
-    or x in a column-parallel layer) meets a split one (w). It happens outside the custom_vjp,
-    so the transpose of pcast (a psum over the axis) sums those operands' gradients.
-    """
-    mats = [getattr(jax.typeof(x), "manual_axis_type", None) for x in xs]
-    if any(mt is None for mt in mats):
-        return xs
-    axes = frozenset().union(*(mt.varying for mt in mats))
-    return tuple(jax.lax.pcast(x, tuple(sorted(axes - mt.varying)), to="varying")
-                 if axes - mt.varying else x for x, mt in zip(xs, mats))
 
 
 def lora_matmul(x, w, a, b, scale: float, *, tiles: Tiles | None = None,
@@ -280,7 +267,7 @@ def lora_matmul(x, w, a, b, scale: float, *, tiles: Tiles | None = None,
     """
     _check(x, w, a, b, scale)
     tiles = Tiles.default(x.dtype) if tiles is None else tiles
-    return _lora_matmul(*_match_vma(x, w, a, b), float(scale), tiles, bool(interpret))
+    return _lora_matmul(*vary_alike(x, w, a, b), float(scale), tiles, bool(interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
