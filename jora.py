@@ -656,11 +656,14 @@ def over_positions(f, h, *, chunk: int, policy):
 
 
 def fused_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop=None):
-    """project as one Pallas kernel (kernels/, imported only here), where no dropout applies."""
-    if ab is None or (drop is not None and lcfg.dropout > 0):
+    """project as one Pallas kernel (kernels/, imported only here); with dropout, the kernel
+    takes the dropped-out x as the LoRA branch's own input."""
+    if ab is None:
         return project(x, w, ab, lcfg, drop)
     from kernels.lora_matmul import lora_matmul
-    y = lora_matmul(rearrange(x, "B T I -> (B T) I"), w, ab.a, ab.b, lcfg.scale,
+    rows = lambda t: rearrange(t, "B T I -> (B T) I")   # noqa: E731
+    xl = rows(drop.apply(x, lcfg.dropout)) if drop is not None and lcfg.dropout > 0 else None
+    y = lora_matmul(rows(x), w, ab.a, ab.b, lcfg.scale, x_lora=xl,
                     interpret=jax.default_backend() != "gpu")
     return rearrange(y, "(B T) O -> B T O", B=x.shape[0])
 

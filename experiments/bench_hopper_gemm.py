@@ -22,7 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.hopper_gemm import Tiles, matmul, reference
+from kernels.hopper_gemm import Tiles, matmul, reference
 from kernels.bench import seconds_per_call as _seconds_per_call
 
 LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))

@@ -58,7 +58,7 @@ KILL_GRACE = 20.0  # seconds past --budget after which a running child is killed
 
 
 def label(kw) -> str:
-    from experiments.hopper_gemm import Tiles   # imports jax; initializes no backend
+    from kernels.hopper_gemm import Tiles   # imports jax; initializes no backend
     return str(Tiles(**kw))
 
 
@@ -77,7 +77,7 @@ def child(spec) -> int:
     import jax
     import jax.numpy as jnp
     from experiments.bench_hopper_gemm import seconds_per_call
-    from experiments.hopper_gemm import Tiles, lora_matmul, lora_reference, matmul, reference
+    from kernels.hopper_gemm import Tiles, lora_matmul, lora_reference, matmul, reference
 
     backend = jax.default_backend()
     _emit(event="ready", backend=backend, kind=jax.devices()[0].device_kind, jax=jax.__version__)

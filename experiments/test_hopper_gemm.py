@@ -22,7 +22,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from experiments.bench_hopper_gemm import CONFIGS
 from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
-from experiments.hopper_gemm import Tiles, lora_matmul, lora_reference, matmul, reference
+from kernels.hopper_gemm import (LOWRANK_TILES, Tiles, gemm_lowrank, lora_matmul, lora_reference,
+                                 matmul, reference)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and any(h in jax.devices()[0].device_kind for h in ("H100", "H200", "H800",
@@ -197,8 +198,10 @@ def test_lora_lowers_for_cuda(w_transposed):
 def test_lora_bad_operands_raise():
     x, w = operands(256, 128, 256, seed=0)
     a, b = jnp.zeros((128, 16), jnp.bfloat16), jnp.zeros((16, 256), jnp.bfloat16)
-    with pytest.raises(ValueError, match="incompatible shapes"):
+    with pytest.raises(ValueError, match=r"\(R, N\)"):
         lora_matmul(x, w, a, b[:, :128], 1.0)
+    with pytest.raises(ValueError, match="incompatible shapes"):
+        lora_matmul(x, w, a[:64], b, 1.0)
     with pytest.raises(ValueError, match="R <= 64"):
         lora_matmul(x, w, jnp.zeros((128, 80), jnp.bfloat16), jnp.zeros((80, 256), jnp.bfloat16),
                     1.0, tiles=Tiles(stages=2))
@@ -249,3 +252,50 @@ def test_bench_lora_cpu_path():
                          capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip() == "needs a GPU", out
+
+
+# gemm_lowrank: y = x @ w + u @ v, u and v TMA-loaded during the K loop (jora's kernel path).
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+@pytest.mark.parametrize("tiles", [Tiles(**SMALL, stages=2, group=2),
+                                   Tiles(**SMALL, stages=2, split="m", epi_buffers=1)], ids=str)
+def test_lowrank_matches_reference(tiles, w_transposed):
+    """R = 12 zero-padded to 16; the rank term about as large as x @ w; 3 CTAs loop over
+    several tiles, so u and v are reloaded into the same SMEM for each."""
+    m, k, n, r = 256, 384, 256, 12
+    x, w = operands(m, k, n, seed=31 + w_transposed, w_transposed=w_transposed)
+    ku, kv = jax.random.split(jax.random.key(7 + w_transposed))
+    u = jax.random.normal(ku, (m, r)).astype(jnp.bfloat16)
+    v = (jax.random.normal(kv, (r, n)) / np.sqrt(r)).astype(jnp.bfloat16)
+    with _mgpu_mode():
+        y = gemm_lowrank(x, w, u, v, w_transposed=w_transposed, tiles=tiles)
+    check(y, reference(x, w, w_transposed=w_transposed) + reference(u, v))
+    without = np.asarray(reference(x, w, w_transposed=w_transposed))
+    assert np.abs(np.asarray(y, np.float32) - without).max() > 0.1 * np.abs(without).max()
+
+
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+@pytest.mark.parametrize("tiles", [LOWRANK_TILES, Tiles(stages=3)], ids=str)
+def test_lowrank_lowers_for_cuda(tiles, w_transposed):
+    """The default low-rank tiles (4 stages, one epilogue buffer) and 3 stages, R = 16, at
+    the widest Llama shape."""
+    m, k, n, r = 2048, 4096, 11008, 16
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
+    f = jax.jit(lambda x, w, u, v: gemm_lowrank(x, w, u, v, w_transposed=w_transposed,
+                                                tiles=tiles))
+    with _fake_h200(132):
+        text = f.trace(s(m, k), s(*((n, k) if w_transposed else (k, n))), s(m, r),
+                       s(r, n)).lower(lowering_platforms=("cuda",)).as_text()
+    assert sum("@mosaic_gpu" in line for line in text.splitlines()) == 1
+
+
+def test_lowrank_bad_operands_raise():
+    x, w = operands(256, 128, 256, seed=0)
+    u, v = jnp.ones((256, 16), jnp.bfloat16), jnp.ones((16, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"u must be \(M, R\)"):
+        gemm_lowrank(x, w, u[:128], v)
+    with pytest.raises(ValueError, match=r"\(R, N\)"):
+        gemm_lowrank(x, w, u, v[:, :128])
+    with pytest.raises(ValueError, match="dtype"):
+        gemm_lowrank(x, w, u.astype(jnp.float32), v)
+    with pytest.raises(ValueError, match="SMEM"):
+        gemm_lowrank(x, w, u, v, tiles=Tiles())   # 4 stages, 2 epilogue buffers and u, v

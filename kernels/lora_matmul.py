@@ -2,47 +2,47 @@
 
 Shapes: x (M, K), w (K, N), a (K, R), b (R, N) -> y (M, N), in x's dtype; M = batch * positions.
 x and w share a floating dtype (bf16 on GPU, fp32 for checks); a and b may be fp32 or bf16 and
-are cast to x's dtype for the products. Every product accumulates in fp32 and the sum
-x@w + scale * xa@b is formed in fp32 before the single rounding to x's dtype.
+are cast to x's dtype for the products. Every product accumulates in fp32; the rank-R
+activations scale * x @ a are rounded to x's dtype once (as jora.lora_delta rounds them), and
+x @ w + u @ b is formed in fp32 before the single rounding to x's dtype.
 
 Fusion (the rank-R intermediate splits the op; LoRAFusion, arXiv 2510.00206, does the same):
-  forward   xa = x @ a                                        (M, R)  XLA, memory-bound, skinny
-            y  = gemm_lowrank(x, w, xa, b)                    (M, N)  this file's kernel
-  backward  g  = dy @ b^T                                     (M, R)  XLA, skinny
+  forward   u  = scale * x_lora @ a                           (M, R)  XLA, memory-bound, skinny
+            y  = gemm_lowrank(x, w, u, b)                     (M, N)  the fused kernel
+  backward  g  = scale * dy @ b^T                             (M, R)  XLA, skinny
             dx = gemm_lowrank(dy, w^T, g, a^T)                (M, K)  the same kernel, w read
                                                                       transposed in place
-            da = scale * x^T @ g,  db = scale * xa^T @ dy             XLA, skinny
-  gemm_lowrank(p, q, u, v) = p @ q + scale * u @ v is a tiled GEMM whose epilogue adds the
-  rank-R product, so the (M, N) output is written once and never re-read for the LoRA add.
-  xa is saved from the forward as a residual (M x R, tiny), so x is not read again for db.
-  w is frozen: its cotangent is a zero array that XLA removes when nobody uses it.
+            da = x_lora^T @ g,  db = u^T @ dy                         XLA, skinny
+  gemm_lowrank(p, q, u, v) = p @ q + u @ v is a GEMM whose epilogue adds the rank-R product
+  to the fp32 accumulator, so the (M, N) output is written once and never re-read for the
+  LoRA add. u is saved from the forward as a residual (M x R, tiny), so x is not read again
+  for db. w is frozen: its cotangent is a zero array that XLA removes when nobody uses it.
+  x_lora: the LoRA branch's input when it differs from x (dropout). Then the backward cannot
+  fuse dx (the dropout's mask sits between g @ a^T and dx): dx = dy @ w^T, and
+  g @ a^T is x_lora's own cotangent, which jax passes through the dropout.
   The alternative, x @ a inside the GEMM's K-loop, reads x once but repeats x @ a in every
-  N-tile (R/bn more MMA work, 12.5% at R=16, bn=128); reading x again for the skinny XLA
-  product costs less whenever N is more than about 1.5k.
+  N-tile (R/bn more MMA work, 12.5% at R=16, bn=128): kernels/hopper_gemm.lora_matmul, measured
+  slower (bench/NOTES.md).
 
-Backend: generic `pl.pallas_call`, which jax 0.11.2 lowers to Triton on NVIDIA GPUs (deprecated
-there, still working) and which runs anywhere with interpret=True (the tests use this on CPU).
-One program per (bm, bn) output tile, on a 1-D grid of cdiv(M, bm) * cdiv(N, bn) programs in
-grouped order (group_m row bands, then the next column band; see _tile_of) for L2 reuse. Each
-program loops over the contraction in bk steps (fp32 accumulator in registers; Triton
-pipelines the loads num_stages deep), then adds scale * u_tile @ v_tile and stores the tile.
-The alternatives, and why this one: XLA's unfused op writes x @ w, then reads it back to add
-the rank-R product, and its backward does the same for dx; fusing the add into the epilogue
-saves those (M, N) and (M, K) passes. A Mosaic GPU kernel (wgmma + TMA, experiments/) would
-close more of the GEMM's gap to cuBLAS, but it covers only the forward and dx GEMMs (no masks,
-custom_vjp or shard_map), while this backend is complete: forward, backward, any shape, tp.
-Whether it pays in the whole model is measured, not assumed: train.py's `--kernels auto` picks
-XLA, which is faster in the whole 7B model (bench/NOTES.md).
+Backends of gemm_lowrank:
+  * Hopper (sm_90) GPUs, bf16/f16, M % 128 == 0, N % 128 == 0 and K % 64 == 0 (every Llama
+    projection at any M a multiple of 128): kernels/hopper_gemm.py, a warp-specialized
+    persistent Mosaic GPU GEMM (TMA, wgmma, 4-stage ring) at cuBLAS speed, u and v TMA-loaded
+    during the K loop and added by one wgmma before the epilogue.
+  * Anything else, and Pallas' interpreter (interpret=True, the CPU tests): the generic
+    `pl.pallas_call` kernel below, which jax 0.11.2 lowers to Triton on NVIDIA GPUs. One
+    program per (bm, bn) output tile, in grouped order (group_m row bands, then the next
+    column band; see _tile_of) for L2 reuse; each program loops over the contraction in bk
+    steps, then adds u_tile @ v_tile and stores the tile. Any M, K, N, R: partial edge tiles
+    are masked (loads read zeros, stores skip what lies outside), only where needed. It runs
+    at 1.4-1.7x cuBLAS's time on Hopper, which is why the Mosaic kernel exists.
 
 Constraints and what the wrapper does about them:
-  * Any M, K, N, R. Partial edge tiles are masked inside the kernel (loads read zeros, stores
-    skip what lies outside), and only for the dimensions that need it, so tile-aligned shapes
-    run without masks. Nothing of size M x K or K x N is ever padded or copied.
-  * R is zero-padded to a multiple of 16 (Triton's smallest dot) on a and b, which are tiny;
-    the zero rows and columns leave every result exact.
-  * Tiles are powers of two >= 16 (Triton tensors must have power-of-two sizes). They shrink
-    to the problem when a dimension is smaller than the tile (e.g. decoding, M = batch).
-  * scale is a Python number (it is compiled into the kernel).
+  * R is zero-padded to a multiple of 16 (the smallest dot of both backends) on a and b,
+    which are tiny; the zero rows and columns leave every result exact.
+  * Triton tiles are powers of two >= 16. They shrink to the problem when a dimension is
+    smaller than the tile (e.g. decoding, M = batch).
+  * scale is a Python number.
   * Under `jax.shard_map` the kernel works on the local blocks: column-parallel (w, b split
     on N, a replicated) and row-parallel (x, w, a split on K, b replicated, psum of y outside).
     Pallas' interpreter needs shard_map(check_vma=False); for GPU it also lowers with
@@ -63,13 +63,11 @@ _MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
 
 
 def reference(x, w, a, b, scale):
-    """The op's definition in plain jnp, with the kernel's numerics: fp32 accumulation,
-    a and b cast to x's dtype, the rank-R intermediate rounded to x's dtype, output in x's
-    dtype. (jora.project's jnp path rounds both terms to x's dtype before adding them, so XLA
-    can add in the GEMM's epilogue: the same op within one bf16 rounding.)"""
+    """The op's definition in plain jnp, with the kernel's numerics: fp32 accumulation, a and
+    b cast to x's dtype, u = scale * x @ a rounded to x's dtype, output in x's dtype."""
     y = jnp.dot(x, w, preferred_element_type=jnp.float32)
-    xa = jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32)
-    y += scale * jnp.dot(xa.astype(x.dtype), b.astype(x.dtype), preferred_element_type=jnp.float32)
+    u = (scale * jnp.dot(x, a.astype(x.dtype), preferred_element_type=jnp.float32)).astype(x.dtype)
+    y += jnp.dot(u, b.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
 
 
@@ -102,10 +100,10 @@ def _tile_of(t, gm: int, gn: int, group: int):
     return first + rem(rem(t, per_group), rows), div(rem(t, per_group), rows)
 
 
-def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, scale: float, bk: int, q_transposed: bool,
+def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, bk: int, q_transposed: bool,
             m: int, n: int, c: int, grid: tuple):
     # p_ref (bm, C)    q_ref (C, bn), or (bn, C) when q_transposed    u_ref (bm, Rp)
-    # v_ref (Rp, bn)   o_ref (bm, bn);   out = p @ q + scale * u @ v over the full C.
+    # v_ref (Rp, bn)   o_ref (bm, bn);   out = p @ q + u @ v over the full C.
     # m, n, c: the true sizes where a tile overhangs the array, else 0 (no mask compiled in).
     bm, bn = o_ref.shape
     rp = u_ref.shape[1]
@@ -138,7 +136,7 @@ def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, scale: float, bk: int, q_trans
 
     u = _load(u_ref, _mask(row_ok, None, (bm, rp)))                                 # (bm, Rp)
     v = _load(v_ref, _mask(None, col_ok, (rp, bn)))                                 # (Rp, bn)
-    acc += scale * jnp.dot(u, v, precision=prec, preferred_element_type=jnp.float32)
+    acc += jnp.dot(u, v, precision=prec, preferred_element_type=jnp.float32)
     out_mask = _mask(row_ok, col_ok, (bm, bn))
     if out_mask is None:
         o_ref[...] = acc.astype(o_ref.dtype)
@@ -189,14 +187,47 @@ def _out_type(shape, dtype, like):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "q_transposed", "tiles", "interpret"))
-def gemm_lowrank(p, q, u, v, *, scale: float, q_transposed: bool = False,
-                 tiles: Tiles = Tiles(), interpret: bool = False):
-    """p (M, C) @ q (C, N) + scale * u (M, Rp) @ v (Rp, N) -> (M, N) in p's dtype.
+HOPPER = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def _hopper_tiles(p, q, u, q_transposed: bool):
+    """The Mosaic GPU kernel's tiles for this problem, or None where it does not apply (not
+    a Hopper GPU, not 16-bit, R > 64, or M, N, K off its tile grid)."""
+    if jax.default_backend() != "gpu" or not any(h in jax.devices()[0].device_kind
+                                                  for h in HOPPER):
+        return None
+    from kernels import hopper_gemm   # Mosaic GPU: imported only where it can run
+    (m, c), rp = p.shape, u.shape[1]
+    n = q.shape[0] if q_transposed else q.shape[1]
+    if p.dtype not in (jnp.bfloat16, jnp.float16) or rp > 64 or c % 64:
+        return None
+    for tiles in (hopper_gemm.LOWRANK_TILES,   # 128 x 256 CTA tiles, then 256 x 128
+                  dataclasses.replace(hopper_gemm.LOWRANK_TILES, split="m")):
+        if m % tiles.cta_m == 0 and n % tiles.cta_n == 0:
+            return tiles
+    return None
+
+
+def gemm_lowrank(p, q, u, v, *, q_transposed: bool = False, tiles: Tiles | None = None,
+                 interpret: bool = False):
+    """p (M, C) @ q (C, N) + u (M, Rp) @ v (Rp, N) -> (M, N) in p's dtype, fp32 accumulation.
 
     q_transposed: q is stored (N, C) and read transposed in place. u, v must already be in
-    p's dtype with Rp a multiple of 16 (lora_matmul pads them); accumulation is fp32.
-    """
+    p's dtype with Rp a multiple of 16 (lora_matmul pads them). On a Hopper GPU, where the
+    shapes fit, the Mosaic GPU kernel (kernels/hopper_gemm.py); else the Triton kernel with
+    `tiles` (None: Tiles.default), or Pallas' interpreter with interpret=True."""
+    hopper = None if interpret else _hopper_tiles(p, q, u, q_transposed)
+    if hopper is not None:
+        from kernels import hopper_gemm
+        return hopper_gemm.gemm_lowrank(p, q, u, v, w_transposed=q_transposed, tiles=hopper)
+    return _triton_gemm_lowrank(p, q, u, v, q_transposed=q_transposed,
+                                tiles=Tiles.default(p.dtype) if tiles is None else tiles,
+                                interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("q_transposed", "tiles", "interpret"))
+def _triton_gemm_lowrank(p, q, u, v, *, q_transposed: bool, tiles: Tiles, interpret: bool):
+    """gemm_lowrank as one generic `pl.pallas_call` (Triton on a GPU)."""
     (M, C), Rp = p.shape, u.shape[1]
     N = q.shape[0] if q_transposed else q.shape[1]
     if (q.shape[1] if q_transposed else q.shape[0]) != C or u.shape[0] != M or v.shape != (Rp, N):
@@ -213,7 +244,7 @@ def gemm_lowrank(p, q, u, v, *, scale: float, q_transposed: bool = False,
     q_spec = (pl.BlockSpec((bn, C), lambda t: (j_of(t), 0)) if q_transposed else
               pl.BlockSpec((C, bn), lambda t: (0, j_of(t))))
     kernel = functools.partial(
-        _kernel, scale=float(scale), bk=bk, q_transposed=q_transposed,
+        _kernel, bk=bk, q_transposed=q_transposed,
         m=M if M % bm else 0, n=N if N % bn else 0, c=C if C % bk else 0, grid=grid)
     return pl.pallas_call(
         kernel,
@@ -257,42 +288,83 @@ def _check(x, w, a, b, scale):
         raise ValueError(f"scale must be a Python number (it is compiled in); got {type(scale)}")
 
 
-def lora_matmul(x, w, a, b, scale: float, *, tiles: Tiles | None = None,
+def lora_matmul(x, w, a, b, scale: float, *, x_lora=None, tiles: Tiles | None = None,
                 interpret: bool = False):
-    """y = x @ w + scale * (x @ a) @ b as Pallas kernels; differentiable in x, a and b.
+    """y = x @ w + scale * (x_lora @ a) @ b as Pallas kernels; differentiable in x, a, b and
+    x_lora. x_lora: the LoRA branch's input (x with dropout applied), None: x itself.
 
     x (M, K) and w (K, N) of one floating dtype, a (K, R), b (R, N) of any floating dtype;
     returns (M, N) in x's dtype. w is treated as frozen (its gradient is zero).
-    tiles: None picks Tiles.default(x.dtype). interpret: run Pallas' interpreter (CPU).
+    tiles: the Triton kernel's (None: Tiles.default(x.dtype)); the Hopper kernel picks its own.
+    interpret: run Pallas' interpreter (CPU).
     """
     _check(x, w, a, b, scale)
+    if x_lora is not None and (x_lora.shape != x.shape or x_lora.dtype != x.dtype):
+        raise ValueError(f"x_lora must be like x {x.shape} {x.dtype}, got {x_lora.shape} "
+                         f"{x_lora.dtype}")
     tiles = Tiles.default(x.dtype) if tiles is None else tiles
-    return _lora_matmul(*vary_alike(x, w, a, b), float(scale), tiles, bool(interpret))
+    if x_lora is None:
+        return _lora_matmul(*vary_alike(x, w, a, b), float(scale), tiles, bool(interpret))
+    return _lora_matmul_apart(*vary_alike(x, w, a, b, x_lora), float(scale), tiles,
+                              bool(interpret))
+
+
+def _lora_forward(x, w, a, b, xl, scale, tiles, interpret):
+    """y and u = scale * xl @ a (M, Rp), from which the backward starts."""
+    ap, bp = _pad_rank(a, b, x.dtype)
+    u = (scale * _mm(xl, ap)).astype(x.dtype)                             # (M, Rp)
+    return gemm_lowrank(x, w, u, bp, tiles=tiles, interpret=interpret), u
+
+
+def _lora_grads(a, b, xl, u, dy, scale):
+    """g = scale * dy @ b^T (M, Rp), and the fp32 sums over positions da, db."""
+    ap, bp = _pad_rank(a, b, dy.dtype)
+    g = (scale * _mm(dy, bp.T)).astype(dy.dtype)                            # (M, Rp)
+    R = a.shape[1]
+    da = _mm(xl.T, g[:, :R])                                                # (K, R)
+    db = _mm(u[:, :R].T, dy)                                                # (R, N)
+    return g, ap, da.astype(a.dtype), db.astype(b.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _lora_matmul(x, w, a, b, scale, tiles, interpret):
-    return _forward(x, w, a, b, scale, tiles, interpret)[0]
+    return _lora_forward(x, w, a, b, x, scale, tiles, interpret)[0]
 
 
-def _forward(x, w, a, b, scale, tiles, interpret):
-    ap, bp = _pad_rank(a, b, x.dtype)
-    xa = _mm(x, ap).astype(x.dtype)                                        # (M, Rp)
-    y = gemm_lowrank(x, w, xa, bp, scale=scale, tiles=tiles, interpret=interpret)
-    return y, (x, w, a, b, xa)
+def _fused_fwd(x, w, a, b, scale, tiles, interpret):
+    y, u = _lora_forward(x, w, a, b, x, scale, tiles, interpret)
+    return y, (x, w, a, b, u)
 
 
-def _backward(scale, tiles, interpret, residuals, dy):
-    x, w, a, b, xa = residuals
+def _fused_bwd(scale, tiles, interpret, residuals, dy):
+    x, w, a, b, u = residuals
     dy = dy.astype(x.dtype)
-    ap, bp = _pad_rank(a, b, x.dtype)
-    g = _mm(dy, bp.T).astype(x.dtype)                                      # (M, Rp)
-    dx = gemm_lowrank(dy, w, g, ap.T, scale=scale, q_transposed=True, tiles=tiles,
+    g, ap, da, db = _lora_grads(a, b, x, u, dy, scale)
+    dx = gemm_lowrank(dy, w, g, ap.T, q_transposed=True, tiles=tiles,
                       interpret=interpret)                                  # (M, K)
-    R = a.shape[1]
-    da = scale * _mm(x.T, g[:, :R])                                         # (K, R)
-    db = scale * _mm(xa[:, :R].T, dy)                                       # (R, N)
-    return dx, jnp.zeros_like(w), da.astype(a.dtype), db.astype(b.dtype)
+    return dx, jnp.zeros_like(w), da, db
 
 
-_lora_matmul.defvjp(_forward, _backward)
+_lora_matmul.defvjp(_fused_fwd, _fused_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lora_matmul_apart(x, w, a, b, xl, scale, tiles, interpret):
+    return _lora_forward(x, w, a, b, xl, scale, tiles, interpret)[0]
+
+
+def _apart_fwd(x, w, a, b, xl, scale, tiles, interpret):
+    y, u = _lora_forward(x, w, a, b, xl, scale, tiles, interpret)
+    return y, (w, a, b, xl, u)
+
+
+def _apart_bwd(scale, tiles, interpret, residuals, dy):
+    w, a, b, xl, u = residuals
+    dy = dy.astype(xl.dtype)
+    g, ap, da, db = _lora_grads(a, b, xl, u, dy, scale)
+    dx = jnp.dot(dy, w.T)                                                   # (M, K)
+    dxl = jnp.dot(g, ap.T)                                                  # (M, K)
+    return dx, jnp.zeros_like(w), da, db, dxl
+
+
+_lora_matmul_apart.defvjp(_apart_fwd, _apart_bwd)

@@ -84,13 +84,44 @@ def test_default_tiles_bf16_adapters_and_a_python_int_scale():
 
 
 def test_gemm_lowrank_reads_w_transposed():
-    """The backward's GEMM: p @ q^T + s * u @ v with q stored (N, C), ragged everywhere."""
+    """The backward's GEMM: p @ q^T + u @ v with q stored (N, C), ragged everywhere."""
     ks = jax.random.split(jax.random.key(5), 4)
     p, q = jax.random.normal(ks[0], (40, 56)), jax.random.normal(ks[1], (72, 56))
     u, v = jax.random.normal(ks[2], (40, 16)), jax.random.normal(ks[3], (16, 72))
-    got = gemm_lowrank(p, q, u, v, scale=0.5, q_transposed=True, tiles=SMALL,
-                       interpret=INTERPRET)
-    np.testing.assert_allclose(got, p @ q.T + 0.5 * u @ v, rtol=1e-5, atol=1e-5)
+    got = gemm_lowrank(p, q, u, v, q_transposed=True, tiles=SMALL, interpret=INTERPRET)
+    np.testing.assert_allclose(got, p @ q.T + u @ v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_separate_lora_input_as_with_dropout(dtype, tol):
+    """x_lora (the LoRA branch's input, e.g. after dropout) differs from x: y and the
+    gradients of x, a, b and x_lora against the reference written with both inputs."""
+    m, k, n, r = 72, 48, 80, 8
+    x, w, a, b, c = operands(m, k, n, r, dtype, seed=17)
+    keep = jax.random.bernoulli(jax.random.key(18), 0.8, x.shape)
+    xl = jnp.where(keep, x / 0.8, 0).astype(dtype)   # an inverted-dropout input
+
+    def run(f):
+        def loss(x, a, b, xl):
+            y = f(x, a, b, xl)
+            return jnp.sum(y.astype(jnp.float32) * c), y
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, a, b, xl)
+
+    def ref(x, a, b, xl):   # reference() with x_lora in x @ a
+        u = (SCALE * jnp.dot(xl, a.astype(dtype), preferred_element_type=jnp.float32)
+             ).astype(dtype)
+        return (jnp.dot(x, w, preferred_element_type=jnp.float32)
+                + jnp.dot(u, b.astype(dtype), preferred_element_type=jnp.float32)).astype(dtype)
+
+    (_, y), grads = run(lambda x, a, b, xl: lora_matmul(x, w, a, b, SCALE, x_lora=xl,
+                                                        tiles=SMALL, interpret=INTERPRET))
+    (_, y_ref), grads_ref = run(ref)
+    assert rel(y, y_ref) < tol
+    for name, g, g_ref in zip(["x", "a", "b", "x_lora"], grads, grads_ref):
+        assert g.dtype == g_ref.dtype and rel(g, g_ref) < tol, (name, rel(g, g_ref))
+    assert rel(grads[3], grads[0]) > 0.5   # x and x_lora get different gradients
+    with pytest.raises(ValueError, match="x_lora must be like x"):
+        lora_matmul(x, w, a, b, SCALE, x_lora=xl[:8], interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("gm,gn,group", [(7, 5, 3), (1, 4, 1), (4, 1, 8), (6, 6, 6), (5, 3, 1)])
@@ -168,9 +199,11 @@ def test_triton_lowering_for_cuda_inside_shard_map():
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2   # forward and dx
 
 
-def test_jora_with_pallas_kernels_equals_its_jnp_path(tp=2):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, tp=2):
     """The integration: jora's loss and LoRA gradients with Plan(kernels="pallas") equal
-    its jnp path's, with tp=2 (column- and row-parallel projections, all seven adapted)."""
+    its jnp path's, with tp=2 (column- and row-parallel projections, all seven adapted),
+    without and with dropout (the kernel then takes the dropped-out x as the LoRA input)."""
     import jora
     from conftest import GQA, random_lora, random_params
     if "kernels" not in {f.name for f in dataclasses.fields(jora.Plan)}:
@@ -178,8 +211,9 @@ def test_jora_with_pallas_kernels_equals_its_jnp_path(tp=2):
     if len(jax.devices()) < tp:
         pytest.skip(f"needs {tp} devices")
     params = random_params(jax.random.key(0), GQA)
-    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ)
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ, dropout=dropout)
     lora = random_lora(jax.random.key(1), GQA, lcfg)
+    key = jax.random.key(2) if dropout else None
     batch = jora.make_batch(np.random.default_rng(0).integers(0, 128, (2, 17)))
     mesh = jora.make_mesh(tp, jax.devices()[:tp])
     p, lo, b = (jora.shard(params, jora.param_specs(), mesh),
@@ -189,6 +223,6 @@ def test_jora_with_pallas_kernels_equals_its_jnp_path(tp=2):
     for kernels in ("xla", "pallas"):
         opts = jora.Plan(kernels=kernels)
         out[kernels] = jax.value_and_grad(
-            lambda lo: jora.loss(p, lo, b, GQA, lcfg, plan=opts, mesh=mesh))(lo)
+            lambda lo: jora.loss(p, lo, b, GQA, lcfg, plan=opts, key=key, mesh=mesh))(lo)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
                  out["pallas"], out["xla"])

@@ -84,6 +84,7 @@ class Tiles:
     group_dim: str = "m"
     epi_m: int = 64      # epilogue sub-tile (one TMA store)
     epi_n: int = 64
+    epi_buffers: int = 2  # epilogue SMEM buffers per WG: 2 fill one while TMA stores the other
     in_flight: int = 0   # wgmmas left pending when a step ends (1: its slot is released a step later)
 
     @property
@@ -94,17 +95,19 @@ class Tiles:
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.split == "n" else 1)
 
-    def smem_bytes(self, itemsize: int = 2, rank: int = 0) -> int:
-        """SMEM the buffers take; rank: R of the LoRA term (0: none)."""
-        ring = self.stages * (self.cta_m + self.cta_n + rank) * self.tile_k
-        epilogue = 2 * 2 * self.epi_m * self.epi_n
-        lowrank = 2 * rank * (self.tile_m + self.tile_n)   # per WG: xa (tile_m, R), b (R, tile_n)
+    def smem_bytes(self, itemsize: int = 2, rank: int = 0, inloop: bool = False) -> int:
+        """SMEM the buffers take; rank: R of the low-rank term (0: none); inloop: a^T's
+        (R, tile_k) tiles ride in the ring (lora_matmul)."""
+        ring = self.stages * (self.cta_m + self.cta_n + (rank if inloop else 0)) * self.tile_k
+        epilogue = 2 * self.epi_buffers * self.epi_m * self.epi_n
+        lowrank = 2 * rank * (self.tile_m + self.tile_n)   # per WG: u (tile_m, R), v (R, tile_n)
         return (ring + epilogue + lowrank) * itemsize
 
     def __str__(self):
         s = f"{self.tile_m}x{self.tile_n}x{self.tile_k} s{self.stages} {self.split}-split " \
             f"g{self.group}{self.group_dim}"
-        return s + (f" f{self.in_flight}" if self.in_flight else "")
+        s += f" f{self.in_flight}" if self.in_flight else ""
+        return s + (f" e{self.epi_buffers}" if self.epi_buffers != 2 else "")
 
 
 def reference(x, w, *, w_transposed: bool = False):
@@ -130,7 +133,7 @@ def _smem_transforms(minor: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0):
+def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool = False):
     """Validate shapes, dtypes and tiles; returns (M, K, N). Each failure names its rule."""
     layout = "w (N, K) with w_transposed=True" if w_transposed else "w (K, N)"
     if x.ndim != 2 or w.ndim != 2:
@@ -162,10 +165,12 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0):
         (t.in_flight in (0, 1), f"in_flight={t.in_flight} must be 0 or 1"),
         (t.stages >= 1 and t.stages > t.in_flight,
          f"stages={t.stages} must be >= 1 and > in_flight={t.in_flight}"),
-        (t.smem_bytes(dt.itemsize, rank) <= SMEM_LIMIT,
-         f"SMEM {t.smem_bytes(dt.itemsize, rank)} B (stages * (cta_m + cta_n + R) * tile_k + "
-         f"4 * epi_m * epi_n + 2 * R * (tile_m + tile_n) elements, R = {rank}) must be <= "
-         f"{SMEM_LIMIT} B: fewer stages or smaller tiles"),
+        (t.epi_buffers in (1, 2), f"epi_buffers={t.epi_buffers} must be 1 or 2"),
+        (t.smem_bytes(dt.itemsize, rank, inloop) <= SMEM_LIMIT,
+         f"SMEM {t.smem_bytes(dt.itemsize, rank, inloop)} B (stages * (cta_m + cta_n"
+         f"{' + R' if inloop else ''}) * tile_k + 2 * epi_buffers * epi_m * epi_n + "
+         f"2 * R * (tile_m + tile_n) elements, R = {rank}) must be <= {SMEM_LIMIT} B: "
+         f"fewer stages, epilogue buffers or smaller tiles"),
         (m % t.cta_m == 0, f"M % cta_m == 0 is required: M={m}, cta_m={t.cta_m} ({t})"),
         (n % t.cta_n == 0, f"N % cta_n == 0 is required: N={n}, cta_n={t.cta_n} ({t})"),
         (k % t.tile_k == 0, f"K % tile_k == 0 is required: K={k}, tile_k={t.tile_k}"),
@@ -176,11 +181,13 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0):
     return m, k, n
 
 
-def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None):
-    """refs: y_gmem, or with the LoRA term (scale not None) a_gmem (R, K), b_gmem (R, N),
-    y_gmem."""
-    lora = scale is not None
-    a_gmem, b_gmem, y_gmem = refs if lora else (None, None, *refs)
+def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, mode=None, scale=1.0):
+    """refs: y_gmem alone (mode None: y = x @ w), or
+    mode "given":  u_gmem (M, R), v_gmem (R, N), y_gmem:  y = x @ w + u @ v;
+    mode "inloop": a_gmem (R, K) (a^T), v_gmem (R, N), y_gmem:  y = x @ w + scale * (x @ a) @ v,
+                   x @ a accumulated from the x tiles of the K loop."""
+    lr_gmem, v_gmem, y_gmem = refs if mode else (None, None, *refs)
+    inloop = mode == "inloop"
     t = tiles
     m, k = x_gmem.shape
     n = y_gmem.shape[1]
@@ -197,8 +204,8 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None)
     in_specs = [spec((t.cta_m, t.tile_k), lambda kk: (0, kk)),
                 spec((t.cta_n, t.tile_k), lambda kk: (0, kk)) if w_transposed else
                 spec((t.tile_k, t.cta_n), lambda kk: (kk, 0))]
-    if lora:
-        in_specs.append(spec((a_gmem.shape[0], t.tile_k), lambda kk: (0, kk)))
+    if inloop:
+        in_specs.append(spec((lr_gmem.shape[0], t.tile_k), lambda kk: (0, kk)))
 
     def make_pipeline(step_fn, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -213,7 +220,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None)
     ring = make_pipeline(unused, unused).get_allocations(
         x_gmem.at[pl.ds(0, t.cta_m), :],
         w_gmem.at[pl.ds(0, t.cta_n), :] if w_transposed else w_gmem.at[:, pl.ds(0, t.cta_n)],
-        *([a_gmem] if lora else []))
+        *([lr_gmem] if inloop else []))
 
     def scoped(ring, out_smem, lora_smem):
         wg = lax.axis_index("wg")   # 0, 1: compute; 2: memory
@@ -222,8 +229,8 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None)
             half_rows, half_cols = pl.ds(0, t.tile_m), pl.ds(wg * t.tile_n, t.tile_n)
         else:
             half_rows, half_cols = pl.ds(wg * t.tile_m, t.tile_m), pl.ds(0, t.tile_n)
-        # Two wgmma groups a step with the LoRA term: in_flight steps are twice as many groups.
-        pending = t.in_flight * (2 if lora else 1)
+        # Two wgmma groups a step with x @ a in the loop: in_flight steps are twice as many.
+        pending = t.in_flight * (2 if inloop else 1)
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def _tile(info):
@@ -234,16 +241,16 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None)
 
             def step(_, x_smem, w_smem, *rest):
                 # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k)
-                # transposed; with LoRA a_smem (R, tile_k) and the carry is both accumulators.
+                # transposed; in the loop a_smem (R, tile_k) and the carry is both accumulators.
                 *a_smem, accs = rest
-                acc_ref = accs[0] if lora else accs
+                acc_ref = accs[0] if inloop else accs
                 if w_transposed:
                     w_half = w_smem.at[half_cols, :].T if t.split == "n" else w_smem.T
                 else:
                     w_half = w_smem.at[:, half_cols] if t.split == "n" else w_smem
                 x_half = x_smem.at[half_rows, :]
                 plgpu.wgmma(acc_ref, x_half, w_half)
-                if lora:   # xa += x_half @ a_tile: the x tile is already in SMEM
+                if inloop:   # xa += x_half @ a_tile: the x tile is already in SMEM
                     plgpu.wgmma(accs[1], x_half, a_smem[0].T)
                 plgpu.wgmma_wait(pending)   # slots older than in_flight steps are free
                 return accs
@@ -251,13 +258,14 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None)
             def epilogue(acc_ref):
                 y = acc_ref[...].astype(dt)   # waits for the last wgmmas
                 y_half = y_gmem.at[cta_rows, cta_cols].at[half_rows, half_cols]
-                # The previous tile's stores have long finished reading both buffers.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                nbuf = t.epi_buffers
                 sub = 0
                 for i in range(t.tile_m // t.epi_m):
                     for j in range(t.tile_n // t.epi_n):
-                        buf = out_smem.at[wg, sub % 2]
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # buf is free
+                        buf = out_smem.at[wg, sub % nbuf]
+                        # buf is free once at most nbuf - 1 stores are still reading SMEM
+                        # (the first time: the previous tile's stores).
+                        plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)
                         buf[...] = y[i * t.epi_m:(i + 1) * t.epi_m,
                                      j * t.epi_n:(j + 1) * t.epi_n]
                         plgpu.commit_smem()   # SMEM writes visible to the TMA unit
@@ -267,49 +275,73 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, scale=None)
                         sub += 1
 
             def context(run_k_loop):
-                if not lora:
+                if not mode:
                     def with_acc(acc_ref):   # (tile_m, tile_n) fp32, in registers
                         run_k_loop(acc_ref)
                         epilogue(acc_ref)
                     pl.run_scoped(with_acc, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
                     return
-                xa_smem, b_smem, b_bar = lora_smem
-                # This WG's (R, tile_n) slice of b lands while the K loop runs.
-                plgpu.copy_gmem_to_smem(b_gmem.at[:, cta_cols].at[:, half_cols],
-                                        b_smem.at[wg], b_bar.at[wg])
+                u_smem, v_smem, bars = lora_smem
+                # This WG's (R, tile_n) slice of v, and (given) its (tile_m, R) rows of u, land
+                # while the K loop runs.
+                plgpu.copy_gmem_to_smem(v_gmem.at[:, cta_cols].at[:, half_cols],
+                                        v_smem.at[wg], bars.at[wg])
+                if not inloop:
+                    plgpu.copy_gmem_to_smem(lr_gmem.at[cta_rows, :].at[half_rows, :],
+                                            u_smem.at[wg], bars.at[2 + wg])
 
-                def with_accs(acc_ref, xa_ref):   # (tile_m, tile_n), (tile_m, R) fp32
-                    run_k_loop((acc_ref, xa_ref))
-                    # acc += (scale * xa) @ b: scale in fp32, one rounding of the rank-R
-                    # activations to bf16 (as XLA's unfused x @ a would round them).
-                    xa_smem.at[wg][...] = (scale * xa_ref[...]).astype(dt)
-                    plgpu.commit_smem()   # generic-proxy writes visible to wgmma
-                    plgpu.barrier_wait(b_bar.at[wg])
-                    plgpu.wgmma(acc_ref, xa_smem.at[wg], b_smem.at[wg])
+                def with_accs(acc_ref, xa_ref):   # (tile_m, tile_n), (tile_m, R) fp32 or None
+                    run_k_loop((acc_ref, xa_ref) if inloop else acc_ref)
+                    if inloop:
+                        # scale in fp32, one rounding of the rank-R activations to x's dtype
+                        # (as XLA's unfused x @ a would round them).
+                        u_smem.at[wg][...] = (scale * xa_ref[...]).astype(dt)
+                        plgpu.commit_smem()   # generic-proxy writes visible to wgmma
+                    else:
+                        plgpu.barrier_wait(bars.at[2 + wg])
+                    plgpu.barrier_wait(bars.at[wg])
+                    plgpu.wgmma(acc_ref, u_smem.at[wg], v_smem.at[wg])   # acc += u @ v
                     epilogue(acc_ref)
-                r = a_gmem.shape[0]
-                pl.run_scoped(with_accs, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32),
-                              plgpu.ACC((t.tile_m, r), jnp.float32))
+                accs = [plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)]
+                accs.append(plgpu.ACC((t.tile_m, v_gmem.shape[0]), jnp.float32) if inloop
+                            else None)
+                pl.run_scoped(with_accs, *accs)
 
             x_rows = x_gmem.at[cta_rows, :]
             w_cols = w_gmem.at[cta_cols, :] if w_transposed else w_gmem.at[:, cta_cols]
-            make_pipeline(step, context)(x_rows, w_cols, *([a_gmem] if lora else []),
+            make_pipeline(step, context)(x_rows, w_cols, *([lr_gmem] if inloop else []),
                                          allocations=ring)
 
         plgpu.wait_smem_to_gmem(0)   # every store done before the CTA exits
 
     lora_smem = None
-    if lora:
-        r = a_gmem.shape[0]
-        # Both operands of one wgmma share a swizzle: R elements (32 B at R = 16) for xa and b.
+    if mode:
+        r = v_gmem.shape[0]
+        # Both operands of one wgmma share a swizzle: R elements (32 B at R = 16) for u and v.
         lora_tr = _smem_transforms(r, isz)
         lora_smem = (plgpu.SMEM((2, t.tile_m, r), dt, transforms=lora_tr),
                      plgpu.SMEM((2, r, t.tile_n), dt, transforms=lora_tr),
-                     plgpu.Barrier(num_barriers=2))
+                     plgpu.Barrier(num_barriers=4))   # v per WG, then u per WG
     pl.run_scoped(
         scoped, ring=ring,
-        out_smem=plgpu.SMEM((2, 2, t.epi_m, t.epi_n), dt, transforms=out_tr),
+        out_smem=plgpu.SMEM((2, t.epi_buffers, t.epi_m, t.epi_n), dt, transforms=out_tr),
         lora_smem=lora_smem, collective_axes="wg")
+
+
+def _launch(operands, out_shape, dtype, *, tiles: Tiles, w_transposed: bool, num_sms, name,
+            **mode):
+    """One persistent launch of `_kernel`: a CTA per SM, at most one per output tile."""
+    m, n = out_shape
+    grid = min(num_sms or _num_sms(), (m // tiles.cta_m) * (n // tiles.cta_n))
+    return plgpu.kernel(
+        functools.partial(_kernel, tiles=tiles, w_transposed=bool(w_transposed), **mode),
+        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
+        grid=(grid,), grid_names=("sm",),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        kernel_name=name,
+    )(*operands)
 
 
 def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), num_sms=None):
@@ -318,33 +350,64 @@ def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), num_sms=
     kernel (see the module docstring). num_sms: the persistent grid size (default: the
     device's SM count; fewer CTAs than tiles makes each CTA loop over several tiles)."""
     m, _, n = _check(x, w, tiles, w_transposed)
-    num_tiles = (m // tiles.cta_m) * (n // tiles.cta_n)
-    grid = min(num_sms or _num_sms(), num_tiles)
-    return plgpu.kernel(
-        functools.partial(_kernel, tiles=tiles, w_transposed=bool(w_transposed)),
-        out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(grid,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="hopper_gemm",
-    )(x, w)
+    return _launch((x, w), (m, n), x.dtype, tiles=tiles, w_transposed=w_transposed,
+                   num_sms=num_sms, name="hopper_gemm")
+
+
+def _padded_rank(r: int) -> int:
+    """R rounded up to 16, 32 or 64: whole wgmma K steps (16) of the rank-R operand, whose
+    row of R bf16 (32, 64 or 128 B) is one swizzle group."""
+    return next(p for p in (16, 32, 64) if r <= p)
+
+
+def _check_rank(x, u_or_a, v, n, what):
+    if u_or_a.ndim != 2 or v.ndim != 2:
+        raise ValueError(f"{what} must be 2-D: {u_or_a.shape} {v.shape}")
+    r = v.shape[0]
+    if r > 64:
+        raise ValueError(f"R <= 64 is required (one swizzle group of the rank-R operand), "
+                         f"got R={r}")
+    if v.shape[1] != n:
+        raise ValueError(f"the rank-R factor must be (R, N) = (R, {n}), got {v.shape}")
+    if u_or_a.dtype != x.dtype or v.dtype != x.dtype:
+        raise ValueError(f"the rank-R factors must have x's dtype {x.dtype}, got "
+                         f"{u_or_a.dtype}, {v.dtype}")
+    return r, _padded_rank(r)
+
+
+# The rank-R SMEM (16 KiB at R = 16) and 4 stages leave room for one epilogue buffer per WG.
+LOWRANK_TILES = Tiles(epi_buffers=1)
+
+
+def gemm_lowrank(x, w, u, v, *, w_transposed: bool = False, tiles: Tiles = LOWRANK_TILES,
+                 num_sms=None):
+    """x @ w + u @ v (x @ w.T + u @ v with w_transposed, w (N, K) read in place) in x.dtype:
+    `matmul`'s kernel, whose epilogue adds the rank-R product into the fp32 accumulator
+    before the single rounding, so the (M, N) output is written once. x (M, K), u (M, R),
+    v (R, N), R <= 64, all one 16-bit dtype. The (tile_m, R) rows of u and the (R, tile_n)
+    columns of v are TMA-loaded while the K loop runs; one wgmma adds them at its end.
+    LoRA: u = scale * x @ a (from any XLA GEMM, with dropout if any), v = b; its backward
+    dx = dy @ w.T + (scale * dy @ b.T) @ a.T is the same call with w_transposed."""
+    if u.ndim != 2 or u.shape[0] != x.shape[0] or (v.ndim == 2 and u.shape[1] != v.shape[0]):
+        raise ValueError(f"u must be (M, R) = ({x.shape[0]}, R) and v (R, N); got u{u.shape} "
+                         f"v{v.shape}")
+    n = w.shape[0] if w_transposed else w.shape[-1]
+    r, rp = _check_rank(x, u, v, n, "u and v")
+    m, _, n = _check(x, w, tiles, w_transposed, rank=rp)
+    u = jnp.pad(u, ((0, 0), (0, rp - r)))   # zero columns of u and rows of v add exact zeros
+    v = jnp.pad(v, ((0, rp - r), (0, 0)))
+    return _launch((x, w, u, v), (m, n), x.dtype, tiles=tiles, w_transposed=w_transposed,
+                   num_sms=num_sms, name="hopper_gemm_lowrank", mode="given")
 
 
 LORA_TILES = Tiles(stages=3)   # 4 stages of 128 x 256 CTA tiles leave no room for a and b
 
 
-def _padded_rank(r: int) -> int:
-    """R rounded up to 16, 32 or 64: whole wgmma K steps (16) of the xa operand, whose row
-    of R bf16 (32, 64 or 128 B) is one swizzle group."""
-    return next(p for p in (16, 32, 64) if r <= p)
-
-
 def lora_matmul(x, w, a, b, scale, *, w_transposed: bool = False, tiles: Tiles = LORA_TILES,
                 num_sms=None):
     """x @ w + scale * (x @ a) @ b (x @ w.T + ... with w_transposed, w (N, K)) in x.dtype:
-    `matmul`'s kernel with the LoRA term fused (issue 20, stage 2). x (M, K), a (K, R),
-    b (R, N), R <= 64, all one 16-bit dtype; scale a Python number.
+    `matmul`'s kernel with x @ a accumulated in the K loop (issue 20's variant that reads x
+    once). x (M, K), a (K, R), b (R, N), R <= 64, all one 16-bit dtype; scale a Python number.
 
     Per K step each compute WG issues a second, small wgmma, xa += x_tile @ a_tile, on the x
     tile already in SMEM (a^T's (R, tile_k) tile rides in the same TMA ring); at the end of
@@ -354,31 +417,18 @@ def lora_matmul(x, w, a, b, scale, *, w_transposed: bool = False, tiles: Tiles =
     main product (12.5% at R = 16, tile_n = 128): x @ a is recomputed for every N tile."""
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"a and b must be 2-D: a{a.shape} b{b.shape}")
-    m, k, n = _check(x, w, tiles, w_transposed, rank=_padded_rank(min(a.shape[1], 64)))
-    if a.shape[0] != k or b.shape != (a.shape[1], n):
-        raise ValueError(f"incompatible shapes: a must be (K, R) = ({k}, R) and b (R, N) = "
-                         f"(R, {n}); got a{a.shape} b{b.shape}")
-    r = a.shape[1]
-    if r > 64:
-        raise ValueError(f"R <= 64 is required (one swizzle group of xa), got R={r}")
-    if a.dtype != x.dtype or b.dtype != x.dtype:
-        raise ValueError(f"a and b must have x's dtype {x.dtype}, got {a.dtype}, {b.dtype}")
-    rp = _padded_rank(r)
+    if a.shape[0] != x.shape[1] or a.shape[1] != b.shape[0]:
+        raise ValueError(f"incompatible shapes: a must be (K, R) = ({x.shape[1]}, R) and b "
+                         f"(R, N); got a{a.shape} b{b.shape}")
+    n = w.shape[0] if w_transposed else w.shape[-1]
+    r, rp = _check_rank(x, a, b, n, "a and b")
+    m, _, n = _check(x, w, tiles, w_transposed, rank=rp, inloop=True)
     # a^T (R, K): its (R, tile_k) tiles are K-contiguous like w's, and wgmma reads them
     # transposed. Zero rows of a^T and of b add exact zeros.
     a_t = jnp.pad(a.T, ((0, rp - r), (0, 0)))
     b = jnp.pad(b, ((0, rp - r), (0, 0)))
-    grid = min(num_sms or _num_sms(), (m // tiles.cta_m) * (n // tiles.cta_n))
-    return plgpu.kernel(
-        functools.partial(_kernel, tiles=tiles, w_transposed=bool(w_transposed),
-                          scale=float(scale)),
-        out_type=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(grid,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name="hopper_lora_gemm",
-    )(x, w, a_t, b)
+    return _launch((x, w, a_t, b), (m, n), x.dtype, tiles=tiles, w_transposed=w_transposed,
+                   num_sms=num_sms, name="hopper_lora_gemm", mode="inloop", scale=float(scale))
 
 
 def lora_reference(x, w, a, b, scale, *, w_transposed: bool = False):
