@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {hopper, kmodel, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -81,6 +81,17 @@ case "$part" in
   kernels) python3 -m pytest -q tests/test_kernels.py 2>&1 | tail -3
          python3 -m kernels.bench --ms 2048,8192 | tee -a "$RESULTS/kernels-h200-$DAY.md"
          jora --seq-len 2048 --remat min --kernels pallas --bench-steps 5 ;;
+  hopper) # the Mosaic GPU LoRA kernel: GPU tests, then the per-projection table (R = 16)
+         timeout 300 python3 -m pytest -q tests/test_gpu.py experiments/test_hopper_gemm.py \
+           -k "lora_matmul or lowrank" 2>&1 | tail -4
+         timeout 420 python3 -m kernels.bench --ms ${KMS:-2048,8192,32768} --ranks 16 \
+           | tee -a "$RESULTS/kernels-h200-$DAY.md" ;;
+  kmodel) # the whole model with and without the kernels, train.py's defaults (dropout 0.05)
+         for t in q,v $ALL7; do for k in xla pallas; do
+           jora --lora-dropout 0.05 --seq-len 2048 --targets $t --kernels $k --bench-steps 10
+         done; done ;;
+  kmodel16k) for k in xla pallas; do jora --lora-dropout 0.05 --seq-len 16384 --remat attn \
+           --mlp-chunk 2048 --chunk-layers 4 --targets $ALL7 --kernels $k --bench-steps 3; done ;;
   kernels32k) python3 -m kernels.bench --ms 32768 | tee -a "$RESULTS/kernels-h200-$DAY.md" ;;
   profilelong) for n in ${PROFSEQ:-16384}; do   # what limits the long rows (attn + MLP chunks)
            jora --seq-len $n --remat attn --mlp-chunk 2048 --bench-steps 2 --profile "$OUT/prof_$n"

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.lora_matmul import Tiles, lora_matmul, reference
+from kernels.lora_matmul import Tiles, _hopper_tiles, lora_matmul, reference
 
 SCALE = 2.0
 TOL = 2e-2   # bf16 has 8 bits of mantissa: a few 1e-3 of rounding is the expected error
@@ -128,8 +128,13 @@ def main(argv=None):
     tiles = Tiles(*(int(v) for v in args.tiles.split(","))) if args.tiles else (
         Tiles.default(dtype) if gpu else Tiles(32, 32, 16))
     interpret = not gpu
+    x = jnp.zeros((128, 64), dtype)
+    hopper = None if interpret else _hopper_tiles(x, jnp.zeros((64, 256), dtype),
+                                                  jnp.zeros((128, 16), dtype), False)
+    backend = f"Mosaic GPU (kernels/hopper_gemm.py) {hopper}" if hopper else f"Triton {tiles}"
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {dtype.__name__} x/w, "
-          f"fp32 a/b, scale {SCALE}, tiles {tiles}, interpret={interpret}", flush=True)
+          f"fp32 a/b, scale {SCALE}, kernel: {backend} where the shapes fit, "
+          f"interpret={interpret}", flush=True)
 
     head = ("|     M |     K |     N |  R | frozen fwd us | xla fwd | kernel fwd | "
             "k/frozen |  k/xla | frozen f+b us | xla f+b | kernel f+b | k/frozen |  k/xla "

@@ -119,3 +119,40 @@ def test_packed_rows_with_too_many_runs_turn_to_nan():
     attend = lambda m: lambda q: jora.attend(q, q, q, seg, jora.Options("cudnn", max_segments=m))
     f = lambda m: np.asarray(jax.jit(attend(m))(q))
     assert np.isnan(f(4).astype(np.float32)).all() and np.isfinite(f(8).astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("m,k,n,dropped", [(512, 256, 512, False),   # 128 x 256 CTA tiles
+                                           (512, 256, 384, True),    # N % 256 != 0: 256 x 128
+                                           (200, 256, 512, False)])  # ragged M: Triton
+def test_lora_matmul_on_hopper_matches_reference(m, k, n, dropped):
+    """kernels.lora_matmul where jora calls it, bf16 with fp32 adapters: forward and the
+    gradients of x, a, b (and x_lora) against the same op in fp32 XLA; on a Hopper GPU the
+    tile-aligned shapes must run the Mosaic GPU kernel, the ragged one the Triton kernel."""
+    from kernels.lora_matmul import HOPPER, lora_matmul
+    ks = jax.random.split(jax.random.key(m + n), 6)
+    x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
+    w = (jax.random.normal(ks[1], (k, n)) / np.sqrt(k)).astype(jnp.bfloat16)
+    a = jax.random.normal(ks[2], (k, 16)) / np.sqrt(k)
+    b = jax.random.normal(ks[3], (16, n)) * 0.5   # nonzero B, the rank term ~ x @ w
+    xl = jnp.where(jax.random.bernoulli(ks[4], 0.9, x.shape), x / 0.9, 0).astype(x.dtype)
+    c = jax.random.normal(ks[5], (m, n))
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda x, a, b, xl: jnp.sum(
+            f(x, a, b, xl).astype(jnp.float32) * c), argnums=(0, 1, 2, 3)))
+
+    kernel = loss(lambda x, a, b, xl: lora_matmul(x, w, a, b, 2.0,
+                                                  x_lora=xl if dropped else None))
+    ref = loss(lambda x, a, b, xl: jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+               + 2.0 * (xl if dropped else x).astype(jnp.float32) @ a @ b)
+    args = (x, a, b, xl)
+    with jax.default_matmul_precision("highest"):
+        (got, g_got), (want, g_want) = kernel(*args), ref(*args)
+    for name, p, q in zip(("loss", "x", "a", "b", "x_lora"), (got, *g_got), (want, *g_want)):
+        if name == "x_lora" and not dropped:
+            continue
+        p, q = np.asarray(p, np.float32), np.asarray(q, np.float32)
+        assert np.linalg.norm(p - q) <= 2e-2 * np.linalg.norm(q), name
+    hlo = kernel.lower(*args).as_text()
+    on_hopper = any(h in jax.devices()[0].device_kind for h in HOPPER)
+    assert ("mosaic_gpu" in hlo) == (on_hopper and m % 128 == 0), hlo.count("mosaic_gpu")
