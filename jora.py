@@ -604,13 +604,13 @@ class Plan:
                               # there, where every earlier layer's saved tensors are alive
     full_layers: int = 0      # the first N layers remat "full" whatever `remat` says
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
-    kernels: str = "xla"      # xla | pallas: LoRA projections as the kernel of kernels/
+    kernels: str = "auto"     # LoRA projections: xla | pallas | auto (see kernel_projection)
 
     def __post_init__(self):
         if self.remat not in (*REMAT, "auto"):
             raise ValueError(f"remat must be one of {list(REMAT)} or auto, got {self.remat!r}")
-        if self.kernels not in ("xla", "pallas"):
-            raise ValueError(f"kernels must be xla or pallas, got {self.kernels!r}")
+        if self.kernels not in ("xla", "pallas", "auto"):
+            raise ValueError(f"kernels must be xla, pallas or auto, got {self.kernels!r}")
         for f, least in (("loss_chunk", 1), ("mlp_chunk", 0), ("chunk_layers", 0),
                          ("full_layers", 0)):
             if getattr(self, f) < least:
@@ -655,17 +655,16 @@ def over_positions(f, h, *, chunk: int, policy):
     return jnp.concatenate([f(h[:, s:s + chunk], s) for s in range(0, h.shape[1], chunk)], 1)
 
 
-def fused_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop=None):
-    """project as one Pallas kernel (kernels/, imported only here); with dropout, the kernel
-    takes the dropped-out x as the LoRA branch's own input."""
-    if ab is None:
-        return project(x, w, ab, lcfg, drop)
-    from kernels.lora_matmul import lora_matmul
-    rows = lambda t: rearrange(t, "B T I -> (B T) I")   # noqa: E731
-    xl = rows(drop.apply(x, lcfg.dropout)) if drop is not None and lcfg.dropout > 0 else None
-    y = lora_matmul(rows(x), w, ab.a, ab.b, lcfg.scale, x_lora=xl,
-                    interpret=jax.default_backend() != "gpu")
-    return rearrange(y, "(B T) O -> B T O", B=x.shape[0])
+def kernel_projection(plan: Plan):
+    """kernels/' LoRA projection (project's signature) as plan.kernels asks, else None: "pallas"
+    always; "auto" on Hopper GPUs, where it beats XLA, if kernels/ is importable."""
+    try:
+        from kernels.lora_matmul import projection
+    except ImportError:   # jora.py copied alone: "auto" is XLA
+        if plan.kernels == "pallas":
+            raise
+        return None
+    return None if plan.kernels == "xla" else projection(plan.kernels)
 
 
 def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
@@ -674,11 +673,10 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
     layer is a call of one jitted body per (remat policy, MLP chunks), which jax traces once
     and reuses for every layer alike. *args are the same for every layer."""
     n = len(layers.wq) if unstacked(layers) else layers.wq.shape[0]
-    proj = fused_project if plan.kernels == "pallas" else project
+    proj = kernel_projection(plan) or project
     for f in ("full_layers", "chunk_layers"):
         if getattr(plan, f) and not unstacked(layers):
-            raise ValueError(f"Plan.{f} needs unrolled layers (jora.unstack_layers): "
-                             "a lax.scan runs one body for every layer")
+            raise ValueError(f"Plan.{f} needs unrolled layers (jora.unstack_layers)")
 
     @functools.cache
     def body(remat: str, chunked: bool):
@@ -810,7 +808,7 @@ def on_mesh(f, mesh, lcfg, lora, *specs, out_specs, plan: Plan):
     either way, as gradients are taken outside the shard_map)."""
     lspecs = None if lora is None else lora_specs(lcfg)
     return jax.shard_map(f, mesh=mesh, in_specs=(param_specs(), lspecs, *specs),
-                         out_specs=out_specs, check_vma=plan.kernels != "pallas")
+                         out_specs=out_specs, check_vma=kernel_projection(plan) is None)
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "plan", "mesh"))

@@ -61,7 +61,8 @@ def model_flags(a):   # what train.py and bench/benchmark.py share: the model, L
     a("--no-compile-cache", action="store_true", help="compile every run afresh")
     a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
     a("--kernels", default="auto", choices=["auto", "pallas", "xla"], help="LoRA projections: "
-      "the fused Pallas kernel or XLA (auto: XLA, faster in the whole 7B model)")
+      "the fused Pallas kernels of kernels/ or XLA (auto: the Mosaic GPU kernel on Hopper GPUs "
+      "where the shapes fit, else XLA)")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     a("--sequence-parallel", action="store_true", help="split positions over the tp group")
     a("--coordinator", help="host:port of process 0, for several hosts")
@@ -134,14 +135,13 @@ def check_flags(args):
 
 
 def configs(args):
-    """-> (LoraConfig, Options, Plan) from the flags (--kernels auto: XLA)."""
+    """-> (LoraConfig, Options, Plan) from the flags."""
     targets = jora.PROJ if args.targets == "all" else tuple(args.targets.split(","))
     fields = lambda cls: {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
                           if hasattr(args, f.name)}
     return (jora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                             targets=targets), jora.Options(**fields(jora.Options)),
-            jora.Plan(**dict(fields(jora.Plan), kernels="pallas" if args.kernels == "pallas"
-                             else "xla")))
+            jora.Plan(**fields(jora.Plan)))
 
 
 def generate(args, params, cfg, tok, mesh):

@@ -62,7 +62,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
                    devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
-                   **dataclasses.asdict(opts), **dataclasses.asdict(plan))   # every option
+                   **dataclasses.asdict(opts), **dataclasses.asdict(plan),   # every option
+                   kernels_used=jora.kernel_projection(plan) is not None)
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)

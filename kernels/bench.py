@@ -128,9 +128,7 @@ def main(argv=None):
     tiles = Tiles(*(int(v) for v in args.tiles.split(","))) if args.tiles else (
         Tiles.default(dtype) if gpu else Tiles(32, 32, 16))
     interpret = not gpu
-    x = jnp.zeros((128, 64), dtype)
-    hopper = None if interpret else _hopper_tiles(x, jnp.zeros((64, 256), dtype),
-                                                  jnp.zeros((128, 16), dtype), False)
+    hopper = None if interpret else _hopper_tiles(128, 64, 256, 16, dtype)
     backend = f"Mosaic GPU (kernels/hopper_gemm.py) {hopper}" if hopper else f"Triton {tiles}"
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {dtype.__name__} x/w, "
           f"fp32 a/b, scale {SCALE}, kernel: {backend} where the shapes fit, "

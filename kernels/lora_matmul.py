@@ -54,9 +54,11 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+import jora
 from jora import vary_alike   # operands alike in shard_map's varying axes: see jora
 
 _MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
@@ -190,22 +192,33 @@ def _out_type(shape, dtype, like):
 HOPPER = ("H100", "H200", "H800", "H20", "GH200")
 
 
-def _hopper_tiles(p, q, u, q_transposed: bool):
-    """The Mosaic GPU kernel's tiles for this problem, or None where it does not apply (not
-    a Hopper GPU, not 16-bit, R > 64, or M, N, K off its tile grid)."""
-    if jax.default_backend() != "gpu" or not any(h in jax.devices()[0].device_kind
-                                                  for h in HOPPER):
+def on_hopper() -> bool:
+    """Whether the default device is a Hopper GPU (sm_90), where kernels/hopper_gemm.py runs."""
+    return jax.default_backend() == "gpu" and any(h in jax.devices()[0].device_kind
+                                                  for h in HOPPER)
+
+
+def _hopper_tiles(m: int, c: int, n: int, rp: int, dtype):
+    """The Mosaic GPU kernel's tiles for p (M, C) @ q -> (M, N) with rank Rp, or None where it
+    does not apply (not a Hopper GPU, not 16-bit, Rp > 64, or M, N, C off its tile grid)."""
+    if not on_hopper() or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or rp > 64 \
+            or c % 64:
         return None
     from kernels import hopper_gemm   # Mosaic GPU: imported only where it can run
-    (m, c), rp = p.shape, u.shape[1]
-    n = q.shape[0] if q_transposed else q.shape[1]
-    if p.dtype not in (jnp.bfloat16, jnp.float16) or rp > 64 or c % 64:
-        return None
     for tiles in (hopper_gemm.LOWRANK_TILES,   # 128 x 256 CTA tiles, then 256 x 128
                   dataclasses.replace(hopper_gemm.LOWRANK_TILES, split="m")):
         if m % tiles.cta_m == 0 and n % tiles.cta_n == 0:
             return tiles
     return None
+
+
+def fits_hopper(x, w, a) -> bool:
+    """Whether lora_matmul(x, w, a, ...) runs both its GEMMs (y, and dx in the backward) as the
+    Mosaic GPU kernel, not the Triton one: every Llama projection on a Hopper GPU at M a
+    multiple of 128."""
+    (m, k), n, rp = x.shape, w.shape[1], a.shape[1] + -a.shape[1] % _MIN_DOT
+    return (_hopper_tiles(m, k, n, rp, x.dtype) is not None
+            and _hopper_tiles(m, n, k, rp, x.dtype) is not None)
 
 
 def gemm_lowrank(p, q, u, v, *, q_transposed: bool = False, tiles: Tiles | None = None,
@@ -216,7 +229,8 @@ def gemm_lowrank(p, q, u, v, *, q_transposed: bool = False, tiles: Tiles | None 
     p's dtype with Rp a multiple of 16 (lora_matmul pads them). On a Hopper GPU, where the
     shapes fit, the Mosaic GPU kernel (kernels/hopper_gemm.py); else the Triton kernel with
     `tiles` (None: Tiles.default), or Pallas' interpreter with interpret=True."""
-    hopper = None if interpret else _hopper_tiles(p, q, u, q_transposed)
+    n = q.shape[0] if q_transposed else q.shape[1]
+    hopper = None if interpret else _hopper_tiles(*p.shape, n, u.shape[1], p.dtype)
     if hopper is not None:
         from kernels import hopper_gemm
         return hopper_gemm.gemm_lowrank(p, q, u, v, w_transposed=q_transposed, tiles=hopper)
@@ -368,3 +382,24 @@ def _apart_bwd(scale, tiles, interpret, residuals, dy):
 
 
 _lora_matmul_apart.defvjp(_apart_fwd, _apart_bwd)
+
+
+def projection(kernels: str = "auto"):
+    """jora.project, (x (B, T, I), w, ab, lcfg, drop) -> (B, T, O), as `lora_matmul`, for
+    jora.Plan(kernels=...): "pallas" everywhere (on a GPU: the Mosaic GPU kernel where it fits,
+    else the Triton one); "auto" only where the Mosaic GPU kernel fits, which is faster than
+    XLA there, and jora.project elsewhere (the Triton kernel is slower than XLA). None for
+    "auto" when the device is no Hopper GPU. With dropout, the dropped-out x is the LoRA
+    branch's input (x_lora), with the mask jora.project would draw."""
+    if kernels == "auto" and not on_hopper():
+        return None
+    rows = lambda t: rearrange(t, "B T I -> (B T) I")   # noqa: E731
+
+    def project(x, w, ab, lcfg, drop=None):
+        if ab is None or (kernels == "auto" and not fits_hopper(rows(x), w, ab.a)):
+            return jora.project(x, w, ab, lcfg, drop)
+        xl = drop.apply(x, lcfg.dropout) if drop is not None and lcfg.dropout > 0 else None
+        y = lora_matmul(rows(x), w, ab.a, ab.b, lcfg.scale, x_lora=None if xl is None
+                        else rows(xl), interpret=jax.default_backend() != "gpu")
+        return rearrange(y, "(B T) O -> B T O", B=x.shape[0])
+    return project

@@ -45,3 +45,29 @@ def test_nothing_uses_a_name_defined_further_down(module):
 def test_line_budgets():
     count = lambda f: sum(1 for _ in open(os.path.join(ROOT, f), encoding="utf-8"))
     assert count("jora.py") <= 1500 and count("train.py") <= 250
+
+
+def test_jora_copied_alone_runs_its_default_plan(tmp_path):
+    """jora.py vendored without kernels/: the default Plan (kernels="auto") falls back to XLA
+    and a loss and its gradient run; kernels="pallas" raises ImportError."""
+    import shutil
+    import subprocess
+    import sys
+    shutil.copy(os.path.join(ROOT, "jora.py"), tmp_path / "jora.py")
+    code = ("import sys; sys.modules['kernels'] = None   # as if absent: import raises\n"
+            "import jax, numpy as np, jora\n"
+            "cfg = jora.Config(vocab_size=64, d_model=32, d_ff=64, n_layers=1, n_heads=4,"
+            " n_kv_heads=2, head_dim=8)\n"
+            "lcfg = jora.LoraConfig(r=2, alpha=4.0)\n"
+            "p = jora.init_params(jax.random.key(0), cfg)\n"
+            "lo = jora.init_lora(jax.random.key(1), cfg, lcfg)\n"
+            "b = jora.make_batch(np.random.default_rng(0).integers(0, 64, (2, 9)))\n"
+            "l, g = jax.value_and_grad(lambda lo: jora.loss(p, lo, b, cfg, lcfg))(lo)\n"
+            "assert jora.Plan().kernels == 'auto' and np.isfinite(float(l)), l\n"
+            "try:\n"
+            "    jora.loss(p, lo, b, cfg, lcfg, plan=jora.Plan(kernels='pallas'))\n"
+            "except ImportError:\n"
+            "    print('ok', float(l))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
