@@ -1,7 +1,8 @@
-"""Time experiments/hopper_gemm.py against cuBLAS (XLA's jnp.dot) on Llama-2-7B projections.
+"""Time kernels/hopper_gemm.py against cuBLAS (XLA's jnp.dot) on Llama-2-7B projections.
 
     python -m experiments.bench_hopper_gemm                 # all 18 problems, CONFIGS, < 3 min
     python -m experiments.bench_hopper_gemm --ms 8192 --sweep   # also SWEEP's configurations
+    python -m experiments.bench_hopper_gemm --lowrank 16    # gemm_lowrank, LOWRANK_CONFIGS
 
 For M in --ms and (K, N) in (4096, 4096), (4096, 11008), (11008, 4096), both orientations:
   w_kn  y = x @ w,   w stored (K, N)
@@ -11,7 +12,9 @@ bf16 in, fp32 accumulation, bf16 out. A time is the median of 5 repetitions, aft
 of a batch of back-to-back calls (about 10 ms) ended by block_until_ready. `err` is
 max|y - ref| / max|ref| against `hopper_gemm.reference` (fp32); above 1e-2 is marked FAIL.
 A configuration that fails to compile or run prints one line and the run goes on; past
---budget seconds the remaining configurations are skipped (so it ends in time). Prints a
+--budget seconds the remaining configurations are skipped (so it ends in time). --lowrank R
+times gemm_lowrank (x @ w + u @ v, u (M, R), v (R, N)) instead, still against cuBLAS's plain
+x @ w: kernel/cuBLAS is then what the fused rank-R term costs on top of the frozen GEMM. Prints a
 markdown table, then the best configuration per problem. Exit status 0 (also on a CPU:
 "needs a GPU").
 """
@@ -22,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.hopper_gemm import Tiles, matmul, reference
+from kernels.hopper_gemm import LOWRANK_TILES, Tiles, gemm_lowrank, matmul, reference
 from kernels.bench import seconds_per_call as _seconds_per_call
 
 LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -31,6 +34,10 @@ LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 CONFIGS = (Tiles(), Tiles(split="m"), Tiles(in_flight=1))
 SWEEP = (Tiles(stages=3), Tiles(group=16), Tiles(group=4, group_dim="n"),
          Tiles(split="m", in_flight=1), Tiles(tile_k=128, stages=2))
+# gemm_lowrank: the default (4 stages, one epilogue buffer), 3 stages with two, the WGs
+# stacked, and a wgmma left in flight.
+LOWRANK_CONFIGS = (LOWRANK_TILES, Tiles(stages=3), Tiles(split="m", epi_buffers=1),
+                   Tiles(in_flight=1, epi_buffers=1))
 TOL = 1e-2
 
 
@@ -42,6 +49,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ms", default="2048,8192,32768", help="tokens M, comma-separated")
     ap.add_argument("--sweep", action="store_true", help="also time SWEEP's configurations")
+    ap.add_argument("--lowrank", type=int, default=0, help="R > 0: time gemm_lowrank")
     ap.add_argument("--budget", type=float, default=150.0,
                     help="seconds after which remaining configurations are skipped")
     args = ap.parse_args(argv)
@@ -49,9 +57,11 @@ def main(argv=None):
         print("needs a GPU")
         return 0
     kind = jax.devices()[0].device_kind
-    configs = CONFIGS + (SWEEP if args.sweep else ())
+    r = args.lowrank
+    configs = LOWRANK_CONFIGS if r else CONFIGS + (SWEEP if args.sweep else ())
     start = time.perf_counter()
-    print(f"jax {jax.__version__}, {kind}, bf16 -> bf16, fp32 accumulation; times in us")
+    print(f"jax {jax.__version__}, {kind}, bf16 -> bf16, fp32 accumulation; times in us"
+          + (f"; kernel: gemm_lowrank, R = {r}" if r else ""))
     print("| M | K -> N | w | cuBLAS us | kernel us | kernel/cuBLAS | TFLOP/s | err | config |")
     print("|---|---|---|---|---|---|---|---|---|")
     best = []   # (m, k, n, orientation, cublas_us, best_us or None, config)
@@ -63,7 +73,11 @@ def main(argv=None):
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
             w_kn = (jax.random.normal(kw, (k, n), jnp.float32) / k ** 0.5).astype(jnp.bfloat16)
             w_nk = jax.jit(lambda w: w.T)(w_kn)   # its own (N, K) array in HBM
+            ku, kv = jax.random.split(kw)
+            u = jax.random.normal(ku, (m, max(r, 1)), jnp.bfloat16)
+            v = (jax.random.normal(kv, (max(r, 1), n)) / max(r, 1) ** 0.5).astype(jnp.bfloat16)
             want = ref_fn(x, w_kn)                # (M, N) fp32, the same for both layouts
+            want = want + ref_fn(u, v) if r else want
             flops = 2 * m * k * n
             for name, w, tr in (("w_kn", w_kn, False), ("w_nk", w_nk, True)):
                 cublas = jax.jit(lambda x, w, tr=tr: jnp.dot(x, w.T if tr else w))
@@ -75,8 +89,12 @@ def main(argv=None):
                         print(f"{row} skipped | | | | {tiles} (past --budget {args.budget:g} s) |")
                         continue
                     try:
-                        f = jax.jit(lambda x, w, tr=tr, tiles=tiles: matmul(
-                            x, w, w_transposed=tr, tiles=tiles))
+                        if r:
+                            f = jax.jit(lambda x, w, tr=tr, tiles=tiles: gemm_lowrank(
+                                x, w, u, v, w_transposed=tr, tiles=tiles))
+                        else:
+                            f = jax.jit(lambda x, w, tr=tr, tiles=tiles: matmul(
+                                x, w, w_transposed=tr, tiles=tiles))
                         err = float(maxrel(f(x, w), want))
                         t = seconds_per_call(f, x, w) * 1e6
                     except Exception as e:   # a measurement: report, go on
@@ -90,7 +108,7 @@ def main(argv=None):
                     if not flag and (top[0] is None or t < top[0]):
                         top = (t, tiles)
                 best.append((m, k, n, name, t_ref, *top))
-            del x, w_kn, w_nk, want
+            del x, w_kn, w_nk, want, u, v
     print("\nBest configuration per problem (kernel/cuBLAS < 1: faster than cuBLAS):")
     print("| M | K -> N | w | cuBLAS us | best kernel us | kernel/cuBLAS | config |")
     print("|---|---|---|---|---|---|---|")

@@ -1,9 +1,10 @@
-"""Warp-specialized persistent Hopper GEMM in Pallas Mosaic GPU: y = x @ w or y = x @ w.T.
+"""Warp-specialized persistent Hopper GEMM in Pallas Mosaic GPU: y = x @ w or y = x @ w.T,
+optionally plus a rank-R product u @ v added before the one rounding (`gemm_lowrank`, the
+fused LoRA projection of kernels/lora_matmul.py on Hopper GPUs).
 
-An experiment (issue 20, stage 1): experiments/lora_matmul_mgpu.py, one warpgroup per output
-tile, ran at 1.16-1.29x cuBLAS's time on Llama-2-7B projections. This kernel has the structure
-of CUTLASS's and jax's own Hopper GEMMs, to see whether Mosaic GPU reaches cuBLAS (the target:
->= 0.95x its speed); experiments/bench_hopper_gemm.py measures it.
+It has the structure of CUTLASS's and jax's own Hopper GEMMs, which is what it takes to run at
+cuBLAS's pace on sm_90 (a one-warpgroup TMA + wgmma kernel stays ~1.2x behind: bench/NOTES.md);
+experiments/bench_hopper_gemm.py and kernels/bench.py measure it.
 
 Shapes: x (M, K), w (K, N) -> y (M, N), or with w_transposed=True w (N, K) -> y = x @ w.T, w
 read as stored (its (tile_n, tile_k) tiles are K-contiguous rows; wgmma takes a transposed
@@ -52,12 +53,17 @@ tile_m and is a multiple of 64 (so is a TMA store's row count of the swizzled bu
 epi_n divides tile_n and is a multiple of 8; stages >= 1 and > in_flight; in_flight in {0, 1};
 the SMEM total above <= 227 KiB.
 
-Stage 2 (`lora_matmul`, experimental): y = x @ w + scale * (x @ a) @ b with xa = x @ a
-accumulated by a second small wgmma per K step from the x tiles already in SMEM, and
-(scale * xa) @ b added into the fp32 accumulator by one wgmma before the epilogue. It lowers
-for CUDA at the default LORA_TILES, and matches `lora_reference` in the interpreter at 64 x 64
-WG tiles with 2 stages; with tile_n = 128 or 3 stages the interpreter hangs (not understood;
-it may deadlock on a GPU too), so it is not benchmarked yet.
+The rank-R term (`gemm_lowrank`, R <= 64 padded to 16, 32 or 64): each compute WG TMA-loads its
+(tile_m, R) rows of u and (R, tile_n) columns of v into SMEM while its K loop runs, and after
+the loop one more wgmma adds u @ v into the fp32 accumulator, so the epilogue writes the
+(M, N) result once. LoRA's forward is gemm_lowrank(x, w, scale * x @ a, b) and its input
+gradient gemm_lowrank(dy, w, scale * dy @ b.T, a.T, w_transposed=True). The SMEM of u and v
+(16 KiB at R = 16) and 4 stages leave room for one epilogue buffer per WG (LOWRANK_TILES).
+
+`lora_matmul` is the variant that reads x once: xa = x @ a accumulated by a second small wgmma
+per K step from the x tiles already in SMEM (a^T's tiles ride in the TMA ring), then scaled,
+rounded into SMEM and added the same way. It is correct but slower (bench/NOTES.md): x @ a is
+recomputed for every N tile, R / tile_n more tensor-core work, in wgmmas of N = R.
 """
 import dataclasses
 import functools
