@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {hopper, kmodel, kgoal, lowrank, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {hopper, kmodel, kgoal, kdefault, lowrank, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -90,13 +90,13 @@ case "$part" in
          for t in q,v $ALL7; do for k in xla pallas; do
            jora --lora-dropout 0.05 --seq-len 2048 --targets $t --kernels $k --bench-steps 10
          done; done ;;
-  kgoal) # all seven at 2,048 without dropout (the goal), then train.py's defaults alone
-         for k in xla pallas; do jora --seq-len 2048 --targets $ALL7 --kernels $k --bench-steps 10; done
-         for t in q,v $ALL7; do
+  kgoal) # all seven at 2,048 without dropout (the goal)
+         for k in xla pallas; do jora --seq-len 2048 --targets $ALL7 --kernels $k --bench-steps 10; done ;;
+  kdefault) # train.py's defaults alone (--kernels auto, --remat auto, dropout 0.05), HF beside
+         for t in ${KTARGETS:-q,v $ALL7}; do
            python3 train.py --benchmark --size 7b --batch-size 1 --seq-len 2048 --targets $t \
              --bench-steps 10 2>&1 | tee -a "$OUT/jora.log" | grep '^{' >> "$ROWS"; done
-         hf --seq 2048 --steps 5
-         hf --seq 2048 --targets $ALL7_HF --steps 5 ;;
+         for t in ${HFTARGETS:-q_proj,v_proj $ALL7_HF}; do hf --seq 2048 --targets $t --steps 5; done ;;
   lowrank) # gemm_lowrank's tilings against cuBLAS's plain x @ w
          timeout 300 python3 -m experiments.bench_hopper_gemm --lowrank 16 --ms ${KMS:-2048,8192} \
            --budget 240 | tee -a "$RESULTS/gemm-h200-$DAY.md" ;;
