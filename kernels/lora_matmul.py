@@ -317,10 +317,8 @@ def lora_matmul(x, w, a, b, scale: float, *, x_lora=None, tiles: Tiles | None = 
         raise ValueError(f"x_lora must be like x {x.shape} {x.dtype}, got {x_lora.shape} "
                          f"{x_lora.dtype}")
     tiles = Tiles.default(x.dtype) if tiles is None else tiles
-    if x_lora is None:
-        return _lora_matmul(*vary_alike(x, w, a, b), float(scale), tiles, bool(interpret))
-    return _lora_matmul_apart(*vary_alike(x, w, a, b, x_lora), float(scale), tiles,
-                              bool(interpret))
+    x, w, a, b, xl = vary_alike(x, w, a, b, x if x_lora is None else x_lora)
+    return _lora_matmul(x, w, a, b, xl, float(scale), x_lora is not None, tiles, bool(interpret))
 
 
 def _lora_forward(x, w, a, b, xl, scale, tiles, interpret):
@@ -340,48 +338,30 @@ def _lora_grads(a, b, xl, u, dy, scale):
     return g, ap, da.astype(a.dtype), db.astype(b.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _lora_matmul(x, w, a, b, scale, tiles, interpret):
-    return _lora_forward(x, w, a, b, x, scale, tiles, interpret)[0]
-
-
-def _fused_fwd(x, w, a, b, scale, tiles, interpret):
-    y, u = _lora_forward(x, w, a, b, x, scale, tiles, interpret)
-    return y, (x, w, a, b, u)
-
-
-def _fused_bwd(scale, tiles, interpret, residuals, dy):
-    x, w, a, b, u = residuals
-    dy = dy.astype(x.dtype)
-    g, ap, da, db = _lora_grads(a, b, x, u, dy, scale)
-    dx = gemm_lowrank(dy, w, g, ap.T, q_transposed=True, tiles=tiles,
-                      interpret=interpret)                                  # (M, K)
-    return dx, jnp.zeros_like(w), da, db
-
-
-_lora_matmul.defvjp(_fused_fwd, _fused_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _lora_matmul_apart(x, w, a, b, xl, scale, tiles, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _lora_matmul(x, w, a, b, xl, scale, apart, tiles, interpret):
+    """apart=False: xl is x itself (no dropout), so dx is one fused GEMM."""
     return _lora_forward(x, w, a, b, xl, scale, tiles, interpret)[0]
 
 
-def _apart_fwd(x, w, a, b, xl, scale, tiles, interpret):
+def _fwd(x, w, a, b, xl, scale, apart, tiles, interpret):
     y, u = _lora_forward(x, w, a, b, xl, scale, tiles, interpret)
     return y, (w, a, b, xl, u)
 
 
-def _apart_bwd(scale, tiles, interpret, residuals, dy):
+def _bwd(scale, apart, tiles, interpret, residuals, dy):
     w, a, b, xl, u = residuals
     dy = dy.astype(xl.dtype)
     g, ap, da, db = _lora_grads(a, b, xl, u, dy, scale)
-    dx = jnp.dot(dy, w.T)                                                   # (M, K)
-    dxl = jnp.dot(g, ap.T)                                                  # (M, K)
-    return dx, jnp.zeros_like(w), da, db, dxl
+    if not apart:   # dx = dy @ w^T + g @ a^T in one kernel; xl's cotangent is in it
+        dx = gemm_lowrank(dy, w, g, ap.T, q_transposed=True, tiles=tiles,
+                          interpret=interpret)                              # (M, K)
+        return dx, jnp.zeros_like(w), da, db, None
+    # The dropout mask lies between g @ a^T and x: xl's cotangent goes back through it.
+    return jnp.dot(dy, w.T), jnp.zeros_like(w), da, db, jnp.dot(g, ap.T)   # (M, K) both
 
 
-_lora_matmul_apart.defvjp(_apart_fwd, _apart_bwd)
+_lora_matmul.defvjp(_fwd, _bwd)
 
 
 def projection(kernels: str = "auto"):
