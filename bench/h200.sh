@@ -96,7 +96,7 @@ case "$part" in
          for t in ${KTARGETS:-q,v $ALL7}; do
            python3 train.py --benchmark --size 7b --batch-size 1 --seq-len 2048 --targets $t \
              --bench-steps 10 2>&1 | tee -a "$OUT/jora.log" | grep '^{' >> "$ROWS"; done
-         for t in ${HFTARGETS:-q_proj,v_proj $ALL7_HF}; do hf --seq 2048 --targets $t --steps 5; done ;;
+         for t in ${HFTARGETS:-q_proj,v_proj $ALL7_HF}; do hf --seq 2048 --targets $t --steps 5 --dropout 0.05; done ;;
   lowrank) # gemm_lowrank's tilings against cuBLAS's plain x @ w
          timeout 300 python3 -m experiments.bench_hopper_gemm --lowrank 16 --ms ${KMS:-2048,8192} \
            --budget 240 | tee -a "$RESULTS/gemm-h200-$DAY.md" ;;
