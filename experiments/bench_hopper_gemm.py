@@ -59,6 +59,10 @@ def main(argv=None):
     kind = jax.devices()[0].device_kind
     r = args.lowrank
     configs = LOWRANK_CONFIGS if r else CONFIGS + (SWEEP if args.sweep else ())
+    u = v = None   # (M, R), (R, N) with --lowrank
+
+    def kernel(x, w, **kw):
+        return gemm_lowrank(x, w, u, v, **kw) if r else matmul(x, w, **kw)
     start = time.perf_counter()
     print(f"jax {jax.__version__}, {kind}, bf16 -> bf16, fp32 accumulation; times in us"
           + (f"; kernel: gemm_lowrank, R = {r}" if r else ""))
@@ -73,11 +77,12 @@ def main(argv=None):
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
             w_kn = (jax.random.normal(kw, (k, n), jnp.float32) / k ** 0.5).astype(jnp.bfloat16)
             w_nk = jax.jit(lambda w: w.T)(w_kn)   # its own (N, K) array in HBM
-            ku, kv = jax.random.split(kw)
-            u = jax.random.normal(ku, (m, max(r, 1)), jnp.bfloat16)
-            v = (jax.random.normal(kv, (max(r, 1), n)) / max(r, 1) ** 0.5).astype(jnp.bfloat16)
             want = ref_fn(x, w_kn)                # (M, N) fp32, the same for both layouts
-            want = want + ref_fn(u, v) if r else want
+            if r:
+                ku, kv = jax.random.split(kw)
+                u = jax.random.normal(ku, (m, r), jnp.bfloat16)
+                v = (jax.random.normal(kv, (r, n)) / r ** 0.5).astype(jnp.bfloat16)
+                want = want + ref_fn(u, v)
             flops = 2 * m * k * n
             for name, w, tr in (("w_kn", w_kn, False), ("w_nk", w_nk, True)):
                 cublas = jax.jit(lambda x, w, tr=tr: jnp.dot(x, w.T if tr else w))
@@ -89,12 +94,8 @@ def main(argv=None):
                         print(f"{row} skipped | | | | {tiles} (past --budget {args.budget:g} s) |")
                         continue
                     try:
-                        if r:
-                            f = jax.jit(lambda x, w, tr=tr, tiles=tiles: gemm_lowrank(
-                                x, w, u, v, w_transposed=tr, tiles=tiles))
-                        else:
-                            f = jax.jit(lambda x, w, tr=tr, tiles=tiles: matmul(
-                                x, w, w_transposed=tr, tiles=tiles))
+                        f = jax.jit(lambda x, w, tr=tr, tiles=tiles: kernel(
+                            x, w, w_transposed=tr, tiles=tiles))
                         err = float(maxrel(f(x, w), want))
                         t = seconds_per_call(f, x, w) * 1e6
                     except Exception as e:   # a measurement: report, go on
@@ -108,7 +109,8 @@ def main(argv=None):
                     if not flag and (top[0] is None or t < top[0]):
                         top = (t, tiles)
                 best.append((m, k, n, name, t_ref, *top))
-            del x, w_kn, w_nk, want, u, v
+            del x, w_kn, w_nk, want
+            u = v = None
     print("\nBest configuration per problem (kernel/cuBLAS < 1: faster than cuBLAS):")
     print("| M | K -> N | w | cuBLAS us | best kernel us | kernel/cuBLAS | config |")
     print("|---|---|---|---|---|---|---|")

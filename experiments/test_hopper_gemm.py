@@ -24,10 +24,10 @@ from experiments.bench_hopper_gemm import CONFIGS, LOWRANK_CONFIGS
 from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
 from kernels.hopper_gemm import (LOWRANK_TILES, Tiles, gemm_lowrank, lora_matmul, lora_reference,
                                  matmul, reference)
+from kernels.lora_matmul import on_hopper
 
 ON_GPU = jax.default_backend() == "gpu"
-ON_HOPPER = ON_GPU and any(h in jax.devices()[0].device_kind for h in ("H100", "H200", "H800",
-                                                                        "H20", "GH200"))
+ON_HOPPER = on_hopper()
 CAN_INTERPRET = hasattr(plgpu, "force_gpu_interpret_mode") and hasattr(plgpu,
                                                                         "InterpretGPUParams")
 
@@ -49,6 +49,20 @@ def _mgpu_mode():
     else:
         with _fake_h200(3), plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
             yield
+
+
+def custom_calls(f, *shapes):
+    """The custom-call lines of f lowered for CUDA on a fake H200 (132 SMs), for bf16 operands
+    of `shapes`: lowering needs no GPU, and checks wgmma's operand views, the TMA shapes and
+    the SMEM size, which the interpreter does not."""
+    args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
+    with _fake_h200(132):
+        text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+
+
+def mosaic_calls(f, *shapes) -> int:
+    return sum("@mosaic_gpu" in line for line in custom_calls(f, *shapes))
 
 
 def operands(m, k, n, seed, w_transposed=False, dtype=jnp.bfloat16):
@@ -150,12 +164,8 @@ def test_bench_configs_lower_for_cuda(tiles, w_transposed):
     shape, to one Mosaic GPU custom call: wgmma accepts the operand views (the transposed
     (cta_n, tile_k) w tile included), and the SMEM fits."""
     m, k, n = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
-    f = jax.jit(lambda x, w: matmul(x, w, w_transposed=w_transposed, tiles=tiles))
-    with _fake_h200(132):
-        text = f.trace(s(m, k), s(*((n, k) if w_transposed else (k, n)))).lower(
-            lowering_platforms=("cuda",)).as_text()
-    calls = [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    f = lambda x, w: matmul(x, w, w_transposed=w_transposed, tiles=tiles)   # noqa: E731
+    calls = custom_calls(f, (m, k), (n, k) if w_transposed else (k, n))
     assert len(calls) == 1 and "@mosaic_gpu" in calls[0], calls
 
 
@@ -187,12 +197,8 @@ def test_lora_matches_reference(w_transposed):
 def test_lora_lowers_for_cuda(w_transposed):
     """The default LoRA tiles (128 x 256 CTA tile, 3 stages) at a Llama shape, R = 16."""
     m, k, n, r = 2048, 4096, 11008, 16
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
-    f = jax.jit(lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, w_transposed=w_transposed))
-    with _fake_h200(132):
-        text = f.trace(s(m, k), s(*((n, k) if w_transposed else (k, n))), s(k, r),
-                       s(r, n)).lower(lowering_platforms=("cuda",)).as_text()
-    assert sum("@mosaic_gpu" in line for line in text.splitlines()) == 1
+    f = lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, w_transposed=w_transposed)  # noqa: E731
+    assert mosaic_calls(f, (m, k), (n, k) if w_transposed else (k, n), (k, r), (r, n)) == 1
 
 
 def test_lora_bad_operands_raise():
@@ -215,12 +221,8 @@ def test_lora_bad_operands_raise():
 def test_bench_lora_configs_lower_for_cuda(tiles):
     """Every LoRA configuration the benchmark times lowers for CUDA at its widest shape."""
     m, k, n, r = 2048, 4096, 11008, 16
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
-    f = jax.jit(lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, tiles=Tiles(**tiles)))
-    with _fake_h200(132):
-        text = f.trace(s(m, k), s(k, n), s(k, r), s(r, n)).lower(
-            lowering_platforms=("cuda",)).as_text()
-    assert sum("@mosaic_gpu" in line for line in text.splitlines()) == 1
+    f = lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, tiles=Tiles(**tiles))   # noqa: E731
+    assert mosaic_calls(f, (m, k), (k, n), (k, r), (r, n)) == 1
 
 
 def test_bench_harness_reports_hang_and_crash():
@@ -280,13 +282,9 @@ def test_lowrank_lowers_for_cuda(tiles, w_transposed):
     benchmark times, R = 16, at the widest Llama shape."""
     m, k, n, r = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096, 16
     assert LOWRANK_TILES in LOWRANK_CONFIGS
-    s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)   # noqa: E731
-    f = jax.jit(lambda x, w, u, v: gemm_lowrank(x, w, u, v, w_transposed=w_transposed,
-                                                tiles=tiles))
-    with _fake_h200(132):
-        text = f.trace(s(m, k), s(*((n, k) if w_transposed else (k, n))), s(m, r),
-                       s(r, n)).lower(lowering_platforms=("cuda",)).as_text()
-    assert sum("@mosaic_gpu" in line for line in text.splitlines()) == 1
+    f = lambda x, w, u, v: gemm_lowrank(x, w, u, v, w_transposed=w_transposed,  # noqa: E731
+                                        tiles=tiles)
+    assert mosaic_calls(f, (m, k), (n, k) if w_transposed else (k, n), (m, r), (r, n)) == 1
 
 
 def test_lowrank_bad_operands_raise():

@@ -58,8 +58,7 @@ from einops import rearrange
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-import jora
-from jora import vary_alike   # operands alike in shard_map's varying axes: see jora
+import jora   # jora.vary_alike: operands alike in shard_map's varying axes; jora.project
 
 _MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
 
@@ -317,7 +316,7 @@ def lora_matmul(x, w, a, b, scale: float, *, x_lora=None, tiles: Tiles | None = 
         raise ValueError(f"x_lora must be like x {x.shape} {x.dtype}, got {x_lora.shape} "
                          f"{x_lora.dtype}")
     tiles = Tiles.default(x.dtype) if tiles is None else tiles
-    x, w, a, b, xl = vary_alike(x, w, a, b, x if x_lora is None else x_lora)
+    x, w, a, b, xl = jora.vary_alike(x, w, a, b, x if x_lora is None else x_lora)
     return _lora_matmul(x, w, a, b, xl, float(scale), x_lora is not None, tiles, bool(interpret))
 
 
@@ -376,10 +375,11 @@ def projection(kernels: str = "auto"):
     rows = lambda t: rearrange(t, "B T I -> (B T) I")   # noqa: E731
 
     def project(x, w, ab, lcfg, drop=None):
-        if ab is None or (kernels == "auto" and not fits_hopper(rows(x), w, ab.a)):
+        xr = rows(x)
+        if ab is None or (kernels == "auto" and not fits_hopper(xr, w, ab.a)):
             return jora.project(x, w, ab, lcfg, drop)
-        xl = drop.apply(x, lcfg.dropout) if drop is not None and lcfg.dropout > 0 else None
-        y = lora_matmul(rows(x), w, ab.a, ab.b, lcfg.scale, x_lora=None if xl is None
-                        else rows(xl), interpret=jax.default_backend() != "gpu")
+        xl = rows(drop.apply(x, lcfg.dropout)) if drop is not None and lcfg.dropout > 0 else None
+        y = lora_matmul(xr, w, ab.a, ab.b, lcfg.scale, x_lora=xl,
+                        interpret=jax.default_backend() != "gpu")
         return rearrange(y, "(B T) O -> B T O", B=x.shape[0])
     return project
