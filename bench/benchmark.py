@@ -61,7 +61,8 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
-                   devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r, layers="unrolled",
+                   devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r,
+                   lora_dropout=lcfg.dropout, layers="unrolled",
                    **dataclasses.asdict(opts), **dataclasses.asdict(plan),   # every option
                    kernels_used=jora.kernel_projection(plan) is not None)
         try:

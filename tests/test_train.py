@@ -390,6 +390,7 @@ def test_benchmark_mode_reports_each_length(capsys):
     assert "seq 64: compiling" in err and "seq 128: compiling" in err
     assert all(r["tokens_per_s"] > 0 and r["compile_s"] >= 0 and "error" not in r for r in rows)
     assert all(r["planned_gib"] > 0 for r in rows)   # XLA's memory plan, on any backend
+    assert all(r["lora_dropout"] == 0.05 for r in rows)   # train.py's default, recorded
     plans = train.main(["--benchmark", "--size", "tiny", "--seq-len", "128", "--batch-size", "8",
                         "--bench-steps", "0", "--remat", "full", "--mlp-chunk", "32"])
     assert plans[0]["planned_gib"] > 0 and plans[0]["mlp_chunk"] == 32
