@@ -3,6 +3,7 @@
     python -m experiments.bench_hopper_gemm                 # all 18 problems, CONFIGS, < 3 min
     python -m experiments.bench_hopper_gemm --ms 8192 --sweep   # also SWEEP's configurations
     python -m experiments.bench_hopper_gemm --lowrank 16    # gemm_lowrank, LOWRANK_CONFIGS
+    python -m experiments.bench_hopper_gemm --ms 2048 --kn 4096x11008 --wave   # 128 x 128 CTAs
 
 For M in --ms and (K, N) in (4096, 4096), (4096, 11008), (11008, 4096), both orientations:
   w_kn  y = x @ w,   w stored (K, N)
@@ -19,6 +20,7 @@ markdown table, then the best configuration per problem. Exit status 0 (also on 
 "needs a GPU").
 """
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -38,6 +40,10 @@ SWEEP = (Tiles(stages=3), Tiles(group=16), Tiles(group=4, group_dim="n"),
 # stacked, and a wgmma left in flight.
 LOWRANK_CONFIGS = (LOWRANK_TILES, Tiles(stages=3), Tiles(split="m", epi_buffers=1),
                    Tiles(in_flight=1, epi_buffers=1))
+# 128 x 128 CTA tiles (--wave): twice the tiles of 128 x 256, so a ragged last wave wastes less
+# of the 132 SMs (4096 -> 11008 at M = 2048: 688 CTA tiles are 5.2 waves, 1,376 are 10.4).
+WAVE = (Tiles(tile_m=64, split="m"), Tiles(tile_m=64, split="m", stages=6), Tiles(tile_n=64),
+        Tiles(tile_n=64, stages=6), Tiles(tile_m=64))
 TOL = 1e-2
 
 
@@ -50,6 +56,8 @@ def main(argv=None):
     ap.add_argument("--ms", default="2048,8192,32768", help="tokens M, comma-separated")
     ap.add_argument("--sweep", action="store_true", help="also time SWEEP's configurations")
     ap.add_argument("--lowrank", type=int, default=0, help="R > 0: time gemm_lowrank")
+    ap.add_argument("--wave", action="store_true", help="time WAVE's configurations only")
+    ap.add_argument("--kn", default="", help="only these K x N, e.g. 4096x11008 (default: all)")
     ap.add_argument("--budget", type=float, default=150.0,
                     help="seconds after which remaining configurations are skipped")
     args = ap.parse_args(argv)
@@ -59,6 +67,10 @@ def main(argv=None):
     kind = jax.devices()[0].device_kind
     r = args.lowrank
     configs = LOWRANK_CONFIGS if r else CONFIGS + (SWEEP if args.sweep else ())
+    if args.wave:
+        configs = (LOWRANK_TILES if r else Tiles(),) + tuple(
+            dataclasses.replace(t, epi_buffers=1) if r else t for t in WAVE)
+    shapes = [tuple(int(d) for d in kn.split("x")) for kn in args.kn.split(",") if kn] or LLAMA_KN
     u = v = None   # (M, R), (R, N) with --lowrank
 
     def kernel(x, w, **kw):
@@ -72,7 +84,7 @@ def main(argv=None):
     ref_fn = jax.jit(reference)
     maxrel = jax.jit(lambda y, r: jnp.max(jnp.abs(y.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
     for m in (int(v) for v in args.ms.split(",")):
-        for k, n in LLAMA_KN:
+        for k, n in shapes:
             kx, kw = jax.random.split(jax.random.key(m + k + n))
             x = jax.random.normal(kx, (m, k), jnp.bfloat16)
             w_kn = (jax.random.normal(kw, (k, n), jnp.float32) / k ** 0.5).astype(jnp.bfloat16)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from experiments.bench_hopper_gemm import CONFIGS, LOWRANK_CONFIGS
+from experiments.bench_hopper_gemm import CONFIGS, LOWRANK_CONFIGS, WAVE
 from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
 from kernels.hopper_gemm import (LOWRANK_TILES, Tiles, gemm_lowrank, lora_matmul, lora_reference,
                                  matmul, reference)
@@ -158,7 +158,7 @@ def test_bad_operands_raise():
 
 
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
-@pytest.mark.parametrize("tiles", CONFIGS, ids=str)
+@pytest.mark.parametrize("tiles", CONFIGS + WAVE, ids=str)
 def test_bench_configs_lower_for_cuda(tiles, w_transposed):
     """Every configuration the benchmark times lowers for CUDA (no GPU needed) at a Llama
     shape, to one Mosaic GPU custom call: wgmma accepts the operand views (the transposed
