@@ -16,9 +16,12 @@ Each skinny part is also given as GB/s of the bytes it must move, against the H2
 a part far below that is worth a kernel, one near it only by being removed. Prints one table.
 A part timed alone is launch-bound at these sizes; --profile DIR traces 10 calls each of the
 frozen projection's f+b, the kernel's f+b and the skinny parts both ways (one jit) into
-DIR/<M>_<K>_<N>/<what>, for `python bench/profile.py DIR --tsv FILE` (GPU time per kernel).
+DIR/<M>_<K>_<N>/<what> and prints, per shape, the GPU time of each kernel a call (the sum of
+kernel durations: no launch gaps) and the kernel's f+b over the frozen one by that measure.
 """
 import argparse
+import collections
+import glob
 import sys
 
 import jax
@@ -29,6 +32,20 @@ from kernels.lora_matmul import gemm_lowrank, lora_matmul
 
 LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 S = 2.0
+
+
+def gpu_kernels(folder: str, calls: int):
+    """{kernel name: GPU microseconds a call} from the traces under `folder`."""
+    from jax.profiler import ProfileData
+    us = collections.Counter()
+    for path in glob.glob(f"{folder}/**/*.xplane.pb", recursive=True):
+        for plane in ProfileData.from_file(path).planes:
+            if plane.name.startswith("/device:GPU"):
+                for line in plane.lines:
+                    if line.name.startswith("Stream"):
+                        for e in line.events:
+                            us[e.name] += e.duration_ns / 1e3 / calls
+    return us
 
 
 def main(argv=None):
@@ -57,6 +74,7 @@ def main(argv=None):
         "dx gemm": (lambda dy, w, g, a: gemm_lowrank(dy, w, g, a.T, q_transposed=True), "dwga",
                     None),
     }
+    gpu = {}   # (m, k, n) -> {what: {kernel: us a call}}
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, R = {r}; us (GB/s)")
     print("| M | K -> N | " + " | ".join(parts) + " | frozen f+b | kernel f+b | parts sum |")
     print("|---|---|" + "---|" * (len(parts) + 3))
@@ -102,13 +120,22 @@ def main(argv=None):
                         ("skinny", skinny, tuple(ops[c] for c in "xdabug"))):
                     f = jax.jit(fn)
                     jax.block_until_ready(f(*xs))
-                    with jax.profiler.trace(f"{args.profile}/{m}_{k}_{n}/{what}"):
+                    folder = f"{args.profile}/{m}_{k}_{n}/{what}"
+                    with jax.profiler.trace(folder):
                         for _ in range(10):
                             out = f(*xs)
                         jax.block_until_ready(out)
+                    gpu.setdefault((m, k, n), {})[what] = gpu_kernels(folder, 10)
             print(f"| {m} | {k} -> {n} | " + " | ".join(row) +
                   f" | {tf * 1e6:.1f} | {tk * 1e6:.1f} ({tk / tf:.3f}x) | {total * 1e6:.1f} |",
                   flush=True)
+    for (m, k, n), per in gpu.items():
+        fz, kn = sum(per["frozen"].values()), sum(per["kernel"].values())
+        print(f"\nM {m}, {k} -> {n}, GPU time a call: frozen f+b {fz:.1f} us, kernel f+b "
+              f"{kn:.1f} us ({kn / fz:.3f}x)")
+        for what in ("kernel", "skinny"):
+            print(f"  {what}: " + ", ".join(f"{name[:48]} {t:.1f}"
+                                            for name, t in per[what].most_common()))
     return 0
 
 
