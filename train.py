@@ -191,9 +191,9 @@ def run(args, given, out) -> dict:
     if args.generate:
         return generate(args, params, cfg, tok, mesh)
     train_ex, eval_ex, per_epoch = trainer.prepare_examples(
-        args.data, args.format, tok, args.seq_len, args.eval_split, args.seed,
-        args.batch_size * args.grad_accum, args.pack, args.max_segments,
-        log=lambda line: say(line, flush=True))
+        args.data, args.format, tok, seq_len=args.seq_len, eval_split=args.eval_split,
+        seed=args.seed, rows=args.batch_size * args.grad_accum, pack=args.pack,
+        max_segments=args.max_segments, log=lambda line: say(line, flush=True))
     tcfg = jora.TrainConfig(steps=args.steps or max(1, int(args.epochs * per_epoch)),
                             batch_size=args.batch_size, grad_accum=args.grad_accum,
                             seq_len=args.seq_len, lr=args.lr, warmup=args.warmup,
@@ -206,8 +206,8 @@ def run(args, given, out) -> dict:
         overwrite=args.overwrite, run_info=dict(vars(args)), tokenizer=tok)
     if "interrupted" in summary:   # (a checkpoint is saved: --resume continues)
         return summary
-    trainer.export_run(out, cfg, params, lora, lcfg, args.model,
-                       jnp.float32 if args.demo else jnp.bfloat16, log=say)
+    trainer.export_run(out, cfg, params, lora, lcfg, source=args.model,
+                       dtype=jnp.float32 if args.demo else jnp.bfloat16, log=say)
     if args.demo:
         summary["exact_match"] = demo.score(params, cfg, lora, lcfg, tok, say)
     with open(os.path.join(out, "metrics.jsonl")) as f:

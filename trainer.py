@@ -170,7 +170,7 @@ def padded_length(n: int, limit: int, bucket: int = 64) -> int:
     return min(limit, -(-n // step) * step)
 
 
-def _rows(examples, order, cursor, rows, seq_len, pack, most):
+def _rows(examples, order, cursor, *, rows, seq_len, pack, most):
     """The next `rows` rows of examples from order[cursor:] -> (rows, cursor after them)."""
     group = []
     while cursor < len(order) and len(group) < rows:
@@ -185,7 +185,7 @@ def _rows(examples, order, cursor, rows, seq_len, pack, most):
     return group, cursor
 
 
-def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: int,
+def batches(examples: list[Example], *, rows: int, seq_len: int, pack: bool, seed: int,
             position: tuple[int, int] = (0, 0), bucket: int = 64,
             max_segments: int = jora.Options.max_segments):
     """Endless deterministic batches -> yields (tokens, weights, segment_ids, next_position).
@@ -203,7 +203,8 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
             order = np.random.default_rng([seed, epoch]).permutation(len(examples))
             whole, yielded = cursor == 0, False   # an epoch from its start yielding nothing
             while True:
-                group, cursor = _rows(examples, order, cursor, rows, seq_len, pack, most)
+                group, cursor = _rows(examples, order, cursor, rows=rows, seq_len=seq_len,
+                                      pack=pack, most=most)
                 if len(group) < rows:   # the epoch's tail: start the next epoch instead
                     break
                 n = max(sum(len(e.tokens) for e in row) for row in group)
@@ -227,18 +228,19 @@ def batches(examples: list[Example], rows: int, seq_len: int, pack: bool, seed: 
     return itertools.chain([next(data)], data)
 
 
-def batches_per_epoch(examples, rows: int, seq_len: int, pack: bool, seed: int = 0,
+def batches_per_epoch(examples, *, rows: int, seq_len: int, pack: bool, seed: int = 0,
                       max_segments: int = jora.Options.max_segments) -> float:
     """Batches in one pass over `examples` (what --epochs counts); packed: the packer's batches,
     counted by running it. Refuses examples that cannot fill one batch, as `batches` does."""
-    data = batches(examples, rows, seq_len, pack, seed, max_segments=max_segments)
+    data = batches(examples, rows=rows, seq_len=seq_len, pack=pack, seed=seed,
+                   max_segments=max_segments)
     if not pack:
         return len(examples) / rows
     return sum(1 for *_, (epoch, _) in itertools.takewhile(lambda b: b[3][0] == 0, data))
 
 
-def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eval_split: float,
-                     seed: int, rows: int, pack: bool,
+def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, *, seq_len: int,
+                     eval_split: float, seed: int, rows: int, pack: bool,
                      max_segments: int = jora.Options.max_segments, log=print):
     """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
     from seed + 7) -> (train examples, eval examples, batches an epoch). Refuses, with the
@@ -252,7 +254,8 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, seq_len: int, eva
     split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
     train_ex = [examples[i] for i in split[n_eval:]]
     try:
-        per_epoch = batches_per_epoch(train_ex, rows, seq_len, pack, seed, max_segments)
+        per_epoch = batches_per_epoch(train_ex, rows=rows, seq_len=seq_len, pack=pack, seed=seed,
+                                      max_segments=max_segments)
     except ValueError as e:
         raise ValueError(f"{path}: {len(records)} records, {len(examples)} usable at --seq-len "
                          f"{seq_len}, {n_eval} held out by --eval-split {eval_split}: "
@@ -285,7 +288,7 @@ def answer_scores(prediction: str, reference: str) -> dict:
     return dict(exact_match=float(p == r), token_f1=f1 if p or r else 1.0)
 
 
-def generate_and_score(params, lora, examples, cfg, lcfg, tok, max_new_tokens: int = 256,
+def generate_and_score(params, lora, examples, cfg, lcfg, *, tok, max_new_tokens: int = 256,
                        mesh=None) -> dict:
     """Greedy answers to the prompts of `examples`, scored against their reference answers."""
     prompts = [ex.tokens[ex.weights == 0].tolist() for ex in examples]
@@ -621,7 +624,8 @@ def _drop_metrics_after(out: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
-def export_run(out: str, cfg, params, lora, lcfg, source: str, dtype=jnp.bfloat16, log=print):
+def export_run(out: str, cfg, params, lora, lcfg, *, source: str, dtype=jnp.bfloat16,
+               log=print):
     """OUT/adapter (PEFT) and OUT/merged (HF). An old merged/ goes first: a crash between the two
     leaves a new adapter/ and no merged/, never a merged/ of other factors beside it."""
     merged, t = os.path.join(out, "merged"), time.time()
@@ -637,7 +641,7 @@ def export_run(out: str, cfg, params, lora, lcfg, source: str, dtype=jnp.bfloat1
 
 # 5. The loop ------------------------------------------------------------------------------------
 
-def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, *,
+def evaluate(params, lora, examples, cfg, lcfg, *, mesh, rows: int, seq_len: int,
              opts=jora.Options(), plan=jora.Plan()):
     """Mean answer-token loss over `examples`, one pass (the last batch filled with empties)."""
     nll = n = 0.0
@@ -645,7 +649,7 @@ def evaluate(params, lora, examples, cfg, lcfg, mesh, rows: int, seq_len: int, *
     for i in range(0, len(examples), rows):
         chunk = examples[i:i + rows]
         tokens, weights, segs, _ = next(batches(chunk + [empty] * (rows - len(chunk)),
-                                                     rows, seq_len, False, 0))
+                                                rows=rows, seq_len=seq_len, pack=False, seed=0))
         b = jora.shard(jora.make_batch(tokens, weights, segs), jora.batch_specs(), mesh)
         a, c = jora.loss_sums(params, lora, b, cfg, lcfg, opts=opts, plan=plan, mesh=mesh)
         nll, n = nll + float(a), n + float(c)
@@ -673,7 +677,7 @@ class Run:
     """The state of one run in its folder: the train state, where the data continues, the
     metrics not yet logged, and what the summary holds. Process 0 alone logs and writes."""
 
-    def __init__(self, out, cfg, lcfg, tcfg, mesh, schedule: Schedule, log):
+    def __init__(self, out, cfg, lcfg, tcfg, *, mesh, schedule: Schedule, log):
         self.out, self.cfg, self.lcfg, self.tcfg, self.mesh = out, cfg, lcfg, tcfg, mesh
         self.schedule, self.main = schedule, jax.process_index() == 0
         self.log = log if self.main else (lambda *_: None)
@@ -736,15 +740,15 @@ class Run:
         self.pending, self.tokens, self.flops, self.t0 = [], 0, 0.0, time.time()
 
     def evaluate(self, params, examples, opts, plan):
-        ev = evaluate(params, self.state.lora, examples, self.cfg, self.lcfg, self.mesh,
-                      self.tcfg.batch_size, self.tcfg.seq_len, opts=opts, plan=plan)
+        ev = evaluate(params, self.state.lora, examples, self.cfg, self.lcfg, mesh=self.mesh,
+                      rows=self.tcfg.batch_size, seq_len=self.tcfg.seq_len, opts=opts, plan=plan)
         self.log(f"step {self.done}/{self.tcfg.steps}  eval_loss {ev:.4f}  "
                  f"perplexity {math.exp(ev):.2f}")
         self.record(dict(step=self.done, eval_loss=ev, eval_perplexity=math.exp(ev)))
 
     def score(self, params, examples, tokenizer):
         s = generate_and_score(params, self.state.lora, examples[:8], self.cfg, self.lcfg,
-                               tokenizer, mesh=self.mesh)
+                               tok=tokenizer, mesh=self.mesh)
         self.log(f"step {self.done}/{self.tcfg.steps}  exact_match {s['exact_match']:.3f}  "
                  f"token_f1 {s['token_f1']:.3f}")
         self.record(dict(step=self.done, **s))
@@ -777,8 +781,9 @@ def _start(run: Run, examples, *, opts, resume, overwrite, run_info, pack, plan)
     if resume:
         run.state, saved = load_checkpoint(path, cfg, lcfg, mesh)
         run.position, run.start = tuple(saved["data_position"]), int(saved["step"])
-    data = batches(examples, tcfg.batch_size * tcfg.grad_accum, tcfg.seq_len, pack,
-                        tcfg.seed, run.position, max_segments=opts.max_segments)  # refuses here
+    data = batches(examples, rows=tcfg.batch_size * tcfg.grad_accum, seq_len=tcfg.seq_len,
+                   pack=pack, seed=tcfg.seed, position=run.position,
+                   max_segments=opts.max_segments)   # refuses here
     run.locked = run.main and lock_run(out)
     run.done = run.saved = run.start
     if resume:
@@ -853,7 +858,7 @@ def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=()
     schedule.eval_generate needs `tokenizer`, to score the decoded answers.
     """
     opts, s = dataclasses.replace(opts, packed=pack), schedule
-    run = Run(out, cfg, lcfg, tcfg, mesh, s, log)
+    run = Run(out, cfg, lcfg, tcfg, mesh=mesh, schedule=s, log=log)
     data = _start(run, examples, opts=opts, resume=resume, overwrite=overwrite,
                   run_info=run_info, pack=pack, plan=plan)
     key = jax.random.key(tcfg.seed + 1)   # dropout: step s uses fold_in(key, s)

@@ -339,7 +339,8 @@ def test_a_dataset_that_cannot_fill_a_batch_is_refused_within_seconds(files, tmp
         ex = [trainer.Example(np.ones(5, np.int32), np.ones(5, np.float32))] * 3
         for pack, position in ((False, (0, 0)), (True, (0, 0)), (True, (4, 2))):
             with pytest.raises(ValueError, match="3 examples cannot fill one batch of 4 rows"):
-                trainer.batches(ex, 4, 16, pack, 0, position)   # at the call: no next() needed
+                trainer.batches(ex, rows=4, seq_len=16, pack=pack, seed=0,   # at the call:
+                                position=position)                 # no next() needed
         assert time.time() - t < 30
 
 
@@ -347,8 +348,8 @@ def test_a_second_signal_stops_at_once(files, tmp_path):
     mesh = jora.make_mesh(1)
     cfg, params = jora.load_hf(files.base, jnp.float32, mesh)
     tok = jora.Tokenizer(files.base)
-    ex, _, _ = trainer.prepare_examples(files.data, "auto", tok, 48, 0.0, 0, 8, False,
-                                     log=lambda *_: None)
+    ex, _, _ = trainer.prepare_examples(files.data, "auto", tok, seq_len=48, eval_split=0.0,
+                                        seed=0, rows=8, pack=False, log=lambda *_: None)
 
     def log(line):   # two Ctrl-C while step 2 is logged
         if line.startswith("step 2/"):

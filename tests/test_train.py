@@ -89,18 +89,18 @@ def test_batches_are_deterministic_resumable_and_packed():
     rng = np.random.default_rng(0)
     ex = [trainer.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(5, 30, 40)]
-    a = trainer.batches(ex, 2, 63, pack=True, seed=3)
+    a = trainer.batches(ex, rows=2, seq_len=63, pack=True, seed=3)
     first = [next(a) for _ in range(6)]
-    again = trainer.batches(ex, 2, 63, pack=True, seed=3)
+    again = trainer.batches(ex, rows=2, seq_len=63, pack=True, seed=3)
     for x, y in zip(first, [next(again) for _ in range(6)]):
         np.testing.assert_array_equal(x[0], y[0])
-    resumed = trainer.batches(ex, 2, 63, pack=True, seed=3, position=first[2][3])
+    resumed = trainer.batches(ex, rows=2, seq_len=63, pack=True, seed=3, position=first[2][3])
     np.testing.assert_array_equal(next(resumed)[0], first[3][0])
     tokens, weights, segs, _ = first[0]
     assert tokens.shape == (2, 64) and segs.max() >= 2            # several examples a row
-    other = next(trainer.batches(ex, 2, 63, pack=True, seed=4))[0]
+    other = next(trainer.batches(ex, rows=2, seq_len=63, pack=True, seed=4))[0]
     assert not np.array_equal(other, tokens)
-    t, _, s, _ = next(trainer.batches(ex, 3, 255, pack=False, seed=0, bucket=16))
+    t, _, s, _ = next(trainer.batches(ex, rows=3, seq_len=255, pack=False, seed=0, bucket=16))
     assert (t.shape[1] - 1) % 16 == 0 and t.shape[1] < 64 and s.max() == 1   # padded to the longest
 
 
@@ -455,12 +455,13 @@ def test_packing_keeps_to_max_segments():
     ex = [trainer.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(2, 6, 200)]
     for most in (2, 3, 5):
-        b = trainer.batches(ex, 2, 127, pack=True, seed=0, max_segments=most)
+        b = trainer.batches(ex, rows=2, seq_len=127, pack=True, seed=0, max_segments=most)
         for _ in range(10):
             _, _, segs, _ = next(b)
             assert segs.max() == most - 1                  # short examples: the cap binds
             assert jora.count_runs(segs[:, :-1]) <= most   # what the model sees: T positions
-    _, _, segs, _ = next(trainer.batches(ex, 2, 127, pack=True, seed=0, max_segments=0))
+    _, _, segs, _ = next(trainer.batches(ex, rows=2, seq_len=127, pack=True, seed=0,
+                                         max_segments=0))
     assert segs.max() > 16                                 # no cap: as many as fit
 
 
@@ -470,8 +471,9 @@ def test_an_epoch_of_packed_rows_counts_batches_not_examples():
     rng = np.random.default_rng(2)
     ex = [trainer.Example(rng.integers(3, 50, n).astype(np.int32), np.ones(n, np.float32))
           for n in rng.integers(5, 20, 60)]
-    n = trainer.batches_per_epoch(ex, 2, 63, True, 0, 8)
-    b = trainer.batches(ex, 2, 63, pack=True, seed=0, max_segments=8)
+    n = trainer.batches_per_epoch(ex, rows=2, seq_len=63, pack=True, seed=0,
+                                  max_segments=8)
+    b = trainer.batches(ex, rows=2, seq_len=63, pack=True, seed=0, max_segments=8)
     used = sum(len(np.unique(s[s > 0])) for _ in range(n) for s in next(b)[2])
     assert 60 - 2 * 7 < used <= 60 and n < 60 / 4   # the epoch, bar a short tail; ~4+ a row
     assert next(b)[3][0] == 1                         # the next batch is the next epoch's
