@@ -322,20 +322,20 @@ def lora_matmul(x, w, a, b, scale: float, *, x_lora=None, tiles: Tiles | None = 
 
 
 def _lora_forward(x, w, a, b, xl, scale, tiles, interpret):
-    """y, and what the backward starts from: u = scale * xl @ a (M, Rp) and the padded
-    factors ap (K, Rp), bp (Rp, N) in x's dtype (cast once, not again in the backward)."""
+    """y and u = scale * xl @ a (M, Rp), from which the backward starts."""
     ap, bp = _pad_rank(a, b, x.dtype)
     u = (scale * _mm(xl, ap)).astype(x.dtype)                             # (M, Rp)
-    return gemm_lowrank(x, w, u, bp, tiles=tiles, interpret=interpret), (u, ap, bp)
+    return gemm_lowrank(x, w, u, bp, tiles=tiles, interpret=interpret), u
 
 
-def _lora_grads(a, b, ap, bp, xl, u, dy, scale):
+def _lora_grads(a, b, xl, u, dy, scale):
     """g = scale * dy @ b^T (M, Rp), and the fp32 sums over positions da, db."""
+    ap, bp = _pad_rank(a, b, dy.dtype)
     g = (scale * _mm(dy, bp.T)).astype(dy.dtype)                            # (M, Rp)
     R = a.shape[1]
     da = _mm(xl.T, g[:, :R])                                                # (K, R)
     db = _mm(u[:, :R].T, dy)                                                # (R, N)
-    return g, da.astype(a.dtype), db.astype(b.dtype)
+    return g, ap, da.astype(a.dtype), db.astype(b.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -345,14 +345,14 @@ def _lora_matmul(x, w, a, b, xl, scale, apart, tiles, interpret):
 
 
 def _fwd(x, w, a, b, xl, scale, apart, tiles, interpret):
-    y, (u, ap, bp) = _lora_forward(x, w, a, b, xl, scale, tiles, interpret)
-    return y, (w, a, b, ap, bp, xl, u)   # a, b: only their shapes and dtypes are used
+    y, u = _lora_forward(x, w, a, b, xl, scale, tiles, interpret)
+    return y, (w, a, b, xl, u)
 
 
 def _bwd(scale, apart, tiles, interpret, residuals, dy):
-    w, a, b, ap, bp, xl, u = residuals
+    w, a, b, xl, u = residuals
     dy = dy.astype(xl.dtype)
-    g, da, db = _lora_grads(a, b, ap, bp, xl, u, dy, scale)
+    g, ap, da, db = _lora_grads(a, b, xl, u, dy, scale)
     if not apart:   # dx = dy @ w^T + g @ a^T in one kernel; xl's cotangent is in it
         dx = gemm_lowrank(dy, w, g, ap.T, q_transposed=True, tiles=tiles,
                           interpret=interpret)                              # (M, K)
