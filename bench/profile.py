@@ -40,36 +40,40 @@ def hlo_op(event) -> str:
         return ""
 
 
+def gpu_planes(path: str):
+    """-> (plane name, its kernel events) for each GPU in the trace file `path`."""
+    for plane in ProfileData.from_file(path).planes:
+        if plane.name.startswith("/device:GPU"):
+            # the "Stream" lines hold the kernels; "XLA Ops"/"XLA Modules" lines repeat their
+            # time as annotations
+            yield plane.name, [e for line in plane.lines if line.name.startswith("Stream")
+                               for e in line.events]
+
+
 def summarise(path: str, top: int, tsv=None):
-    data = ProfileData.from_file(path)
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
+    for plane_name, events in gpu_planes(path):
         kernels, busy = collections.Counter(), 0.0
         per_op, counts = collections.Counter(), collections.Counter()
-        for line in plane.lines:
-            if not line.name.startswith("Stream"):
-                continue   # "XLA Ops"/"XLA Modules" lines repeat the same time as annotations
-            for e in line.events:
-                kernels[e.name] += e.duration_ns
-                busy += e.duration_ns
-                op = hlo_op(e)   # which HLO instruction launched it (cuBLAS kernels: the GEMM)
-                per_op[e.name, op] += e.duration_ns
-                counts[e.name, op] += 1
+        for e in events:
+            kernels[e.name] += e.duration_ns
+            busy += e.duration_ns
+            op = hlo_op(e)   # which HLO instruction launched it (cuBLAS kernels: the GEMM)
+            per_op[e.name, op] += e.duration_ns
+            counts[e.name, op] += 1
         if tsv:   # kernel, HLO op, launches, ms
             for (k, op), t in per_op.most_common():
                 tsv.write(f"{k}\t{op}\t{counts[k, op]}\t{t / 1e6:.3f}\n")
         if not busy:
-            print(f"{plane.name}: no kernel events (lines: {[ln.name for ln in plane.lines]})")
+            print(f"{plane_name}: no kernel events")
             continue
         kinds = collections.Counter()
         for k, t in kernels.items():
             kinds[kind(k)] += t
-        print(f"\n## {os.path.relpath(path)} {plane.name}: {busy / 1e6:.1f} ms of kernels")
+        print(f"\n## {os.path.relpath(path)} {plane_name}: {busy / 1e6:.1f} ms of kernels")
         print("| kind | ms | share |\n|---|---|---|")
         for k, t in kinds.most_common():
             print(f"| {k} | {t / 1e6:.1f} | {t / busy:.1%} |")
-        print(f"\n| top kernels | ms | share |\n|---|---|---|")
+        print("\n| top kernels | ms | share |\n|---|---|---|")
         for k, t in kernels.most_common(top):
             print(f"| {re.sub(r'[|]', '/', k)[:90]} | {t / 1e6:.2f} | {t / busy:.1%} |")
 

@@ -27,6 +27,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from bench.profile import gpu_planes
 from kernels.bench import seconds_per_call
 from kernels.lora_matmul import gemm_lowrank, lora_matmul
 
@@ -36,15 +37,11 @@ S = 2.0
 
 def gpu_kernels(folder: str, calls: int):
     """{kernel name: GPU microseconds a call} from the traces under `folder`."""
-    from jax.profiler import ProfileData
     us = collections.Counter()
     for path in glob.glob(f"{folder}/**/*.xplane.pb", recursive=True):
-        for plane in ProfileData.from_file(path).planes:
-            if plane.name.startswith("/device:GPU"):
-                for line in plane.lines:
-                    if line.name.startswith("Stream"):
-                        for e in line.events:
-                            us[e.name] += e.duration_ns / 1e3 / calls
+        for _, events in gpu_planes(path):
+            for e in events:
+                us[e.name] += e.duration_ns / 1e3 / calls
     return us
 
 
@@ -106,26 +103,24 @@ def main(argv=None):
                 y, vjp = jax.vjp(lambda x, a, b: lora_matmul(x, w, a, b, S), x, a, b)
                 return y, vjp(y)
 
-            tf = seconds_per_call(jax.jit(frozen), ops["x"], ops["w"])
-            tk = seconds_per_call(jax.jit(kernel), ops["x"], ops["w"], ops["a"].astype(jnp.float32),
-                                  ops["b"].astype(jnp.float32))
-            if args.profile:
-                def skinny(x, d, a, b, u, g):   # the backward's three parts, both ways
-                    return (parts["g"][0](d, b), parts["da"][0](x, g), parts["db"][0](u, d),
-                            parts["da'"][0](x, g), parts["db'"][0](u, d), parts["u"][0](x, a))
-                for what, fn, xs in (
-                        ("frozen", frozen, (ops["x"], ops["w"])),
-                        ("kernel", kernel, (ops["x"], ops["w"], ops["a"].astype(jnp.float32),
-                                            ops["b"].astype(jnp.float32))),
-                        ("skinny", skinny, tuple(ops[c] for c in "xdabug"))):
-                    f = jax.jit(fn)
-                    jax.block_until_ready(f(*xs))
-                    folder = f"{args.profile}/{m}_{k}_{n}/{what}"
-                    with jax.profiler.trace(folder):
-                        for _ in range(10):
-                            out = f(*xs)
-                        jax.block_until_ready(out)
-                    gpu.setdefault((m, k, n), {})[what] = gpu_kernels(folder, 10)
+            def skinny(x, d, a, b, u, g):   # the four rank-R products, da and db both ways
+                return (parts["u"][0](x, a), parts["g"][0](d, b), parts["da"][0](x, g),
+                        parts["db"][0](u, d), parts["da'"][0](x, g), parts["db'"][0](u, d))
+            a32, b32 = ops["a"].astype(jnp.float32), ops["b"].astype(jnp.float32)   # as trained
+            cases = {"frozen": (jax.jit(frozen), (ops["x"], ops["w"])),
+                     "kernel": (jax.jit(kernel), (ops["x"], ops["w"], a32, b32)),
+                     "skinny": (jax.jit(skinny), tuple(ops[c] for c in "xdabug"))}
+            tf, tk = (seconds_per_call(f, *xs) for f, xs in (cases["frozen"], cases["kernel"]))
+            for what, (f, xs) in cases.items():
+                if not args.profile:
+                    break
+                jax.block_until_ready(f(*xs))   # compiled before the trace starts
+                folder = f"{args.profile}/{m}_{k}_{n}/{what}"
+                with jax.profiler.trace(folder):
+                    for _ in range(10):
+                        out = f(*xs)
+                    jax.block_until_ready(out)
+                gpu.setdefault((m, k, n), {})[what] = gpu_kernels(folder, 10)
             print(f"| {m} | {k} -> {n} | " + " | ".join(row) +
                   f" | {tf * 1e6:.1f} | {tk * 1e6:.1f} ({tk / tf:.3f}x) | {total * 1e6:.1f} |",
                   flush=True)
