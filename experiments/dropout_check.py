@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jora
+from kernels.bench import rel   # relative Frobenius error, in fp32
 
 
 def _model(layers: int, seq: int):
@@ -30,11 +31,6 @@ def _model(layers: int, seq: int):
                    for i, w in enumerate(params.layers.attn_norm)]))
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, seq + 1))
     return cfg, params, jora.make_batch(tokens)
-
-
-def _rel(a, b):
-    return float(jnp.linalg.norm((a - b).astype(jnp.float32)) /
-                 jnp.maximum(jnp.linalg.norm(b.astype(jnp.float32)), 1e-30))
 
 
 def gradients(layers: int, seq: int):
@@ -61,8 +57,8 @@ def gradients(layers: int, seq: int):
         ref = out["fp32"][1]
         for path in ("xla", "pallas"):
             loss, g = out[path]
-            errs = [f"{_rel(getattr(g, t).a, getattr(ref, t).a):.4f}/"
-                    f"{_rel(getattr(g, t).b, getattr(ref, t).b):.4f}" for t in jora.PROJ]
+            errs = [f"{rel(getattr(g, t).a, getattr(ref, t).a):.4f}/"
+                    f"{rel(getattr(g, t).b, getattr(ref, t).b):.4f}" for t in jora.PROJ]
             print(f"{d:>7} {path:>6} {float(loss):9.5f} " + " ".join(f"{e:>13}" for e in errs))
         print(f"{d:>7} {'fp32':>6} {float(out['fp32'][0]):9.5f}")
 
