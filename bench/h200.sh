@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {hopper, kmodel, kgoal, kdefault, lowrank, parts, wave, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {tail, hopper, kmodel, kgoal, kdefault, lowrank, parts, wave, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -103,6 +103,12 @@ case "$part" in
   parts) # the LoRA projection's f+b part by part, with GPU kernel time from traces
          timeout 200 python3 -m experiments.bench_lora_parts --ms ${KMS:-2048,8192} --profile "$OUT/parts" \
            2>&1 | grep -v Warning | tee -a "$RESULTS/lora-parts-h200-$DAY.md" ;;
+  tail)  # the ragged last wave in a second launch of smaller tiles: tests, then the GEMM
+         timeout 150 python3 -m pytest -q experiments/test_hopper_gemm.py -k "split or tail or matches" 2>&1 | tail -3
+         timeout 150 python3 -m experiments.bench_hopper_gemm --ms 2048 --kn 4096x11008 --tail --budget 120 \
+           | tee -a "$RESULTS/gemm-h200-$DAY.md"
+         timeout 200 python3 -m experiments.bench_hopper_gemm --ms 32768 --kn 4096x4096,11008x4096 --tail \
+           --budget 170 | tee -a "$RESULTS/gemm-h200-$DAY.md" ;;
   wave)  # 128 x 128 CTA tiles against the default 128 x 256 where the last wave is ragged
          timeout 150 python3 -m experiments.bench_hopper_gemm --ms ${KMS:-2048,8192} \
            --kn 4096x11008,11008x4096 --wave --budget 120 | tee -a "$RESULTS/gemm-h200-$DAY.md" ;;

@@ -4,6 +4,7 @@
     python -m experiments.bench_hopper_gemm --ms 8192 --sweep   # also SWEEP's configurations
     python -m experiments.bench_hopper_gemm --lowrank 16    # gemm_lowrank, LOWRANK_CONFIGS
     python -m experiments.bench_hopper_gemm --ms 2048 --kn 4096x11008 --wave   # 128 x 128 CTAs
+    python -m experiments.bench_hopper_gemm --ms 2048,32768 --tail   # the ragged wave split off
 
 For M in --ms and (K, N) in (4096, 4096), (4096, 11008), (11008, 4096), both orientations:
   w_kn  y = x @ w,   w stored (K, N)
@@ -15,9 +16,11 @@ max|y - ref| / max|ref| against `hopper_gemm.reference` (fp32); above 1e-2 is ma
 A configuration that fails to compile or run prints one line and the run goes on; past
 --budget seconds the remaining configurations are skipped (so it ends in time). --lowrank R
 times gemm_lowrank (x @ w + u @ v, u (M, R), v (R, N)) instead, still against cuBLAS's plain
-x @ w: kernel/cuBLAS is then what the fused rank-R term costs on top of the frozen GEMM. Prints a
-markdown table, then the best configuration per problem. Exit status 0 (also on a CPU:
-"needs a GPU").
+x @ w: kernel/cuBLAS is then what the fused rank-R term costs on top of the frozen GEMM. Every
+configuration runs with tail="auto" (a ragged last wave in a second launch of TAIL_TILES where
+`_split` cuts one off), except with --tail: the default tiles with no tail launch (tail None) and
+with each of TAILS. Prints a markdown table, then the best configuration per problem. Exit
+status 0 (also on a CPU: "needs a GPU").
 """
 import argparse
 import dataclasses
@@ -27,7 +30,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kernels.hopper_gemm import LOWRANK_TILES, Tiles, gemm_lowrank, matmul, reference
+from kernels.hopper_gemm import (LOWRANK_TILES, TAIL_TILES, Tiles, gemm_lowrank, matmul,
+                                 reference)
 from kernels.bench import seconds_per_call as _seconds_per_call
 
 LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
@@ -44,6 +48,9 @@ LOWRANK_CONFIGS = (LOWRANK_TILES, Tiles(stages=3), Tiles(split="m", epi_buffers=
 # of the 132 SMs (4096 -> 11008 at M = 2048: 688 CTA tiles are 5.2 waves, 1,376 are 10.4).
 WAVE = (Tiles(tile_m=64, split="m"), Tiles(tile_m=64, split="m", stages=6), Tiles(tile_n=64),
         Tiles(tile_n=64, stages=6), Tiles(tile_m=64))
+# --tail: the second launch's tiles: 128 x 64 (the default), 64 x 128, 64 x 256, 128 x 128.
+TAILS = (TAIL_TILES, Tiles(tile_m=64, tile_n=64, stages=6), Tiles(tile_m=64),
+         Tiles(tile_n=64, stages=5))
 TOL = 1e-2
 
 
@@ -57,6 +64,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time SWEEP's configurations")
     ap.add_argument("--lowrank", type=int, default=0, help="R > 0: time gemm_lowrank")
     ap.add_argument("--wave", action="store_true", help="time WAVE's configurations only")
+    ap.add_argument("--tail", action="store_true",
+                    help="the default tiles without and with each of TAILS' tail launch")
     ap.add_argument("--kn", default="", help="only these K x N, e.g. 4096x11008 (default: all)")
     ap.add_argument("--budget", type=float, default=150.0,
                     help="seconds after which remaining configurations are skipped")
@@ -70,6 +79,11 @@ def main(argv=None):
     if args.wave:
         configs = (LOWRANK_TILES if r else Tiles(),) + tuple(
             dataclasses.replace(t, epi_buffers=1) if r else t for t in WAVE)
+    # (tiles, tail) pairs; a tail's name is its CTA tile
+    configs = [(t, "auto") for t in configs]
+    if args.tail:
+        default = LOWRANK_TILES if r else Tiles()
+        configs = [(default, None)] + [(default, t) for t in TAILS]
     shapes = [tuple(int(d) for d in kn.split("x")) for kn in args.kn.split(",") if kn] or LLAMA_KN
     u = v = None   # (M, R), (R, N) with --lowrank
 
@@ -101,25 +115,27 @@ def main(argv=None):
                 t_ref = seconds_per_call(cublas, x, w) * 1e6
                 row = f"| {m} | {k} -> {n} | {name} | {t_ref:.1f} |"
                 top = (None, None)
-                for tiles in configs:
+                for tiles, tail in configs:
+                    name_ = f"{tiles} tail " + (f"{tail.cta_m}x{tail.cta_n} s{tail.stages}"
+                                                if isinstance(tail, Tiles) else str(tail))
                     if time.perf_counter() - start > args.budget:
-                        print(f"{row} skipped | | | | {tiles} (past --budget {args.budget:g} s) |")
+                        print(f"{row} skipped | | | | {name_} (past --budget {args.budget:g} s) |")
                         continue
                     try:
-                        f = jax.jit(lambda x, w, tr=tr, tiles=tiles: kernel(
-                            x, w, w_transposed=tr, tiles=tiles))
+                        f = jax.jit(lambda x, w, tr=tr, tiles=tiles, tail=tail: kernel(
+                            x, w, w_transposed=tr, tiles=tiles, tail=tail))
                         err = float(maxrel(f(x, w), want))
                         t = seconds_per_call(f, x, w) * 1e6
                     except Exception as e:   # a measurement: report, go on
                         msg = " ".join(str(e).split())[:160]
-                        print(f"{row} failed | | | | {tiles}: {type(e).__name__}: {msg} |",
+                        print(f"{row} failed | | | | {name_}: {type(e).__name__}: {msg} |",
                               flush=True)
                         continue
                     flag = " FAIL" if err > TOL else ""
                     print(f"{row} {t:.1f} | {t / t_ref:.3f} | {flops / t / 1e6:.0f} | "
-                          f"{err:.1e}{flag} | {tiles} |", flush=True)
+                          f"{err:.1e}{flag} | {name_} |", flush=True)
                     if not flag and (top[0] is None or t < top[0]):
-                        top = (t, tiles)
+                        top = (t, name_)
                 best.append((m, k, n, name, t_ref, *top))
             del x, w_kn, w_nk, want
             u = v = None

@@ -22,8 +22,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from experiments.bench_hopper_gemm import CONFIGS, LOWRANK_CONFIGS, WAVE
 from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
-from kernels.hopper_gemm import (LOWRANK_TILES, Tiles, gemm_lowrank, lora_matmul, lora_reference,
-                                 matmul, reference)
+from kernels.hopper_gemm import (LOWRANK_TILES, TAIL_TILES, Tiles, _split, gemm_lowrank,
+                                 lora_matmul, lora_reference, matmul, reference)
 from kernels.lora_matmul import on_hopper
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -51,14 +51,14 @@ def _mgpu_mode():
             yield
 
 
-def custom_calls(f, *shapes):
+def custom_calls(f, *shapes, all_lines=False):
     """The custom-call lines of f lowered for CUDA on a fake H200 (132 SMs), for bf16 operands
     of `shapes`: lowering needs no GPU, and checks wgmma's operand views, the TMA shapes and
     the SMEM size, which the interpreter does not."""
     args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
     with _fake_h200(132):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    return [line for line in text.splitlines() if "stablehlo.custom_call" in line]
+    return [line for line in text.splitlines() if all_lines or "stablehlo.custom_call" in line]
 
 
 def mosaic_calls(f, *shapes) -> int:
@@ -164,7 +164,8 @@ def test_bench_configs_lower_for_cuda(tiles, w_transposed):
     shape, to one Mosaic GPU custom call: wgmma accepts the operand views (the transposed
     (cta_n, tile_k) w tile included), and the SMEM fits."""
     m, k, n = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096
-    f = lambda x, w: matmul(x, w, w_transposed=w_transposed, tiles=tiles)   # noqa: E731
+    f = lambda x, w: matmul(x, w, w_transposed=w_transposed, tiles=tiles,   # noqa: E731
+                            tail=None)
     calls = custom_calls(f, (m, k), (n, k) if w_transposed else (k, n))
     assert len(calls) == 1 and "@mosaic_gpu" in calls[0], calls
 
@@ -283,7 +284,7 @@ def test_lowrank_lowers_for_cuda(tiles, w_transposed):
     m, k, n, r = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096, 16
     assert LOWRANK_TILES in LOWRANK_CONFIGS
     f = lambda x, w, u, v: gemm_lowrank(x, w, u, v, w_transposed=w_transposed,  # noqa: E731
-                                        tiles=tiles)
+                                        tiles=tiles, tail=None)
     assert mosaic_calls(f, (m, k), (n, k) if w_transposed else (k, n), (m, r), (r, n)) == 1
 
 
@@ -298,3 +299,66 @@ def test_lowrank_bad_operands_raise():
         gemm_lowrank(x, w, u.astype(jnp.float32), v)
     with pytest.raises(ValueError, match="SMEM"):
         gemm_lowrank(x, w, u, v, tiles=Tiles())   # 4 stages, 2 epilogue buffers and u, v
+
+
+# The ragged last wave in a second launch (`_split`): 688 CTA tiles of 128 x 256 at M = 2048,
+# N = 11008 are 5.2 waves of 132 SMs; 4096 at M = 32768, N = 4096 are 31.03.
+def test_split_cuts_only_ragged_last_waves():
+    """Worked by hand: 2048 x 11008 keeps 41 of 43 tile columns (656 tiles, 5 waves) and
+    gives the 2048 x 512 rest to 128 CTAs of 128 x 64; 32768 x 4096 keeps 255 of 256 tile
+    rows (4080 tiles) and gives 128 x 4096 to 64 CTAs. The other 7B shapes fill their last
+    wave to 76-97% (or their rest would not fit one wave of tail tiles): one launch."""
+    assert _split(2048, 11008, Tiles(), TAIL_TILES, 132) == ("n", 10496)
+    assert _split(32768, 4096, Tiles(), TAIL_TILES, 132) == ("m", 32640)
+    for m, n in ((2048, 4096), (8192, 4096), (8192, 11008), (32768, 11008)):
+        assert _split(m, n, Tiles(), TAIL_TILES, 132) is None, (m, n)
+    assert _split(2048, 11008, Tiles(), None, 132) is None
+    assert _split(256, 256, Tiles(), TAIL_TILES, 132) is None   # 2 tiles, fewer than SMs
+
+
+@pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
+@pytest.mark.parametrize("m,n,sms,cut", [(640, 256, 4, ("m", 512)), (256, 1280, 8, ("n", 1024))],
+                         ids=["rows", "cols"])
+def test_tail_split_matches_reference(m, n, sms, cut, w_transposed):
+    """The default 128 x 256 tiles and the 128 x 64 tail: 5 tiles on 4 SMs (the last M tile
+    row to the tail launch, 4 CTAs) and 10 tiles on 8 SMs (the last tile column, 8 CTAs);
+    matmul and gemm_lowrank (R = 16), so the tail's u rows and v columns are offset too."""
+    assert _split(m, n, Tiles(), TAIL_TILES, sms) == cut
+    k, r = 128, 16
+    x, w = operands(m, k, n, seed=41 + m + w_transposed, w_transposed=w_transposed)
+    ku, kv = jax.random.split(jax.random.key(9 + n))
+    u = jax.random.normal(ku, (m, r)).astype(jnp.bfloat16)
+    v = (jax.random.normal(kv, (r, n)) / np.sqrt(r)).astype(jnp.bfloat16)
+    with _mgpu_mode():
+        y = matmul(x, w, w_transposed=w_transposed, num_sms=sms)
+        y2 = gemm_lowrank(x, w, u, v, w_transposed=w_transposed, num_sms=sms)
+    check(y, reference(x, w, w_transposed=w_transposed))
+    check(y2, reference(x, w, w_transposed=w_transposed) + reference(u, v))
+
+
+def test_tail_split_lowers_for_cuda(monkeypatch):
+    """At 2048 x 4096 -> 11008 the GEMM is two Mosaic GPU launches, the second's (2048, 512)
+    block written into y by a dynamic_update_slice; in jora's LoRA op (its Hopper path forced)
+    under jax.checkpoint, forward and backward: the forward's two launches and the dx GEMM
+    (2048 x 11008 -> 4096, 256 tiles: one launch)."""
+    import kernels.lora_matmul as lm
+    lines = custom_calls(lambda x, w: matmul(x, w), (2048, 4096), (4096, 11008), all_lines=True)
+    calls = [line for line in lines if "stablehlo.custom_call" in line]
+    assert len(calls) == 2 and "2048x512xbf16" in calls[1], calls
+    assert any("dynamic_update_slice" in line for line in lines)
+    monkeypatch.setattr(lm, "on_hopper", lambda: True)
+
+    def loss(x, w, a, b):
+        return jnp.sum(lm.lora_matmul(x, w, a, b, 2.0).astype(jnp.float32) ** 2)
+    grad = jax.grad(jax.checkpoint(loss), argnums=(0, 2, 3))
+    calls = custom_calls(grad, (2048, 4096), (4096, 11008), (4096, 16), (16, 11008))
+    mosaic = [c for c in calls if "@mosaic_gpu" in c]
+    assert len(mosaic) == 3 and sum("2048x512xbf16" in c for c in mosaic) == 1, mosaic
+
+
+def test_bad_tail_raises():
+    x, w = operands(256, 128, 256, seed=0)
+    with pytest.raises(ValueError, match="must divide the CTA tile"):
+        matmul(x, w, tail=Tiles(tile_m=128, split="m"))   # 256 x 128 in 128 x 256
+    with pytest.raises(ValueError, match="tail must be"):
+        matmul(x, w, tail="small")

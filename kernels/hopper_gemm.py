@@ -116,6 +116,11 @@ class Tiles:
         return s + (f" e{self.epi_buffers}" if self.epi_buffers != 2 else "")
 
 
+# The ragged last wave's tiles (`_split`): 128 x 64 CTA tiles (two 64 x 64 WGs stacked), a
+# quarter of the default 128 x 256; 6 stages (176 KiB of SMEM, 184 with R = 16).
+TAIL_TILES = Tiles(tile_m=64, tile_n=64, split="m", stages=6)
+
+
 def reference(x, w, *, w_transposed: bool = False):
     """x @ w (x @ w.T with w_transposed) in plain jnp, fp32 result of the exact products
     (bf16 operands are exact in fp32); the kernel's result is this rounded to x.dtype."""
@@ -187,17 +192,20 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool =
     return m, k, n
 
 
-def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, mode=None, scale=1.0):
+def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, region, mode=None,
+            scale=1.0):
     """refs: y_gmem alone (mode None: y = x @ w), or
     mode "given":  u_gmem (M, R), v_gmem (R, N), y_gmem:  y = x @ w + u @ v;
     mode "inloop": a_gmem (R, K) (a^T), v_gmem (R, N), y_gmem:  y = x @ w + scale * (x @ a) @ v,
-                   x @ a accumulated from the x tiles of the K loop."""
+                   x @ a accumulated from the x tiles of the K loop.
+    region (row0, col0, rows, cols, own): the block of the (M, N) product this launch
+    computes; y_gmem is the whole (M, N) output (own False) or the block alone (own True)."""
     lr_gmem, v_gmem, y_gmem = refs if mode else (None, None, *refs)
     inloop = mode == "inloop"
     t = tiles
-    m, k = x_gmem.shape
-    n = y_gmem.shape[1]
-    m_tiles, n_tiles, k_steps = m // t.cta_m, n // t.cta_n, k // t.tile_k
+    k = x_gmem.shape[1]
+    row0, col0, rows, cols, own = region
+    m_tiles, n_tiles, k_steps = rows // t.cta_m, cols // t.cta_n, k // t.tile_k
     dt = y_gmem.dtype
     isz = jnp.dtype(dt).itemsize
     tr = _smem_transforms(t.tile_k, isz)    # x, w and a tiles: tile_k-element rows
@@ -243,7 +251,11 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, mode=None, 
             (lin,) = info.index
             minor = 0 if t.group_dim == "m" else 1
             mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, t.group)
-            cta_rows, cta_cols = pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n)
+            # The CTA tile's rows of x (and u) and columns of w (and v), and where it goes in y.
+            cta_rows = pl.ds(row0 + mi * t.cta_m, t.cta_m)
+            cta_cols = pl.ds(col0 + ni * t.cta_n, t.cta_n)
+            y_rows, y_cols = ((pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n))
+                              if own else (cta_rows, cta_cols))
 
             def step(_, x_smem, w_smem, *rest):
                 # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k)
@@ -263,7 +275,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, mode=None, 
 
             def epilogue(acc_ref):
                 y = acc_ref[...].astype(dt)   # waits for the last wgmmas
-                y_half = y_gmem.at[cta_rows, cta_cols].at[half_rows, half_cols]
+                y_half = y_gmem.at[y_rows, y_cols].at[half_rows, half_cols]
                 nbuf = t.epi_buffers
                 sub = 0
                 for i in range(t.tile_m // t.epi_m):
@@ -334,30 +346,97 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, mode=None, 
         lora_smem=lora_smem, collective_axes="wg")
 
 
-def _launch(operands, out_shape, dtype, *, tiles: Tiles, w_transposed: bool, num_sms, name,
-            **mode):
-    """One persistent launch of `_kernel`: a CTA per SM, at most one per output tile."""
+def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
+    """Where to cut off a ragged last wave: None, or ("m", rows) / ("n", cols), the size of
+    the leading block that `tiles` computes in whole waves (or nearly); the rest of M (or N)
+    goes to a second launch in the smaller `tail` tiles.
+
+    688 CTA tiles of 128 x 256 (M = 2048, N = 11008) on 132 SMs are 5 full waves and one of
+    28 tiles, which takes as long as a full one. Cut at 41 of the 43 tile columns: 656 tiles
+    (5 waves, 128 CTAs in the last), and the 2048 x 512 rest in 128 x 64 tiles, 128 CTAs that
+    take about a quarter of a wave. Only where the rest fits in one wave of tail tiles."""
+    m_tiles, n_tiles = m // tiles.cta_m, n // tiles.cta_n
+    total = m_tiles * n_tiles
+    if tail is None or total <= sms or total % sms == 0:
+        return None
+    full = total // sms * sms   # the tiles of the whole waves
+    best = None
+    for dim in ("n", "m"):
+        if dim == "n":   # the leading block: whole tile columns, the rest all of M
+            lead_tiles = full // m_tiles * m_tiles
+            lead = full // m_tiles * tiles.cta_n
+            rest_units = (n - lead) // tail.cta_n * (m // tail.cta_m)
+        else:
+            lead_tiles = full // n_tiles * n_tiles
+            lead = full // n_tiles * tiles.cta_m
+            rest_units = (m - lead) // tail.cta_m * (n // tail.cta_n)
+        if rest_units <= sms and (best is None or lead_tiles > best[0]):
+            best = (lead_tiles, dim, lead)
+    return None if best is None else best[1:]
+
+
+def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_transposed: bool,
+            num_sms, name, **mode):
+    """`_kernel` in one persistent launch (a CTA per SM, at most one per output tile), or, where
+    `_split` cuts off a ragged last wave, two: the leading block into the (M, N) output, the
+    rest into its own array, which XLA's dynamic_update_slice writes into y in place."""
     m, n = out_shape
-    grid = min(num_sms or _num_sms(), (m // tiles.cta_m) * (n // tiles.cta_n))
-    return plgpu.kernel(
-        functools.partial(_kernel, tiles=tiles, w_transposed=bool(w_transposed), **mode),
-        out_type=jax.ShapeDtypeStruct(out_shape, dtype),
-        grid=(grid,), grid_names=("sm",),
-        num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        kernel_name=name,
-    )(*operands)
+    sms = num_sms or _num_sms()
+
+    def launch(t, region, shape, suffix=""):
+        rows, cols = region[2:4]
+        return plgpu.kernel(
+            functools.partial(_kernel, tiles=t, w_transposed=bool(w_transposed),
+                              region=region, **mode),
+            out_type=jax.ShapeDtypeStruct(shape, dtype),
+            grid=(min(sms, (rows // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
+            num_threads=3, thread_name="wg",
+            compiler_params=plgpu.CompilerParams(
+                lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+            kernel_name=name + suffix,
+        )(*operands)
+
+    cut = _split(m, n, tiles, tail, sms)
+    if cut is None:
+        return launch(tiles, (0, 0, m, n, False), (m, n))
+    dim, size = cut
+    lead, rest = ((0, 0, size, n, False), (size, 0, m - size, n, True)) if dim == "m" else \
+        ((0, 0, m, size, False), (0, size, m, n - size, True))
+    y = launch(tiles, lead, (m, n))                  # the rest of y is left unwritten here
+    y_rest = launch(tail, rest, rest[2:4], "_tail")
+    return lax.dynamic_update_slice(y, y_rest, rest[:2])
 
 
-def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), num_sms=None):
+def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), tail="auto",
+           num_sms=None):
     """x @ w (x (M, K), w (K, N)) or, with w_transposed=True, x @ w.T (w (N, K), read in
     place) in x.dtype with fp32 accumulation: one warp-specialized persistent Mosaic GPU
-    kernel (see the module docstring). num_sms: the persistent grid size (default: the
-    device's SM count; fewer CTAs than tiles makes each CTA loop over several tiles)."""
+    kernel (see the module docstring), or two where the last wave of tiles is ragged
+    (`_split`). tail: the smaller Tiles of that second launch: "auto" (TAIL_TILES where they
+    divide tiles' CTA tile) or None (always one launch). num_sms: the persistent grid size
+    (default: the device's SM count; fewer CTAs than tiles makes each CTA loop over several
+    tiles)."""
     m, _, n = _check(x, w, tiles, w_transposed)
-    return _launch((x, w), (m, n), x.dtype, tiles=tiles, w_transposed=w_transposed,
+    tail = _check_tail(x, w, tiles, tail, w_transposed)
+    return _launch((x, w), (m, n), x.dtype, tiles=tiles, tail=tail, w_transposed=w_transposed,
                    num_sms=num_sms, name="hopper_gemm")
+
+
+def _check_tail(x, w, tiles: Tiles, tail, w_transposed: bool, rank: int = 0):
+    """The tail Tiles to use, or None: "auto" takes TAIL_TILES where they divide tiles' CTA
+    tile; explicit tail tiles must divide it, and pass `_check`."""
+    if tail is None:
+        return None
+    divides = lambda t: tiles.cta_m % t.cta_m == 0 and tiles.cta_n % t.cta_n == 0   # noqa: E731
+    if isinstance(tail, str):
+        if tail != "auto":
+            raise ValueError(f"tail must be Tiles, 'auto' or None, got {tail!r}")
+        return TAIL_TILES if divides(TAIL_TILES) else None
+    if not divides(tail):
+        raise ValueError(f"the tail CTA tile {tail.cta_m} x {tail.cta_n} must divide the CTA "
+                         f"tile {tiles.cta_m} x {tiles.cta_n} ({tail})")
+    _check(x, w, tail, w_transposed, rank=rank)
+    return tail
 
 
 def _padded_rank(r: int) -> int:
@@ -386,24 +465,27 @@ LOWRANK_TILES = Tiles(epi_buffers=1)
 
 
 def gemm_lowrank(x, w, u, v, *, w_transposed: bool = False, tiles: Tiles = LOWRANK_TILES,
-                 num_sms=None):
+                 tail="auto", num_sms=None):
     """x @ w + u @ v (x @ w.T + u @ v with w_transposed, w (N, K) read in place) in x.dtype:
     `matmul`'s kernel, whose epilogue adds the rank-R product into the fp32 accumulator
     before the single rounding, so the (M, N) output is written once. x (M, K), u (M, R),
     v (R, N), R <= 64, all one 16-bit dtype. The (tile_m, R) rows of u and the (R, tile_n)
     columns of v are TMA-loaded while the K loop runs; one wgmma adds them at its end.
     LoRA: u = scale * x @ a (from any XLA GEMM, with dropout if any), v = b; its backward
-    dx = dy @ w.T + (scale * dy @ b.T) @ a.T is the same call with w_transposed."""
+    dx = dy @ w.T + (scale * dy @ b.T) @ a.T is the same call with w_transposed. tail and
+    num_sms as in `matmul`."""
     if u.ndim != 2 or u.shape[0] != x.shape[0] or (v.ndim == 2 and u.shape[1] != v.shape[0]):
         raise ValueError(f"u must be (M, R) = ({x.shape[0]}, R) and v (R, N); got u{u.shape} "
                          f"v{v.shape}")
     n = w.shape[0] if w_transposed else w.shape[-1]
     r, rp = _check_rank(x, u, v, n, "u and v")
     m, _, n = _check(x, w, tiles, w_transposed, rank=rp)
+    tail = _check_tail(x, w, tiles, tail, w_transposed, rank=rp)
     u = jnp.pad(u, ((0, 0), (0, rp - r)))   # zero columns of u and rows of v add exact zeros
     v = jnp.pad(v, ((0, rp - r), (0, 0)))
-    return _launch((x, w, u, v), (m, n), x.dtype, tiles=tiles, w_transposed=w_transposed,
-                   num_sms=num_sms, name="hopper_gemm_lowrank", mode="given")
+    return _launch((x, w, u, v), (m, n), x.dtype, tiles=tiles, tail=tail,
+                   w_transposed=w_transposed, num_sms=num_sms, name="hopper_gemm_lowrank",
+                   mode="given")
 
 
 LORA_TILES = Tiles(stages=3)   # 4 stages of 128 x 256 CTA tiles leave no room for a and b
@@ -433,7 +515,8 @@ def lora_matmul(x, w, a, b, scale, *, w_transposed: bool = False, tiles: Tiles =
     # transposed. Zero rows of a^T and of b add exact zeros.
     a_t = jnp.pad(a.T, ((0, rp - r), (0, 0)))
     b = jnp.pad(b, ((0, rp - r), (0, 0)))
-    return _launch((x, w, a_t, b), (m, n), x.dtype, tiles=tiles, w_transposed=w_transposed,
+    return _launch((x, w, a_t, b), (m, n), x.dtype, tiles=tiles, tail=None,
+                   w_transposed=w_transposed,
                    num_sms=num_sms, name="hopper_lora_gemm", mode="inloop", scale=float(scale))
 
 
