@@ -36,6 +36,12 @@ or stacked along M (split="m": cta = (2 tile_m, tile_n)).
      while the next is filled. The memory WG is already loading the next tile's first
      `stages` K steps meanwhile (the pipeline releases the slots before the epilogue).
   6. After the last tile, every WG waits for its TMA stores.
+  7. Ragged last wave (`_split`): 688 CTA tiles (M = 2048, 4096 -> 11008) on 132 SMs are five
+     full waves and a sixth of 28 tiles that takes as long as a full one. Where the rest fits
+     in one wave of smaller tiles, the launch computes only the leading whole tile columns
+     in about whole waves, and a second launch the rest in `TAIL_TILES`
+     (128 x 64, a quarter of the work a CTA), whose (M, 512) result XLA writes into y's
+     unwritten columns by an in-place dynamic_update_slice.
 
 Tiles (`Tiles`, defaults): tile_m = tile_n = 128 per WG, tile_k = 64 (64 bf16 = 128 bytes, the
 128 B swizzle of both operand tiles), stages = 4, split="n" (CTA tile 128 x 256), epilogue
@@ -192,20 +198,20 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool =
     return m, k, n
 
 
-def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, region, mode=None,
+def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, columns, mode=None,
             scale=1.0):
     """refs: y_gmem alone (mode None: y = x @ w), or
     mode "given":  u_gmem (M, R), v_gmem (R, N), y_gmem:  y = x @ w + u @ v;
     mode "inloop": a_gmem (R, K) (a^T), v_gmem (R, N), y_gmem:  y = x @ w + scale * (x @ a) @ v,
                    x @ a accumulated from the x tiles of the K loop.
-    region (row0, col0, rows, cols, own): the block of the (M, N) product this launch
-    computes; y_gmem is the whole (M, N) output (own False) or the block alone (own True)."""
+    columns (col0, cols, own): the columns of the (M, N) product this launch computes; y_gmem
+    is the whole (M, N) output (own False) or those columns alone (own True)."""
     lr_gmem, v_gmem, y_gmem = refs if mode else (None, None, *refs)
     inloop = mode == "inloop"
     t = tiles
-    k = x_gmem.shape[1]
-    row0, col0, rows, cols, own = region
-    m_tiles, n_tiles, k_steps = rows // t.cta_m, cols // t.cta_n, k // t.tile_k
+    m, k = x_gmem.shape
+    col0, cols, own = columns
+    m_tiles, n_tiles, k_steps = m // t.cta_m, cols // t.cta_n, k // t.tile_k
     dt = y_gmem.dtype
     isz = jnp.dtype(dt).itemsize
     tr = _smem_transforms(t.tile_k, isz)    # x, w and a tiles: tile_k-element rows
@@ -251,11 +257,10 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, region, mod
             (lin,) = info.index
             minor = 0 if t.group_dim == "m" else 1
             mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, t.group)
-            # The CTA tile's rows of x (and u) and columns of w (and v), and where it goes in y.
-            cta_rows = pl.ds(row0 + mi * t.cta_m, t.cta_m)
+            # The CTA tile's rows of x (and u), columns of w (and v), and its columns of y.
+            cta_rows = pl.ds(mi * t.cta_m, t.cta_m)
             cta_cols = pl.ds(col0 + ni * t.cta_n, t.cta_n)
-            y_rows, y_cols = ((pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n))
-                              if own else (cta_rows, cta_cols))
+            y_cols = pl.ds(ni * t.cta_n, t.cta_n) if own else cta_cols
 
             def step(_, x_smem, w_smem, *rest):
                 # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k)
@@ -275,7 +280,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, region, mod
 
             def epilogue(acc_ref):
                 y = acc_ref[...].astype(dt)   # waits for the last wgmmas
-                y_half = y_gmem.at[y_rows, y_cols].at[half_rows, half_cols]
+                y_half = y_gmem.at[cta_rows, y_cols].at[half_rows, half_cols]
                 nbuf = t.epi_buffers
                 sub = 0
                 for i in range(t.tile_m // t.epi_m):
@@ -347,64 +352,51 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, region, mod
 
 
 def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
-    """Where to cut off a ragged last wave: None, or ("m", rows) / ("n", cols), the size of
-    the leading block that `tiles` computes in whole waves (or nearly); the rest of M (or N)
-    goes to a second launch in the smaller `tail` tiles.
+    """The columns of y to compute in whole waves of `tiles`, leaving the rest of N to a
+    second launch in the smaller `tail` tiles; None: one launch.
 
     688 CTA tiles of 128 x 256 (M = 2048, N = 11008) on 132 SMs are 5 full waves and one of
     28 tiles, which takes as long as a full one. Cut at 41 of the 43 tile columns: 656 tiles
     (5 waves, 128 CTAs in the last), and the 2048 x 512 rest in 128 x 64 tiles, 128 CTAs that
-    take about a quarter of a wave. Only where the rest fits in one wave of tail tiles."""
+    take about a quarter of a wave. Only where the rest fits in one wave of tail tiles.
+    Columns only: a block of whole rows is contiguous in y, and XLA (jax 0.11.2) then turns
+    the dynamic_update_slice into a DynamicSliceFusion that fails to compile."""
     m_tiles, n_tiles = m // tiles.cta_m, n // tiles.cta_n
     total = m_tiles * n_tiles
     if tail is None or total <= sms or total % sms == 0:
         return None
-    full = total // sms * sms   # the tiles of the whole waves
-    best = None
-    for dim in ("n", "m"):
-        if dim == "n":   # the leading block: whole tile columns, the rest all of M
-            lead_tiles = full // m_tiles * m_tiles
-            lead = full // m_tiles * tiles.cta_n
-            rest_units = (n - lead) // tail.cta_n * (m // tail.cta_m)
-        else:
-            lead_tiles = full // n_tiles * n_tiles
-            lead = full // n_tiles * tiles.cta_m
-            rest_units = (m - lead) // tail.cta_m * (n // tail.cta_n)
-        if rest_units <= sms and (best is None or lead_tiles > best[0]):
-            best = (lead_tiles, dim, lead)
-    return None if best is None else best[1:]
+    lead = total // sms * sms // m_tiles * tiles.cta_n   # whole tile columns in whole waves
+    rest_ctas = (n - lead) // tail.cta_n * (m // tail.cta_m)
+    return lead if 0 < lead < n and rest_ctas <= sms else None
 
 
 def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_transposed: bool,
             num_sms, name, **mode):
     """`_kernel` in one persistent launch (a CTA per SM, at most one per output tile), or, where
-    `_split` cuts off a ragged last wave, two: the leading block into the (M, N) output, the
+    `_split` cuts off a ragged last wave, two: the leading columns into the (M, N) output, the
     rest into its own array, which XLA's dynamic_update_slice writes into y in place."""
     m, n = out_shape
     sms = num_sms or _num_sms()
 
-    def launch(t, region, shape, suffix=""):
-        rows, cols = region[2:4]
+    def launch(t, columns, suffix=""):
+        col0, cols, own = columns
         return plgpu.kernel(
             functools.partial(_kernel, tiles=t, w_transposed=bool(w_transposed),
-                              region=region, **mode),
-            out_type=jax.ShapeDtypeStruct(shape, dtype),
-            grid=(min(sms, (rows // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
+                              columns=columns, **mode),
+            out_type=jax.ShapeDtypeStruct((m, cols if own else n), dtype),
+            grid=(min(sms, (m // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
             num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
                 lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
             kernel_name=name + suffix,
         )(*operands)
 
-    cut = _split(m, n, tiles, tail, sms)
-    if cut is None:
-        return launch(tiles, (0, 0, m, n, False), (m, n))
-    dim, size = cut
-    lead, rest = ((0, 0, size, n, False), (size, 0, m - size, n, True)) if dim == "m" else \
-        ((0, 0, m, size, False), (0, size, m, n - size, True))
-    y = launch(tiles, lead, (m, n))                  # the rest of y is left unwritten here
-    y_rest = launch(tail, rest, rest[2:4], "_tail")
-    return lax.dynamic_update_slice(y, y_rest, rest[:2])
+    lead = _split(m, n, tiles, tail, sms)
+    if lead is None:
+        return launch(tiles, (0, n, False))
+    y = launch(tiles, (0, lead, False))   # y[:, lead:] is left unwritten here
+    y_rest = launch(tail, (lead, n - lead, True), "_tail")     # (M, N - lead)
+    return lax.dynamic_update_slice(y, y_rest, (0, lead))
 
 
 def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), tail="auto",

@@ -123,11 +123,15 @@ def test_packed_rows_with_too_many_runs_turn_to_nan():
 
 @pytest.mark.parametrize("m,k,n,dropped", [(512, 256, 512, False),   # 128 x 256 CTA tiles
                                            (512, 256, 384, True),    # N % 256 != 0: 256 x 128
-                                           (200, 256, 512, False)])  # ragged M: Triton
+                                           (200, 256, 512, False),   # ragged M: Triton
+                                           (2048, 256, 11008, False),   # y in two launches
+                                           (2048, 11008, 256, False)])  # dx in two launches
 def test_lora_matmul_on_hopper_matches_reference(m, k, n, dropped):
     """kernels.lora_matmul where jora calls it, bf16 with fp32 adapters: forward and the
     gradients of x, a, b (and x_lora) against the same op in fp32 XLA; on a Hopper GPU the
-    tile-aligned shapes must run the Mosaic GPU kernel, the ragged one the Triton kernel."""
+    tile-aligned shapes must run the Mosaic GPU kernel, the ragged one the Triton kernel.
+    The (2048, 11008) outputs are 688 CTA tiles, 5.2 waves of an H200's 132 SMs: their last
+    tile columns go to a second launch (hopper_gemm._split)."""
     from kernels.lora_matmul import HOPPER, lora_matmul
     ks = jax.random.split(jax.random.key(m + n), 6)
     x = jax.random.normal(ks[0], (m, k), jnp.bfloat16)
