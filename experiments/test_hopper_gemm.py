@@ -305,24 +305,25 @@ def test_lowrank_bad_operands_raise():
 # N = 11008 are 5.2 waves of 132 SMs; 4096 at M = 32768, N = 4096 are 31.03.
 def test_split_cuts_only_ragged_last_waves():
     """Worked by hand: 2048 x 11008 keeps 41 of 43 tile columns (656 tiles, 5 waves) and
-    gives the 2048 x 512 rest to 128 CTAs of 128 x 64. 32768 x 4096 (31.03 waves) would need
-    a cut along M, which is not made; the other 7B shapes fill their last wave to 76-97%,
-    or their rest would not fit one wave of tail tiles: one launch."""
-    assert _split(2048, 11008, Tiles(), TAIL_TILES, 132) == 10496
-    assert _split(2048, 11008, Tiles(split="m"), TAIL_TILES, 132) == 10496   # 8 x 86 tiles
-    for m, n in ((2048, 4096), (8192, 4096), (8192, 11008), (32768, 4096), (32768, 11008)):
+    gives the 2048 x 512 rest to 128 CTAs of 128 x 64; 32768 x 4096 keeps 255 of 256 tile
+    rows (4,080 tiles) and gives 128 x 4096 to 64 CTAs. The other 7B shapes fill their last
+    wave to 76-97%, or their rest would not fit one wave of tail tiles: one launch."""
+    assert _split(2048, 11008, Tiles(), TAIL_TILES, 132) == ("n", 10496)
+    assert _split(2048, 11008, Tiles(split="m"), TAIL_TILES, 132) == ("n", 10496)   # 8 x 86
+    assert _split(32768, 4096, Tiles(), TAIL_TILES, 132) == ("m", 32640)
+    for m, n in ((2048, 4096), (8192, 4096), (8192, 11008), (32768, 11008)):
         assert _split(m, n, Tiles(), TAIL_TILES, 132) is None, (m, n)
     assert _split(2048, 11008, Tiles(), None, 132) is None
     assert _split(256, 256, Tiles(), TAIL_TILES, 132) is None   # 2 tiles, fewer than SMs
 
 
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
-@pytest.mark.parametrize("m,n,sms,cut", [(256, 1280, 8, 1024), (384, 1280, 12, 1024)],
-                         ids=["2x5", "3x5"])
+@pytest.mark.parametrize("m,n,sms,cut", [(256, 1280, 8, ("n", 1024)), (640, 256, 4, ("m", 512))],
+                         ids=["cols", "rows"])
 def test_tail_split_matches_reference(m, n, sms, cut, w_transposed):
-    """The default 128 x 256 tiles and the 128 x 64 tail: 10 tiles on 8 SMs and 15 on 12
-    (the last tile column to the tail launch: 8 and 12 CTAs); matmul and gemm_lowrank
-    (R = 16), so the tail's v columns are offset too."""
+    """The default 128 x 256 tiles and the 128 x 64 tail: 10 tiles on 8 SMs (the last tile
+    column to the tail launch, 8 CTAs) and 5 on 4 (the last tile row, 4 CTAs); matmul and
+    gemm_lowrank (R = 16), so the tail's u rows and v columns are offset too."""
     assert _split(m, n, Tiles(), TAIL_TILES, sms) == cut
     k, r = 128, 16
     x, w = operands(m, k, n, seed=41 + m + w_transposed, w_transposed=w_transposed)
@@ -346,6 +347,11 @@ def test_tail_split_lowers_for_cuda(monkeypatch):
     calls = [line for line in lines if "stablehlo.custom_call" in line]
     assert len(calls) == 2 and "2048x512xbf16" in calls[1], calls
     assert any("dynamic_update_slice" in line for line in lines)
+    lines = custom_calls(lambda x, w: matmul(x, w, w_transposed=True), (32768, 4096),
+                         (4096, 4096), all_lines=True)
+    calls = [line for line in lines if "stablehlo.custom_call" in line]
+    assert len(calls) == 2 and "128x4096xbf16" in calls[1], calls   # the last 128 rows
+    assert sum("dynamic_update_slice" in line for line in lines) == 2   # in two halves
     monkeypatch.setattr(lm, "on_hopper", lambda: True)
 
     def loss(x, w, a, b):

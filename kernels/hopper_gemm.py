@@ -39,9 +39,9 @@ or stacked along M (split="m": cta = (2 tile_m, tile_n)).
   7. Ragged last wave (`_split`): 688 CTA tiles (M = 2048, 4096 -> 11008) on 132 SMs are five
      full waves and a sixth of 28 tiles that takes as long as a full one. Where the rest fits
      in one wave of smaller tiles, the launch computes only the leading whole tile columns
-     in about whole waves, and a second launch the rest in `TAIL_TILES`
-     (128 x 64, a quarter of the work a CTA), whose (M, 512) result XLA writes into y's
-     unwritten columns by an in-place dynamic_update_slice.
+     (or rows) in about whole waves, and a second launch the rest in `TAIL_TILES` (128 x 64,
+     a quarter of the work a CTA), whose (M, 512) (or (128, N)) result XLA writes into y's
+     unwritten part by an in-place dynamic_update_slice.
 
 Tiles (`Tiles`, defaults): tile_m = tile_n = 128 per WG, tile_k = 64 (64 bf16 = 128 bytes, the
 128 B swizzle of both operand tiles), stages = 4, split="n" (CTA tile 128 x 256), epilogue
@@ -198,20 +198,20 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool =
     return m, k, n
 
 
-def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, columns, mode=None,
+def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode=None,
             scale=1.0):
     """refs: y_gmem alone (mode None: y = x @ w), or
     mode "given":  u_gmem (M, R), v_gmem (R, N), y_gmem:  y = x @ w + u @ v;
     mode "inloop": a_gmem (R, K) (a^T), v_gmem (R, N), y_gmem:  y = x @ w + scale * (x @ a) @ v,
                    x @ a accumulated from the x tiles of the K loop.
-    columns (col0, cols, own): the columns of the (M, N) product this launch computes; y_gmem
-    is the whole (M, N) output (own False) or those columns alone (own True)."""
+    block (row0, col0, rows, cols, own): the block of the (M, N) product this launch computes;
+    y_gmem is the whole (M, N) output (own False) or the block alone (own True)."""
     lr_gmem, v_gmem, y_gmem = refs if mode else (None, None, *refs)
     inloop = mode == "inloop"
     t = tiles
-    m, k = x_gmem.shape
-    col0, cols, own = columns
-    m_tiles, n_tiles, k_steps = m // t.cta_m, cols // t.cta_n, k // t.tile_k
+    k = x_gmem.shape[1]
+    row0, col0, rows, cols, own = block
+    m_tiles, n_tiles, k_steps = rows // t.cta_m, cols // t.cta_n, k // t.tile_k
     dt = y_gmem.dtype
     isz = jnp.dtype(dt).itemsize
     tr = _smem_transforms(t.tile_k, isz)    # x, w and a tiles: tile_k-element rows
@@ -257,10 +257,11 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, columns, mo
             (lin,) = info.index
             minor = 0 if t.group_dim == "m" else 1
             mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, t.group)
-            # The CTA tile's rows of x (and u), columns of w (and v), and its columns of y.
-            cta_rows = pl.ds(mi * t.cta_m, t.cta_m)
+            # The CTA tile's rows of x (and u), columns of w (and v), and its place in y.
+            cta_rows = pl.ds(row0 + mi * t.cta_m, t.cta_m)
             cta_cols = pl.ds(col0 + ni * t.cta_n, t.cta_n)
-            y_cols = pl.ds(ni * t.cta_n, t.cta_n) if own else cta_cols
+            y_rows, y_cols = ((pl.ds(mi * t.cta_m, t.cta_m), pl.ds(ni * t.cta_n, t.cta_n))
+                              if own else (cta_rows, cta_cols))
 
             def step(_, x_smem, w_smem, *rest):
                 # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k)
@@ -280,7 +281,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, columns, mo
 
             def epilogue(acc_ref):
                 y = acc_ref[...].astype(dt)   # waits for the last wgmmas
-                y_half = y_gmem.at[cta_rows, y_cols].at[half_rows, half_cols]
+                y_half = y_gmem.at[y_rows, y_cols].at[half_rows, half_cols]
                 nbuf = t.epi_buffers
                 sub = 0
                 for i in range(t.tile_m // t.epi_m):
@@ -352,51 +353,71 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, columns, mo
 
 
 def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
-    """The columns of y to compute in whole waves of `tiles`, leaving the rest of N to a
-    second launch in the smaller `tail` tiles; None: one launch.
+    """Where to cut off a ragged last wave of `tiles`: None (one launch), or ("n", cols) /
+    ("m", rows), the leading columns (rows) of y to compute in whole waves, leaving the rest
+    of N (M) to a second launch in the smaller `tail` tiles.
 
     688 CTA tiles of 128 x 256 (M = 2048, N = 11008) on 132 SMs are 5 full waves and one of
     28 tiles, which takes as long as a full one. Cut at 41 of the 43 tile columns: 656 tiles
     (5 waves, 128 CTAs in the last), and the 2048 x 512 rest in 128 x 64 tiles, 128 CTAs that
-    take about a quarter of a wave. Only where the rest fits in one wave of tail tiles.
-    Columns only: a block of whole rows is contiguous in y, and XLA (jax 0.11.2) then turns
-    the dynamic_update_slice into a DynamicSliceFusion that fails to compile."""
+    take about a quarter of a wave. 4,096 tiles (M = 32768, N = 4096) are 31 waves and 4
+    tiles: cut at 255 of 256 tile rows (4,080 tiles), the last 128 rows in 64 CTAs. Only where
+    the rest fits in one wave of tail tiles; the cut keeping more tiles in the first launch."""
     m_tiles, n_tiles = m // tiles.cta_m, n // tiles.cta_n
     total = m_tiles * n_tiles
     if tail is None or total <= sms or total % sms == 0:
         return None
-    lead = total // sms * sms // m_tiles * tiles.cta_n   # whole tile columns in whole waves
-    rest_ctas = (n - lead) // tail.cta_n * (m // tail.cta_m)
-    return lead if 0 < lead < n and rest_ctas <= sms else None
+    full = total // sms * sms   # the tiles of the whole waves
+    best = None
+    for dim, other, size, cta, tail_cta, tail_other in (
+            ("n", m_tiles, n, tiles.cta_n, tail.cta_n, m // tail.cta_m),
+            ("m", n_tiles, m, tiles.cta_m, tail.cta_m, n // tail.cta_n)):
+        lead = full // other * cta          # whole tile columns (rows) in whole waves
+        rest_ctas = (size - lead) // tail_cta * tail_other
+        if 0 < lead < size and rest_ctas <= sms and (best is None or lead // cta * other > best[0]):
+            best = (lead // cta * other, dim, lead)
+    return None if best is None else best[1:]
 
 
 def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_transposed: bool,
             num_sms, name, **mode):
     """`_kernel` in one persistent launch (a CTA per SM, at most one per output tile), or, where
-    `_split` cuts off a ragged last wave, two: the leading columns into the (M, N) output, the
-    rest into its own array, which XLA's dynamic_update_slice writes into y in place."""
+    `_split` cuts off a ragged last wave, two: the leading columns (or rows) into the (M, N)
+    output, the rest into its own array, which XLA's dynamic_update_slice writes into y in
+    place."""
     m, n = out_shape
     sms = num_sms or _num_sms()
 
-    def launch(t, columns, suffix=""):
-        col0, cols, own = columns
+    def launch(t, block, suffix=""):
+        rows, cols, own = block[2:]
         return plgpu.kernel(
             functools.partial(_kernel, tiles=t, w_transposed=bool(w_transposed),
-                              columns=columns, **mode),
-            out_type=jax.ShapeDtypeStruct((m, cols if own else n), dtype),
-            grid=(min(sms, (m // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
+                              block=block, **mode),
+            out_type=jax.ShapeDtypeStruct((rows, cols) if own else (m, n), dtype),
+            grid=(min(sms, (rows // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
             num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
                 lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
             kernel_name=name + suffix,
         )(*operands)
 
-    lead = _split(m, n, tiles, tail, sms)
-    if lead is None:
-        return launch(tiles, (0, n, False))
-    y = launch(tiles, (0, lead, False))   # y[:, lead:] is left unwritten here
-    y_rest = launch(tail, (lead, n - lead, True), "_tail")     # (M, N - lead)
-    return lax.dynamic_update_slice(y, y_rest, (0, lead))
+    cut = _split(m, n, tiles, tail, sms)
+    if cut is None:
+        return launch(tiles, (0, 0, m, n, False))
+    dim, lead = cut
+    if dim == "n":
+        y = launch(tiles, (0, 0, m, lead, False))   # y[:, lead:] is left unwritten here
+        y_rest = launch(tail, (0, lead, m, n - lead, True), "_tail")   # (M, N - lead)
+        return lax.dynamic_update_slice(y, y_rest, (0, lead))
+    y = launch(tiles, (0, 0, lead, n, False))       # y[lead:] is left unwritten here
+    y_rest = launch(tail, (lead, 0, m - lead, n, True), "_tail")       # (M - lead, N)
+    # Whole rows are one contiguous block of y, and XLA (jax 0.11.2, H200) turns a
+    # dynamic_update_slice of a custom call's whole result there into a DynamicSliceFusion
+    # that fails to compile ("DUS target must be a fusion parameter"); two half-width
+    # updates are not contiguous.
+    half = n // 2
+    y = lax.dynamic_update_slice(y, y_rest[:, :half], (lead, 0))
+    return lax.dynamic_update_slice(y, y_rest[:, half:], (lead, half))
 
 
 def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), tail="auto",
