@@ -28,7 +28,7 @@ Backends of gemm_lowrank:
   * Hopper (sm_90) GPUs, bf16/f16, M % 128 == 0, N % 128 == 0 and K % 64 == 0 (every Llama
     projection at any M a multiple of 128): kernels/hopper_gemm.py, a warp-specialized
     persistent Mosaic GPU GEMM (TMA, wgmma, 4-stage ring; a ragged last wave of tiles in a
-    second launch) at 0.94-1.07x cuBLAS's time on the Llama shapes, u and v TMA-loaded during
+    second launch) at 0.94-1.04x cuBLAS's time on the Llama shapes, u and v TMA-loaded during
     the K loop and added by one wgmma before the epilogue.
   * Anything else, and Pallas' interpreter (interpret=True, the CPU tests): the generic
     `pl.pallas_call` kernel below, which jax 0.11.2 lowers to Triton on NVIDIA GPUs. One
