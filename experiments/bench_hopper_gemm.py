@@ -116,10 +116,10 @@ def main(argv=None):
                 row = f"| {m} | {k} -> {n} | {name} | {t_ref:.1f} |"
                 top = (None, None)
                 for tiles, tail in configs:
-                    name_ = f"{tiles} tail " + (f"{tail.cta_m}x{tail.cta_n} s{tail.stages}"
+                    label = f"{tiles} tail " + (f"{tail.cta_m}x{tail.cta_n} s{tail.stages}"
                                                 if isinstance(tail, Tiles) else str(tail))
                     if time.perf_counter() - start > args.budget:
-                        print(f"{row} skipped | | | | {name_} (past --budget {args.budget:g} s) |")
+                        print(f"{row} skipped | | | | {label} (past --budget {args.budget:g} s) |")
                         continue
                     try:
                         f = jax.jit(lambda x, w, tr=tr, tiles=tiles, tail=tail: kernel(
@@ -128,14 +128,14 @@ def main(argv=None):
                         t = seconds_per_call(f, x, w) * 1e6
                     except Exception as e:   # a measurement: report, go on
                         msg = " ".join(str(e).split())[:160]
-                        print(f"{row} failed | | | | {name_}: {type(e).__name__}: {msg} |",
+                        print(f"{row} failed | | | | {label}: {type(e).__name__}: {msg} |",
                               flush=True)
                         continue
                     flag = " FAIL" if err > TOL else ""
                     print(f"{row} {t:.1f} | {t / t_ref:.3f} | {flops / t / 1e6:.0f} | "
-                          f"{err:.1e}{flag} | {name_} |", flush=True)
+                          f"{err:.1e}{flag} | {label} |", flush=True)
                     if not flag and (top[0] is None or t < top[0]):
-                        top = (t, name_)
+                        top = (t, label)
                 best.append((m, k, n, name, t_ref, *top))
             del x, w_kn, w_nk, want
             u = v = None

@@ -111,9 +111,7 @@ def main(argv=None):
                      "kernel": (jax.jit(kernel), (ops["x"], ops["w"], a32, b32)),
                      "skinny": (jax.jit(skinny), tuple(ops[c] for c in "xdabug"))}
             tf, tk = (seconds_per_call(f, *xs) for f, xs in (cases["frozen"], cases["kernel"]))
-            for what, (f, xs) in cases.items():
-                if not args.profile:
-                    break
+            for what, (f, xs) in cases.items() if args.profile else ():
                 jax.block_until_ready(f(*xs))   # compiled before the trace starts
                 folder = f"{args.profile}/{m}_{k}_{n}/{what}"
                 with jax.profiler.trace(folder):

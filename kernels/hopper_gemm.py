@@ -372,10 +372,11 @@ def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
     for dim, other, size, cta, tail_cta, tail_other in (
             ("n", m_tiles, n, tiles.cta_n, tail.cta_n, m // tail.cta_m),
             ("m", n_tiles, m, tiles.cta_m, tail.cta_m, n // tail.cta_n)):
-        lead = full // other * cta          # whole tile columns (rows) in whole waves
+        whole = full // other          # tile columns (rows) that fit in the whole waves
+        lead = whole * cta
         rest_ctas = (size - lead) // tail_cta * tail_other
-        if 0 < lead < size and rest_ctas <= sms and (best is None or lead // cta * other > best[0]):
-            best = (lead // cta * other, dim, lead)
+        if 0 < lead < size and rest_ctas <= sms and (best is None or whole * other > best[0]):
+            best = (whole * other, dim, lead)
     return None if best is None else best[1:]
 
 
@@ -405,12 +406,14 @@ def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_t
     if cut is None:
         return launch(tiles, (0, 0, m, n, False))
     dim, lead = cut
+    if dim == "n":   # blocks (row0, col0, rows, cols, own): the first launch's, the rest
+        first, rest = (0, 0, m, lead, False), (0, lead, m, n - lead, True)
+    else:
+        first, rest = (0, 0, lead, n, False), (lead, 0, m - lead, n, True)
+    y = launch(tiles, first)                 # the rest of y is left unwritten here
+    y_rest = launch(tail, rest, "_tail")     # (rows, cols) of the rest
     if dim == "n":
-        y = launch(tiles, (0, 0, m, lead, False))   # y[:, lead:] is left unwritten here
-        y_rest = launch(tail, (0, lead, m, n - lead, True), "_tail")   # (M, N - lead)
         return lax.dynamic_update_slice(y, y_rest, (0, lead))
-    y = launch(tiles, (0, 0, lead, n, False))       # y[lead:] is left unwritten here
-    y_rest = launch(tail, (lead, 0, m - lead, n, True), "_tail")       # (M - lead, N)
     # Whole rows are one contiguous block of y, and XLA (jax 0.11.2, H200) turns a
     # dynamic_update_slice of a custom call's whole result there into a DynamicSliceFusion
     # that fails to compile ("DUS target must be a fusion parameter"); two half-width
