@@ -406,21 +406,24 @@ def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_t
     if cut is None:
         return launch(tiles, (0, 0, m, n, False))
     dim, lead = cut
-    if dim == "n":   # blocks (row0, col0, rows, cols, own): the first launch's, the rest
+    # blocks (row0, col0, rows, cols, own): the first launch's and the rest's; the rest is
+    # written into y by the updates (piece of y_rest -> its (row, col) in y), `pieces`.
+    if dim == "n":
         first, rest = (0, 0, m, lead, False), (0, lead, m, n - lead, True)
+        pieces = [(lambda r: r, (0, lead))]
     else:
+        # Whole rows are one contiguous block of y, and XLA (jax 0.11.2, H200) turns a
+        # dynamic_update_slice of a custom call's whole result there into a
+        # DynamicSliceFusion that fails to compile ("DUS target must be a fusion
+        # parameter"); two half-width updates are not contiguous.
         first, rest = (0, 0, lead, n, False), (lead, 0, m - lead, n, True)
+        half = n // 2
+        pieces = [(lambda r: r[:, :half], (lead, 0)), (lambda r: r[:, half:], (lead, half))]
     y = launch(tiles, first)                 # the rest of y is left unwritten here
     y_rest = launch(tail, rest, "_tail")     # (rows, cols) of the rest
-    if dim == "n":
-        return lax.dynamic_update_slice(y, y_rest, (0, lead))
-    # Whole rows are one contiguous block of y, and XLA (jax 0.11.2, H200) turns a
-    # dynamic_update_slice of a custom call's whole result there into a DynamicSliceFusion
-    # that fails to compile ("DUS target must be a fusion parameter"); two half-width
-    # updates are not contiguous.
-    half = n // 2
-    y = lax.dynamic_update_slice(y, y_rest[:, :half], (lead, 0))
-    return lax.dynamic_update_slice(y, y_rest[:, half:], (lead, half))
+    for piece, at in pieces:
+        y = lax.dynamic_update_slice(y, piece(y_rest), at)
+    return y
 
 
 def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), tail="auto",

@@ -10,9 +10,9 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 # On a CPU-only machine the suite's time is mostly XLA compiling many small programs: LLVM's
 # cheaper pipeline compiles them faster (level 0 was faster still, but slowed the demo's
-# training loop by 70%) and runs the tiny models about as fast. Where a
-# CUDA plugin is installed the GPU tests keep XLA's defaults. Set before any backend starts,
-# and inherited by the train.py runs the tests start.
+# training loop by 70%) and runs the tiny models about as fast. Where a CUDA plugin is
+# installed the GPU tests keep XLA's defaults. Set before any backend starts, and inherited
+# by the train.py runs the tests start.
 if not any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
     fast = "--xla_backend_optimization_level=1 --xla_llvm_disable_expensive_passes=true"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast).strip()
