@@ -19,6 +19,13 @@ if not any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda1
 # train.py's default compilation cache lives under the user's cache folder: the tests get one
 # of their own, fresh each session, so that what they compile is never from an earlier run.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jora-tests-cache-")
+# The test process uses that same (fresh) cache from its first compile on, with train.py's
+# settings: jax decides whether a process uses the cache at its first compile, so the setting
+# train.main makes later would come too late. Many tests compile the same program (a reference
+# computed again, a fresh jax.jit of the same function, a rerun): XLA's part is then read back.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.environ["XDG_CACHE_HOME"], "jora", "xla"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

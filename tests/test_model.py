@@ -268,14 +268,22 @@ def test_presets_have_llama2_parameter_counts():
     assert abs(count(jora.LLAMA2_70B) / 68.977e9 - 1) < 1e-3
 
 
+@jax.jit(static_argnames=("lcfg", "plan"))
+def _loss_and_grads(params, lora, batch, lcfg, plan, key=None):
+    """jora.loss and its gradient in the LoRA factors, one jitted function for the module: the
+    model, batch and key are arguments (not constants), so tests of one plan share a compile."""
+    return jax.value_and_grad(lambda l: jora.loss(params, l, batch, GQA, lcfg, plan=plan,
+                                                  key=key))(lora)
+
+
 def test_remat_policies_change_memory_not_results():
     """Every remat policy gives the loss and gradients of none (on CPU attn acts as full: its
     cuDNN kernel is GPU-only; tests/test_gpu.py checks what it saves there)."""
     params, lcfg, lora = _setup(targets=jora.PROJ)
     tokens = np.asarray(jax.random.randint(jax.random.key(5), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
-    out = {r: jax.device_get(jax.jit(jax.value_and_grad(lambda l, r=r: jora.loss(
-        params, l, batch, GQA, lcfg, plan=jora.Plan(remat=r))))(lora)) for r in jora.REMAT}
+    out = {r: jax.device_get(_loss_and_grads(params, lora, batch, lcfg, jora.Plan(remat=r)))
+           for r in jora.REMAT}
     want_loss, want_g = out.pop("none")
     for r, (loss, g) in out.items():
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6, err_msg=r)
@@ -295,9 +303,8 @@ def test_mlp_chunks_change_memory_not_results(remat):
     params, lcfg, lora = _setup(targets=jora.PROJ)
     tokens = np.asarray(jax.random.randint(jax.random.key(6), (2, 16), 0, GQA.vocab_size))
     batch = jora.make_batch(tokens)
-    run = lambda chunk, lc=lcfg, key=None: jax.device_get(jax.jit(jax.value_and_grad(
-        lambda l: jora.loss(params, l, batch, GQA, lc, plan=jora.Plan(remat=remat, mlp_chunk=chunk),
-                            key=key)))(lora))
+    run = lambda chunk, lc=lcfg, key=None: jax.device_get(_loss_and_grads(
+        params, lora, batch, lc, jora.Plan(remat=remat, mlp_chunk=chunk), key))
     want_loss, want_g = run(0)
     for chunk in (5, 8):
         loss, g = run(chunk)
@@ -422,6 +429,7 @@ def test_segment_runs_match_a_python_transcription():
     """cuDNN's packed layout: each row's runs of one segment id as starts (B, M + 1) and lengths
     (B, M), -1 past the last; checked against a loop over fresh random rows."""
     rng = np.random.default_rng(0)
+    runs = jax.jit(jora.segment_runs, static_argnums=1)   # as in the model: one program a shape
     for _ in range(20):
         B, T, M = 3, int(rng.integers(1, 40)), int(rng.integers(2, 9))
         rows = []
@@ -431,7 +439,7 @@ def test_segment_runs_match_a_python_transcription():
                 row += [ids[i]] * int(rng.integers(1, 8))
             rows.append((row + [ids[len(set(row)) - 1]] * T)[:T])   # tail extends the last run
         seg = np.array(rows)
-        starts, lengths = map(np.asarray, jora.segment_runs(jnp.asarray(seg), M))
+        starts, lengths = map(np.asarray, runs(jnp.asarray(seg), M))
         for b in range(B):
             s = [t for t in range(T) if t == 0 or seg[b, t] != seg[b, t - 1]]
             n = [e - a for a, e in zip(s, s[1:] + [T])]

@@ -31,6 +31,15 @@ def setup():
     return params, lora, jora.make_batch(tokens, weights, segs)
 
 
+@pytest.fixture(scope="module")
+def unsharded(setup):
+    """The tp = 1 references, computed once for every mesh compared with them: (loss, LoRA
+    gradients) and (losses, LoRA factors) of five_steps."""
+    params, lora, batch = setup
+    return (loss_and_grads(mesh_of(1, 1), params, lora, batch),
+            five_steps(mesh_of(1, 1), params, lora, batch))
+
+
 def on(mesh, params, lora, batch):
     return (jora.shard(params, jora.param_specs(), mesh),
             jora.shard(lora, jora.lora_specs(LCFG), mesh),
@@ -62,9 +71,9 @@ def five_steps(mesh, params, lora, batch):
 @pytest.mark.parametrize("data,tp,sp,mlp_chunk", [m + (False, 0) for m in MESHES] +
                          [(1, 2, True, 0), (2, 2, True, 0), (1, 8, True, 0), (1, 4, False, 7),
                           (2, 2, True, 7)])
-def test_loss_and_lora_grads_match_unsharded(setup, data, tp, sp, mlp_chunk):
+def test_loss_and_lora_grads_match_unsharded(setup, unsharded, data, tp, sp, mlp_chunk):
     params, lora, batch = setup
-    want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
+    want_loss, want_g = unsharded[0]
     opts = jora.Plan(sequence_parallel=sp, mlp_chunk=mlp_chunk,
                         remat="full" if mlp_chunk else "none")
     loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch, opts)
@@ -77,9 +86,9 @@ def test_loss_and_lora_grads_match_unsharded(setup, data, tp, sp, mlp_chunk):
 
 
 @pytest.mark.parametrize("data,tp", MESHES[1:])
-def test_five_training_steps_match_unsharded(setup, data, tp):
+def test_five_training_steps_match_unsharded(setup, unsharded, data, tp):
     params, lora, batch = setup
-    want_losses, want = five_steps(mesh_of(1, 1), params, lora, batch)
+    want_losses, want = unsharded[1]
     losses, got = five_steps(mesh_of(data, tp), params, lora, batch)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     assert want_losses[-1] < want_losses[0]
@@ -167,9 +176,9 @@ def test_two_processes_train_like_one(tmp_path):
     cmd = [sys.executable, os.path.join(root, "train.py"), "--model", base, "--data", data,
            "--steps", "3", "--tp", "2", "--batch-size", "4", "--seq-len", "48",
            "--targets", "q,v,o,down", "--log-every", "1"]
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="4")
-    subprocess.run(cmd + ["--out", str(tmp_path / "one")], check=True, env=env,
-                   capture_output=True)
+    one = subprocess.Popen(cmd + ["--out", str(tmp_path / "one")],   # at the same time
+                           env=dict(os.environ, JAX_NUM_CPU_DEVICES="4"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     with socket.socket() as s:   # a free port for the coordinator
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -179,8 +188,8 @@ def test_two_processes_train_like_one(tmp_path):
                                      "--process-id", str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
-    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
+    outs = [p.communicate(timeout=300)[0].decode() for p in [one] + procs]
+    assert all(p.returncode == 0 for p in [one] + procs), outs
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and len(a) == 4 * 2 * 2
@@ -217,12 +226,13 @@ def test_sequence_parallelism_shrinks_activation_memory_per_device():
     assert four < one and four_sp < 0.75 * four, (one, four, four_sp)
 
 
-def test_unstacked_layers_give_the_same_loss_grads_generation_and_export(setup, tmp_path):
+def test_unstacked_layers_give_the_same_loss_grads_generation_and_export(setup, unsharded,
+                                                                         tmp_path):
     """unstack_layers (the layout train.py runs on: unrolled, no per-layer weight copies) gives
     the stacked scan's numbers, on a (2, 2) mesh, and consumes the stacked leaves."""
     from safetensors.numpy import load_file
     params, lora, batch = setup
-    want_loss, want_g = loss_and_grads(mesh_of(1, 1), params, lora, batch)
+    want_loss, want_g = unsharded[0]
     mesh = mesh_of(2, 2)
     p, l, b = on(mesh, params, lora, batch)
     u = jora.unstack_layers(p)
