@@ -32,12 +32,13 @@ def setup():
 
 
 @pytest.fixture(scope="module")
-def unsharded(setup):
-    """The tp = 1 references, computed once for every mesh compared with them: (loss, LoRA
-    gradients) and (losses, LoRA factors) of five_steps."""
-    params, lora, batch = setup
-    return (loss_and_grads(mesh_of(1, 1), params, lora, batch),
-            five_steps(mesh_of(1, 1), params, lora, batch))
+def unsharded_grads(setup):   # tp = 1 (loss, LoRA gradients), once for every mesh compared
+    return loss_and_grads(mesh_of(1, 1), *setup)
+
+
+@pytest.fixture(scope="module")
+def unsharded_steps(setup):   # tp = 1 (losses, LoRA factors) of five_steps, likewise
+    return five_steps(mesh_of(1, 1), *setup)
 
 
 def on(mesh, params, lora, batch):
@@ -71,9 +72,9 @@ def five_steps(mesh, params, lora, batch):
 @pytest.mark.parametrize("data,tp,sp,mlp_chunk", [m + (False, 0) for m in MESHES] +
                          [(1, 2, True, 0), (2, 2, True, 0), (1, 8, True, 0), (1, 4, False, 7),
                           (2, 2, True, 7)])
-def test_loss_and_lora_grads_match_unsharded(setup, unsharded, data, tp, sp, mlp_chunk):
+def test_loss_and_lora_grads_match_unsharded(setup, unsharded_grads, data, tp, sp, mlp_chunk):
     params, lora, batch = setup
-    want_loss, want_g = unsharded[0]
+    want_loss, want_g = unsharded_grads
     opts = jora.Plan(sequence_parallel=sp, mlp_chunk=mlp_chunk,
                         remat="full" if mlp_chunk else "none")
     loss, g = loss_and_grads(mesh_of(data, tp), params, lora, batch, opts)
@@ -86,9 +87,9 @@ def test_loss_and_lora_grads_match_unsharded(setup, unsharded, data, tp, sp, mlp
 
 
 @pytest.mark.parametrize("data,tp", MESHES[1:])
-def test_five_training_steps_match_unsharded(setup, unsharded, data, tp):
+def test_five_training_steps_match_unsharded(setup, unsharded_steps, data, tp):
     params, lora, batch = setup
-    want_losses, want = unsharded[1]
+    want_losses, want = unsharded_steps
     losses, got = five_steps(mesh_of(data, tp), params, lora, batch)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     assert want_losses[-1] < want_losses[0]
@@ -226,13 +227,13 @@ def test_sequence_parallelism_shrinks_activation_memory_per_device():
     assert four < one and four_sp < 0.75 * four, (one, four, four_sp)
 
 
-def test_unstacked_layers_give_the_same_loss_grads_generation_and_export(setup, unsharded,
+def test_unstacked_layers_give_the_same_loss_grads_generation_and_export(setup, unsharded_grads,
                                                                          tmp_path):
     """unstack_layers (the layout train.py runs on: unrolled, no per-layer weight copies) gives
     the stacked scan's numbers, on a (2, 2) mesh, and consumes the stacked leaves."""
     from safetensors.numpy import load_file
     params, lora, batch = setup
-    want_loss, want_g = unsharded[0]
+    want_loss, want_g = unsharded_grads
     mesh = mesh_of(2, 2)
     p, l, b = on(mesh, params, lora, batch)
     u = jora.unstack_layers(p)
