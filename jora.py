@@ -471,6 +471,10 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | No
     return y + lora_delta(*vary_alike(x, ab.a, ab.b), lcfg.scale)
 
 
+def swiglu(g, u):   # the MLP's gate (Shazeer 2020), g and u (B, T, F/tp)
+    return jax.nn.silu(g) * u
+
+
 def attend_masked(q, k, v, allowed):
     """Grouped-query attention. q (B, T, N, H), k/v (B, S, K, H), allowed (B, T, S) bool
     -> (B, T, N, H). Query head n reads KV head n // G, so no KV head is ever copied."""
@@ -520,8 +524,7 @@ def attend(q, k, v, segment_ids, opts: Options):
     same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
     if impl == "cudnn":   # flash attention: (T, T) scores are never stored
         return jax.nn.dot_product_attention(q, k, v, mask=None if same is None else
-                                            same[:, None], is_causal=True,
-                                            implementation="cudnn")
+                                            same[:, None], is_causal=True, implementation="cudnn")
     T = q.shape[1]
     allowed = jnp.tril(jnp.ones((T, T), bool))[None]                               # s <= t
     return attend_masked(q, k, v, allowed if same is None else allowed & same)
@@ -532,16 +535,15 @@ tag = checkpoint_name   # names a value for the remat policies of section 4; els
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
                   lcfg: LoraConfig | None, drop: Dropout | None = None, sp: bool = False,
-                  proj=project, mlp_over=None):
+                  proj=project, act=swiglu, mlp_over=None):
     """One pre-norm Llama block: x (B, T, D), replicated over "model" -> (x', attn's aux).
     attn(q, k, v) -> (o, aux): plain causal attention when training, attention over a KV cache
-    (aux = the updated cache) when generating.
-    drop: this layer's dropout seed and this device's first global row (None: no dropout).
-    sp (sequence parallelism, Korthikanti et al. 2022): x is (B, T/tp, D), this device's slice
-    of the positions, all-gathered before the column-parallel projections; the row-parallel
-    sums are reduce-scattered back to slices instead of all-reduced. The same bytes move, but
-    norms, residuals and the activations remat keeps shrink by tp. proj, mlp_over: how
-    projections and the MLP run (section 4: a fused kernel, MLP chunks)."""
+    (aux = the updated cache) when generating. drop: this layer's dropout seed and this device's
+    first global row (None: no dropout). sp (sequence parallelism, Korthikanti et al. 2022): x is
+    (B, T/tp, D), this device's slice of the positions, all-gathered before the column-parallel
+    projections; the row-parallel sums are reduce-scattered back to slices instead of
+    all-reduced. The same bytes move, but norms, residuals and the activations remat keeps
+    shrink by tp. proj, act, mlp_over: projections, the MLP's gate, the MLP (section 4)."""
     if sp:
         gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
         reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
@@ -565,9 +567,11 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     x = tag(x + reduce(linear("o", o)), "resid")
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
 
+    # (a kernel `act` is slower with dropout on down's adapter: kernels/swiglu.py says why)
+    gate = swiglu if ab.down is not None and drop is not None and lcfg.dropout > 0 else act
     def mlp(h, s):   # h (B, C, D) at positions [s, s + C) -> this device's partial (B, C, D)
         g, u = tag(linear("gate", h, s), "gate"), tag(linear("up", h, s), "up")  # (B, C, F/tp)
-        return linear("down", jax.nn.silu(g) * u, s)
+        return linear("down", gate(g, u), s)
 
     return x + reduce(mlp(h, 0) if mlp_over is None else mlp_over(mlp, h)), aux
 
@@ -581,15 +585,14 @@ def keep_attention(prim, *_, **__) -> bool:
     return prim.name.startswith("dot_product_attention_fwd")
 
 
-# What the backward keeps of each layer's forward. none: whatever autodiff wants (fast, most
-# memory); min: the tagged matmul outputs, recomputing norms, RoPE, SiLU and attention; dots:
-# every matmul output; full: the layer's input alone, recomputing the layer (least memory, ~1/3
-# more FLOPs); attn: full, but the O(T^2) attention forward runs once (cuDNN; XLA: as full).
+# What the backward keeps of each layer's forward. none: all autodiff wants, and the loss's
+# logits (fast, most memory); min: the tagged matmul outputs, recomputing norms, RoPE, SiLU and
+# attention; dots: every matmul output; full: the layer's input alone, recomputing the layer
+# (least memory, ~1/3 more FLOPs); attn: full, but the O(T^2) attention forward runs once.
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "min": jax.checkpoint_policies.save_only_these_names(
-             "q", "k", "v", "attn", "resid", "gate", "up"),
-         "attn": keep_attention}
+             "q", "k", "v", "attn", "resid", "gate", "up"), "attn": keep_attention}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -604,7 +607,7 @@ class Plan:
                               # there, where every earlier layer's saved tensors are alive
     full_layers: int = 0      # the first N layers remat "full" whatever `remat` says
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
-    kernels: str = "auto"     # LoRA projections: xla | pallas | auto (see kernel_projection)
+    kernels: str = "auto"     # LoRA projections, MLP gate: xla | pallas | auto (see kernel_ops)
 
     def __post_init__(self):
         if self.remat not in (*REMAT, "auto"):
@@ -655,25 +658,25 @@ def over_positions(f, h, *, chunk: int, policy):
     return jnp.concatenate([f(h[:, s:s + chunk], s) for s in range(0, h.shape[1], chunk)], 1)
 
 
-def kernel_projection(plan: Plan):
-    """kernels/' LoRA projection (project's signature) as plan.kernels asks, else None: "pallas"
-    always; "auto" on Hopper GPUs, where it beats XLA, if kernels/ is importable."""
+def kernel_ops(plan: Plan):
+    """kernels/' LoRA projection and MLP gate (project's and swiglu's signatures) as plan.kernels
+    asks, else None: "pallas" always; "auto" on Hopper GPUs (faster there), if importable."""
     try:
-        from kernels.lora_matmul import projection
+        from kernels import ops
     except ImportError:   # jora.py copied alone: "auto" is XLA
         if plan.kernels == "pallas":
             raise
         return None
-    return None if plan.kernels == "xla" else projection(plan.kernels)
+    return None if plan.kernels == "xla" else ops(plan.kernels)
 
 
 def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
-    """x = layer(x, w, ab, i, *args, proj=..., mlp_over=...) for each layer i, as the plan says.
-    Stacked layers: one lax.scan, so one compiled layer. Unstacked layers are unrolled, and each
-    layer is a call of one jitted body per (remat policy, MLP chunks), which jax traces once
-    and reuses for every layer alike. *args are the same for every layer."""
+    """x = layer(x, w, ab, i, *args, proj=..., act=..., mlp_over=...) for each layer i, as the
+    plan says. Stacked layers: one lax.scan, so one compiled layer. Unstacked layers are
+    unrolled, and each layer is a call of one jitted body per (remat policy, MLP chunks), which
+    jax traces once and reuses for every layer alike. *args are the same for every layer."""
     n = len(layers.wq) if unstacked(layers) else layers.wq.shape[0]
-    proj = kernel_projection(plan) or project
+    proj, act = kernel_ops(plan) or (project, swiglu)
     for f in ("full_layers", "chunk_layers"):
         if getattr(plan, f) and not unstacked(layers):
             raise ValueError(f"Plan.{f} needs unrolled layers (jora.unstack_layers)")
@@ -682,9 +685,8 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
     def body(remat: str, chunked: bool):
         mlp_over = None
         if chunked and plan.mlp_chunk:
-            mlp_over = functools.partial(over_positions, chunk=plan.mlp_chunk,
-                                         policy=REMAT[remat])
-        f = functools.partial(layer, proj=proj, mlp_over=mlp_over)
+            mlp_over = functools.partial(over_positions, chunk=plan.mlp_chunk, policy=REMAT[remat])
+        f = functools.partial(layer, proj=proj, act=act, mlp_over=mlp_over)
         f = f if remat == "none" else jax.checkpoint(f, policy=REMAT[remat])
         return jax.jit(f) if unstacked(layers) else f
 
@@ -729,11 +731,11 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
             raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
         x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
-    def layer(x, w, ab, i, positions, segment_ids, seed, row, *, proj, mlp_over):
+    def layer(x, w, ab, i, positions, segment_ids, seed, row, *, proj, act, mlp_over):
         drop = None if seed is None else Dropout(seed=mix32(seed + mix32(i)), row=row)
         attn = lambda q, k, v: (attend(q, k, v, segment_ids, opts), None)
         return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, drop=drop, sp=sp,
-                             proj=proj, mlp_over=mlp_over)[0]
+                             proj=proj, act=act, mlp_over=mlp_over)[0]
 
     x = run_layers(layer, x, params.layers, lora or Lora(), plan, positions, segment_ids, seed,
                    jax.lax.axis_index(DATA) * B)   # this device's first global row
@@ -789,11 +791,13 @@ def _local_loss_sums(params, lora, batch: Batch, key, *, cfg, lcfg, opts, plan):
                       batch.segment_ids if opts.packed else None, cfg=cfg, lcfg=lcfg,
                       opts=opts, plan=plan, key=key)                        # (B, T, D)
     C = min(plan.loss_chunk, h.shape[1])
-    pad = -h.shape[1] % C   # (n, B, C, ...): scan over chunks, each recomputed in the backward
+    pad = -h.shape[1] % C   # (n, B, C, ...): a scan over chunks
     chunks = [rearrange(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)),
                         "B (n C) ... -> n B C ...", C=C) for a in (h, batch.targets, batch.weights)]
 
-    @jax.checkpoint
+    # Each chunk's logits are computed again in the backward (one more (T, D) x (D, V) GEMM),
+    # unless the plan keeps everything: remat "none" keeps them, (B, T, V/tp) fp32 in all.
+    @(lambda f: f if plan.remat == "none" else jax.checkpoint(f))
     def chunk_loss(_, xs):
         hc, tc, wc = xs
         return None, jnp.sum(token_nll(hc, params.lm_head, tc, cfg.vocab_size) * wc)
@@ -808,7 +812,7 @@ def on_mesh(f, mesh, lcfg, lora, *specs, out_specs, plan: Plan):
     either way, as gradients are taken outside the shard_map)."""
     lspecs = None if lora is None else lora_specs(lcfg)
     return jax.shard_map(f, mesh=mesh, in_specs=(param_specs(), lspecs, *specs),
-                         out_specs=out_specs, check_vma=kernel_projection(plan) is None)
+                         out_specs=out_specs, check_vma=kernel_ops(plan) is None)
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "plan", "mesh"))
@@ -850,8 +854,7 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
 
 def loss(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
          lcfg: LoraConfig | None = None, **kw):
-    """Mean next-token cross-entropy (nats) over the positions where batch.weights is 1;
-    keywords as loss_sums."""
+    """Mean next-token cross-entropy (nats) where batch.weights is 1; keywords as loss_sums."""
     nll, n = loss_sums(params, lora, batch, cfg, lcfg, **kw)
     return nll / jnp.maximum(n, 1.0)
 
@@ -862,10 +865,9 @@ def _forward(params, lora, tokens, positions, segment_ids, *, cfg, lcfg, opts, p
         h = hidden_states(p, l, t, pos, seg, cfg=cfg, lcfg=lcfg, opts=opts, plan=plan)
         return vocab_logits(h, p.lm_head, cfg.vocab_size)
     row = P(DATA, None)
-    logits = on_mesh(local, mesh, lcfg, lora, row, row, None if segment_ids is None else row,
-                     out_specs=P(DATA, None, MODEL), plan=plan)(params, lora, tokens,
-                                                                positions, segment_ids)
-    return logits[..., :cfg.vocab_size]
+    f = on_mesh(local, mesh, lcfg, lora, row, row, None if segment_ids is None else row,
+                out_specs=P(DATA, None, MODEL), plan=plan)
+    return f(params, lora, tokens, positions, segment_ids)[..., :cfg.vocab_size]
 
 
 def forward(params: Params, tokens, cfg: Config, lora: Lora | None = None,
@@ -1079,7 +1081,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
         # Padding queries see only themselves: finite values that no real query reads.
         allowed = (valid[:, None] & (slot[None, None] <= here)) | (slot[None, None] == here)
 
-        def layer(carry, w, ab, i, *, proj, mlp_over):
+        def layer(carry, w, ab, i, *, proj, act, mlp_over):
             x, cache = carry                                   # cache (L, 2, B, S, K/tp, H)
 
             def attn(q, k, v):   # write this step's keys and values into layer i's slots
@@ -1087,7 +1089,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
                 c = jax.lax.dynamic_update_slice(cache, new, (i, 0, 0, start, 0, 0))
                 return attend_masked(q, c[i, 0], c[i, 1], allowed), c
 
-            return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, proj=proj)
+            return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, proj=proj, act=act)
 
         x, cache = run_layers(layer, (params.embed[tokens], cache), params.layers,
                               lora or Lora(), Plan())
@@ -1108,8 +1110,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
     logits, cache = run(tokens, 0, cache)
     out = jnp.full((B, s.max_new_tokens), cfg.eos_id, jnp.int32)
     init = (jnp.int32(0), logits, cache, jnp.zeros((B,), bool), out)
-    return jax.lax.while_loop(lambda c: (c[0] < s.max_new_tokens) & ~jnp.all(c[3]), step,
-                              init)[-1]
+    return jax.lax.while_loop(lambda c: (c[0] < s.max_new_tokens) & ~jnp.all(c[3]), step, init)[-1]
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "s", "mesh"))
@@ -1430,8 +1431,7 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     _atomic_dir(folder, write)
 
 
-def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig,
-                   base_model: str = ""):
+def export_adapter(folder: str, cfg: Config, lora: Lora, lcfg: LoraConfig, base_model: str = ""):
     """Write a PEFT LoRA adapter: adapter_config.json + adapter_model.safetensors. Keys
     base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight (R, I) and
     ...lora_B.weight (O, R): torch.nn.Linear's (out, in) layout."""

@@ -64,7 +64,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
                    devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r,
                    lora_dropout=lcfg.dropout, layers="unrolled",
                    **dataclasses.asdict(opts), **dataclasses.asdict(plan),   # every option
-                   kernels_used=jora.kernel_projection(plan) is not None)
+                   kernels_used=jora.kernel_ops(plan) is not None)
         try:
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)

@@ -4,6 +4,7 @@
     python -m kernels.bench --quick              # a smoke run: one real shape on a GPU,
                                                  # tiny shapes in interpret mode on a CPU
     python -m kernels.bench --ms 8192 --ranks 16 --sweep    # also try other tilings
+    python -m kernels.bench --swiglu --ms 2048,16384         # the MLP gate's backward kernel
 
 For tokens M, projections K -> N (bf16 x and w, fp32 a and b as in training) and ranks R, it
 times the forward, and the forward + backward (y and the gradients of x, a and b; w frozen):
@@ -14,6 +15,9 @@ Each time is the median over 7 repetitions, after warm-up, of a batch of back-to
 (enough for about 20 ms), ended by jax.block_until_ready, so launch latency is amortized.
 Every kernel result (y, dx, da, db) is checked against `reference` first; `err` is the
 largest relative (Frobenius) error, and rows above 2e-2 are marked FAIL (exit status 1).
+--swiglu instead times kernels/swiglu.py's one-pass backward of silu(g) * u (dg and du from
+g, u, dh (M, F), F = 11,008) at each block size against XLA's autodiff of the same expression;
+GB/s counts the five (M, F) tensors the kernel must move.
 """
 import argparse
 import math
@@ -25,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import swiglu
 from kernels.lora_matmul import Tiles, _hopper_tiles, lora_matmul, reference
 
 SCALE = 2.0
@@ -100,6 +105,29 @@ def check(fns, args):
     return max(rel(p, q) for p, q in zip((y, *grads), (y_ref, *grads_ref)))
 
 
+def bench_swiglu(ms, f: int, interpret: bool) -> bool:
+    """The --swiglu table; True if a kernel result is off."""
+    print("|     M |     F | xla us | block | kernel us | kernel/xla | kernel GB/s |     err |")
+    print("|-------|-------|--------|-------|-----------|------------|-------------|---------|")
+    failed = False
+    for m in ms:
+        g, u, dh = (jax.random.normal(k, (m, f), jnp.bfloat16)
+                    for k in jax.random.split(jax.random.key(0), 3))
+        xla = jax.jit(lambda g, u, dh: jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh))
+        tx = seconds_per_call(xla, g, u, dh) * 1e6
+        want = swiglu.reference(g, u, dh)
+        for block in (1024, 2048, 4096, 8192):
+            k = jax.jit(lambda g, u, dh, b=block: swiglu.swiglu_grads(g, u, dh, block=b,
+                                                                      interpret=interpret))
+            err = max(rel(p, q) for p, q in zip(k(g, u, dh), want))
+            failed |= not err < TOL
+            tk = seconds_per_call(k, g, u, dh) * 1e6
+            print(f"| {m:5d} | {f:5d} | {tx:6.1f} | {block:5d} | {tk:9.1f} | {tk / tx:10.3f} | "
+                  f"{5 * m * f * 2 / tk / 1e3:11.0f} | {err:7.1e}{' FAIL' if err >= TOL else ''} |",
+                  flush=True)
+    return failed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny subset, as a smoke test")
@@ -107,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--ranks", type=str, default=None, help="ranks R, comma-separated")
     ap.add_argument("--kn", type=str, default=None, help="projections, e.g. 4096x11008,...")
     ap.add_argument("--tiles", type=str, default=None, help="bm,bn,bk,num_warps,num_stages")
+    ap.add_argument("--swiglu", action="store_true",
+                    help="time the MLP gate's backward kernel instead (kernels/swiglu.py)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the kernel with each tiling of SWEEP (fwd + bwd)")
     args = ap.parse_args(argv)
@@ -128,6 +158,11 @@ def main(argv=None):
     tiles = Tiles(*(int(v) for v in args.tiles.split(","))) if args.tiles else (
         Tiles.default(dtype) if gpu else Tiles(32, 32, 16))
     interpret = not gpu
+    if args.swiglu:
+        print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, bf16, "
+              f"interpret={interpret}", flush=True)
+        failed = bench_swiglu(ms if gpu or args.ms else (40,), 11008 if gpu else 96, interpret)
+        return 1 if failed else 0
     hopper = None if interpret else _hopper_tiles(128, 64, 256, 16, dtype)
     backend = f"Mosaic GPU (kernels/hopper_gemm.py) {hopper}" if hopper else f"Triton {tiles}"
     print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {dtype.__name__} x/w, "

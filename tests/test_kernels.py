@@ -199,11 +199,12 @@ def test_triton_lowering_for_cuda_inside_shard_map():
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2   # forward and dx
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, tp=2):
+@pytest.mark.parametrize("dropout,targets", [(0.0, "all"), (0.1, "all"), (0.1, "q,v,gate")])
+def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, targets, tp=2):
     """The integration: jora's loss and LoRA gradients with Plan(kernels="pallas") equal
-    its jnp path's, with tp=2 (column- and row-parallel projections, all seven adapted),
-    without and with dropout (the kernel then takes the dropped-out x as the LoRA input)."""
+    its jnp path's, with tp=2 (column- and row-parallel projections), without and with dropout
+    (the kernel then takes the dropped-out x as the LoRA input). The MLP gate's backward runs
+    as its kernel except with dropout on down's adapter."""
     import jora
     from conftest import GQA, random_lora, random_params
     if "kernels" not in {f.name for f in dataclasses.fields(jora.Plan)}:
@@ -211,7 +212,8 @@ def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, tp=2):
     if len(jax.devices()) < tp:
         pytest.skip(f"needs {tp} devices")
     params = random_params(jax.random.key(0), GQA)
-    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ, dropout=dropout)
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, dropout=dropout,
+                           targets=jora.PROJ if targets == "all" else tuple(targets.split(",")))
     lora = random_lora(jax.random.key(1), GQA, lcfg)
     key = jax.random.key(2) if dropout else None
     batch = jora.make_batch(np.random.default_rng(0).integers(0, 128, (2, 17)))
@@ -221,8 +223,46 @@ def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, tp=2):
                 jora.shard(batch, jora.batch_specs(), mesh))
     out = {}
     for kernels in ("xla", "pallas"):
-        opts = jora.Plan(kernels=kernels)
-        out[kernels] = jax.value_and_grad(
-            lambda lo: jora.loss(p, lo, b, GQA, lcfg, plan=opts, key=key, mesh=mesh))(lo)
+        f = jax.value_and_grad(lambda lo: jora.loss(p, lo, b, GQA, lcfg, key=key, mesh=mesh,
+                                                    plan=jora.Plan(kernels=kernels)))
+        gate_kernel = "swiglu_grads" in str(jax.make_jaxpr(f)(lo))
+        assert gate_kernel == (kernels == "pallas" and not (dropout and "down" in lcfg.targets))
+        out[kernels] = f(lo)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
                  out["pallas"], out["xla"])
+
+
+# The MLP gate's one-pass backward (kernels/swiglu.py): against jax's own autodiff of the fp32
+# formula, which shares no code with the kernel.
+
+@pytest.mark.parametrize("shape,block,dtype,tol", [
+    ((2, 24, 40), 256, jnp.float32, 1e-6),     # 1,920 elements: seven whole blocks and a part
+    ((3, 37, 50), 4096, jnp.bfloat16, 8e-3),   # 5,550: a whole block and a part
+    ((1, 64, 128), 1024, jnp.bfloat16, 8e-3),  # whole blocks only
+    ((5, 20), 4096, jnp.float32, 1e-6),        # 100: the block shrinks to 128, one part
+])
+def test_swiglu_backward_matches_fp32_autodiff(shape, block, dtype, tol):
+    from kernels import swiglu
+    g, u, dh = (3 * jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(3), 3))
+    want = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh)
+    g, u, dh = (t.astype(dtype) for t in (g, u, dh))
+    got = swiglu.swiglu_grads(g, u, dh, block=block, interpret=INTERPRET)
+    for x, ref in zip(got, want):
+        assert x.dtype == dtype and x.shape == shape
+        assert rel(x, ref) < tol
+    # the custom_vjp: the same gradients through jax.grad, and silu(g) * u forward
+    h, vjp = jax.vjp(lambda g, u: swiglu.swiglu(g, u, INTERPRET), g, u)
+    assert rel(h, jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)) < tol
+    for x, y in zip(vjp(dh), got):
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+def test_swiglu_backward_refuses_mismatched_operands():
+    from kernels import swiglu
+    g = jnp.ones((4, 8), jnp.bfloat16)
+    with pytest.raises(ValueError, match="share shape and dtype"):
+        swiglu.swiglu_grads(g, g, g[:, :4], interpret=INTERPRET)
+    with pytest.raises(ValueError, match="share shape and dtype"):
+        swiglu.swiglu_grads(g, g.astype(jnp.float32), g, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="power of two"):
+        swiglu.swiglu_grads(g, g, g, block=100, interpret=INTERPRET)
