@@ -18,7 +18,10 @@ if not any(importlib.util.find_spec(p) for p in ("jax_cuda12_plugin", "jax_cuda1
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + fast).strip()
 # train.py's default compilation cache lives under the user's cache folder: the tests get one
 # of their own, fresh each session, so that what they compile is never from an earlier run.
-os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="jora-tests-cache-")
+# Under pytest-xdist (-n N) the workers of one run share it: one compiles what another reads.
+run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ["XDG_CACHE_HOME"] = (tempfile.mkdtemp(prefix="jora-tests-cache-") if run is None else
+                                os.path.join(tempfile.gettempdir(), f"jora-tests-cache-{run}"))
 # The test process uses that same (fresh) cache from its first compile on, with train.py's
 # settings: jax decides whether a process uses the cache at its first compile, so the setting
 # train.main makes later would come too late. Many tests compile the same program (a reference
