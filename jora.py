@@ -588,7 +588,7 @@ def keep_attention(prim, *_, **__) -> bool:
 # What the backward keeps of each layer's forward. none: all autodiff wants, and the loss's
 # logits (fast, most memory); min: the tagged matmul outputs, recomputing norms, RoPE, SiLU and
 # attention; dots: every matmul output; full: the layer's input alone, recomputing the layer
-# (least memory, ~1/3 more FLOPs); attn: full, but the O(T^2) attention forward runs once.
+# (least memory, ~1/3 more FLOPs); attn: full, but cuDNN's O(T^2) attention forward runs once.
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
          "min": jax.checkpoint_policies.save_only_these_names(
