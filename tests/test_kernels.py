@@ -266,3 +266,10 @@ def test_swiglu_backward_refuses_mismatched_operands():
         swiglu.swiglu_grads(g, g.astype(jnp.float32), g, interpret=INTERPRET)
     with pytest.raises(ValueError, match="power of two"):
         swiglu.swiglu_grads(g, g, g, block=100, interpret=INTERPRET)
+
+
+def test_swiglu_benchmark_checks_the_kernel_and_prints_its_table(capsys):
+    from kernels import bench
+    assert bench.main(["--swiglu", "--ms", "8"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|     8 |")]
+    assert len(rows) == 4 and all("FAIL" not in r for r in rows), rows
