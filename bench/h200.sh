@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {tail, hopper, kmodel, kgoal, kdefault, lowrank, parts, wave, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {swiglu, tail, hopper, kmodel, kgoal, kdefault, lowrank, parts, wave, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -90,6 +90,8 @@ case "$part" in
          for t in q,v $ALL7; do for k in xla pallas; do
            jora --lora-dropout 0.05 --seq-len 2048 --targets $t --kernels $k --bench-steps 10
          done; done ;;
+  swiglu) # the MLP gate's one-pass backward kernel against XLA's autodiff, per op
+         timeout 300 python3 -m kernels.bench --swiglu --ms ${SWMS:-2048,16384} | tee -a "$RESULTS/swiglu-h200-$DAY.md" ;;
   kgoal) # all seven at 2,048 without dropout (the goal)
          for k in xla pallas; do jora --seq-len 2048 --targets $ALL7 --kernels $k --bench-steps 10; done ;;
   kdefault) # train.py's defaults alone (--kernels auto, --remat auto, dropout 0.05), HF beside
