@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 BLOCK = 1024   # elements a program (4 warps, 8 a thread): the fastest of 1,024-8,192 on an H200
+MAX_ELEMENTS = 2**31 - 1   # the kernel's flat offsets are int32; `swiglu` falls back to XLA past it
 
 
 def _grads32(g, u, dh):
@@ -72,6 +73,9 @@ def swiglu_grads(g, u, dh, *, block: int = BLOCK, interpret: bool = False):
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block} must be a power of two >= 16 (a Triton block)")
     n = g.size
+    if n + block > MAX_ELEMENTS:
+        raise ValueError(f"g {g.shape} has {n} elements: past {MAX_ELEMENTS - block}, the "
+                         f"kernel's int32 offsets would overflow")
     block = min(block, max(16, pl.next_power_of_2(n)))
     spec = pl.BlockSpec((block,), lambda i: (i,))
     out = jax.ShapeDtypeStruct((n,), g.dtype)
@@ -100,6 +104,8 @@ def _fwd(g, u, interpret):
 
 def _bwd(interpret, residuals, dh):
     g, u = residuals
+    if g.size + BLOCK > MAX_ELEMENTS:   # (B, T, F) past int32 offsets: XLA's passes instead
+        return reference(g, u, dh.astype(g.dtype))
     return swiglu_grads(g, u, dh.astype(g.dtype), interpret=interpret)
 
 

@@ -273,3 +273,17 @@ def test_swiglu_benchmark_checks_the_kernel_and_prints_its_table(capsys):
     assert bench.main(["--swiglu", "--ms", "8"]) == 0
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|     8 |")]
     assert len(rows) == 4 and all("FAIL" not in r for r in rows), rows
+
+
+def test_swiglu_past_int32_offsets_refuses_the_kernel_and_falls_back(monkeypatch):
+    """Past 2**31 elements the kernel's flat offsets would overflow: swiglu_grads refuses, and
+    the custom_vjp's backward takes XLA's formula instead (the limit lowered to test it)."""
+    from kernels import swiglu
+    g, u, dh = (jax.random.normal(k, (3, 40)) for k in jax.random.split(jax.random.key(5), 3))
+    want = jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh)
+    monkeypatch.setattr(swiglu, "MAX_ELEMENTS", 100)
+    with pytest.raises(ValueError, match="int32 offsets"):
+        swiglu.swiglu_grads(g, u, dh, interpret=INTERPRET)
+    got = jax.vjp(lambda g, u: swiglu.swiglu(g, u, INTERPRET), g, u)[1](dh)
+    for x, ref in zip(got, want):
+        assert rel(x, ref) < 1e-6
