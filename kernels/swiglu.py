@@ -104,20 +104,11 @@ def _fwd(g, u, interpret):
 
 def _bwd(interpret, residuals, dh):
     g, u = residuals
+    dh = dh.astype(g.dtype)
     if g.size + BLOCK > MAX_ELEMENTS:   # (B, T, F) past int32 offsets: XLA's passes instead
-        return reference(g, u, dh.astype(g.dtype))
-    return swiglu_grads(g, u, dh.astype(g.dtype), interpret=interpret)
+        return reference(g, u, dh)
+    return swiglu_grads(g, u, dh, interpret=interpret)
 
 
 swiglu.defvjp(_fwd, _bwd)
 
-
-def activation(kernels: str = "auto"):
-    """jora.swiglu's signature, (g, u) -> h, as `swiglu`, for jora.Plan(kernels=...): "pallas"
-    everywhere (Pallas' interpreter off a GPU), "auto" on Hopper GPUs; None for "auto"
-    elsewhere."""
-    from kernels.lora_matmul import on_hopper
-    if kernels == "auto" and not on_hopper():
-        return None
-    interpret = jax.default_backend() != "gpu"
-    return lambda g, u: swiglu(g, u, interpret)
