@@ -22,8 +22,9 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 from experiments.bench_hopper_gemm import CONFIGS, LOWRANK_CONFIGS, WAVE
 from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
-from kernels.hopper_gemm import (LOWRANK_TILES, TAIL_TILES, Tiles, _split, gemm_lowrank,
-                                 lora_matmul, lora_reference, matmul, reference)
+from kernels.hopper_gemm import (LOWRANK_TILES, SWIGLU_TILES, TAIL_TILES, Tiles, _split,
+                                 gemm_lowrank, gemm_swiglu, lora_matmul, lora_reference, matmul,
+                                 reference, swiglu_reference)
 from kernels.lora_matmul import on_hopper
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -368,3 +369,74 @@ def test_bad_tail_raises():
         matmul(x, w, tail=Tiles(tile_m=128, split="m"))   # 256 x 128 in 128 x 256
     with pytest.raises(ValueError, match="tail must be"):
         matmul(x, w, tail="small")
+
+
+# gemm_swiglu: g = x @ w_gate, u = x @ w_up and h = silu(g) * u from one kernel's accumulators.
+def swiglu_operands(m, k, n, seed):
+    kx, kg, ku = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (m, k)).astype(jnp.bfloat16)
+    wg, wu = ((jax.random.normal(kw, (k, n)) / np.sqrt(k)).astype(jnp.bfloat16) for kw in (kg, ku))
+    return x, wg, wu
+
+
+@pytest.mark.parametrize("m,n,tiles,sms", [
+    # 8 CTA tiles of 128 x 64 (two stacked 64 x 64 WGs) on 3 SMs, 2 slots over 3 K steps
+    (256, 256, Tiles(**SMALL, split="m", stages=2, group=2), 3),
+    # the default tiles (128 x 128 of g and of u) and the tail: 10 tiles on 8 SMs, the last
+    # tile column to 8 CTAs of 128 x 64
+    (256, 640, SWIGLU_TILES, 8),
+], ids=["small", "default+tail"])
+def test_swiglu_gemm_matches_reference(m, n, tiles, sms):
+    k = 192 if tiles != SWIGLU_TILES else 64   # the interpreter's time goes with the K steps
+    if tiles == SWIGLU_TILES:
+        assert _split(m, n, tiles, TAIL_TILES, sms) == ("n", 512)
+    x, wg, wu = swiglu_operands(m, k, n, seed=m + n)
+    with _mgpu_mode():
+        g, u, h = gemm_swiglu(x, wg, wu, tiles=tiles, num_sms=sms)
+    want = swiglu_reference(x, wg, wu)
+    for y, w in zip((g, u, h), want):
+        assert y.dtype == x.dtype and y.shape == (m, n)
+        check(y, w)
+    # h is formed from the fp32 accumulators, not from the rounded g and u
+    assert not np.array_equal(np.asarray(h), np.asarray(jax.nn.silu(g) * u))
+
+
+def test_swiglu_gemm_lowers_for_cuda():
+    """The default tiles at the 7B MLP shape, M = 2048: 86 tile columns of 128 are 10.4 waves
+    of 16 tile rows, so the last 4 columns (512) go to a tail launch of 128 x 64 CTAs; three
+    outputs, each patched by a dynamic_update_slice. M = 8192: one launch."""
+    f = lambda x, wg, wu: gemm_swiglu(x, wg, wu)   # noqa: E731
+    lines = custom_calls(f, (2048, 4096), (4096, 11008), (4096, 11008), all_lines=True)
+    calls = [line for line in lines if "stablehlo.custom_call" in line]
+    assert len(calls) == 2 and calls[1].count("2048x512xbf16") == 3, calls
+    assert sum("dynamic_update_slice" in line for line in lines) == 3
+    assert mosaic_calls(f, (8192, 4096), (4096, 11008), (4096, 11008)) == 1
+    assert SWIGLU_TILES.smem_bytes(gated=True) <= 227 * 1024
+    assert TAIL_TILES.smem_bytes(gated=True) <= 227 * 1024
+
+
+def test_swiglu_gemm_bad_operands_raise():
+    x, wg, wu = swiglu_operands(256, 128, 256, seed=0)
+    with pytest.raises(ValueError, match="share shape"):
+        gemm_swiglu(x, wg, wu[:, :128])
+    with pytest.raises(ValueError, match="N % cta_n"):
+        gemm_swiglu(x, wg[:, :192], wu[:, :192])
+    with pytest.raises(ValueError, match=r"SMEM .* 2 \* cta_n"):
+        gemm_swiglu(x, wg, wu, tiles=Tiles(split="m", tile_m=64, tile_n=256))
+
+
+def test_gate_up_op_lowers_to_the_kernel_for_cuda(monkeypatch):
+    """jora's gate + up op (kernels/swiglu.gate_up, its Hopper path forced) under
+    jax.checkpoint at the 7B MLP, forward and backward: gemm_swiglu's two launches (the
+    ragged last wave's columns in the second) and the swiglu_grads kernel."""
+    import kernels.lora_matmul as lm
+    from kernels import swiglu
+    monkeypatch.setattr(lm, "on_hopper", lambda: True)
+
+    def loss(x, wg, wu):
+        return jnp.sum(swiglu.gate_up(x, wg, wu).astype(jnp.float32) ** 2)
+    calls = custom_calls(jax.grad(jax.checkpoint(loss)), (1, 2048, 4096), (4096, 11008),
+                         (4096, 11008))
+    mosaic = [c for c in calls if "@mosaic_gpu" in c]
+    assert len(mosaic) == 2 and all("hopper_gemm_swiglu" in c for c in mosaic), calls
+    assert sum("swiglu_grads" in c or "triton" in c for c in calls) == 1, calls

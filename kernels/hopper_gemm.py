@@ -1,6 +1,7 @@
 """Warp-specialized persistent Hopper GEMM in Pallas Mosaic GPU: y = x @ w or y = x @ w.T,
 optionally plus a rank-R product u @ v added before the one rounding (`gemm_lowrank`, the
-fused LoRA projection of kernels/lora_matmul.py on Hopper GPUs).
+fused LoRA projection of kernels/lora_matmul.py on Hopper GPUs), or the Llama MLP's gate and
+up projections with silu(g) * u formed in the epilogue (`gemm_swiglu`).
 
 It has the structure of CUTLASS's and jax's own Hopper GEMMs, which is what it takes to run at
 cuBLAS's pace on sm_90 (a one-warpgroup TMA + wgmma kernel stays ~1.2x behind: bench/NOTES.md);
@@ -66,6 +67,13 @@ the loop one more wgmma adds u @ v into the fp32 accumulator, so the epilogue wr
 gradient gemm_lowrank(dy, w, scale * dy @ b.T, a.T, w_transposed=True). The SMEM of u and v
 (16 KiB at R = 16) and 4 stages leave room for one epilogue buffer per WG (LOWRANK_TILES).
 
+`gemm_swiglu` (the MLP's frozen gate and up, jora's default targets q,v): each step's ring slot
+holds one x tile and a tile of each weight, and each compute WG two (64, 128) accumulators, g
+and u of the same outputs (WGs stacked along M: a 128 x 128 CTA tile of each, the work of the
+default 128 x 256). The epilogue writes g and u (the backward of silu(g) * u reads them) and
+then, sub-tile by sub-tile, h = silu(g) * u from the fp32 values, so the pass that reads g and
+u again to form h is gone.
+
 `lora_matmul` is the variant that reads x once: xa = x @ a accumulated by a second small wgmma
 per K step from the x tiles already in SMEM (a^T's tiles ride in the TMA ring), then scaled,
 rounded into SMEM and added the same way. It is correct but slower (bench/NOTES.md): x @ a is
@@ -107,10 +115,13 @@ class Tiles:
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.split == "n" else 1)
 
-    def smem_bytes(self, itemsize: int = 2, rank: int = 0, inloop: bool = False) -> int:
+    def smem_bytes(self, itemsize: int = 2, rank: int = 0, inloop: bool = False,
+                   gated: bool = False) -> int:
         """SMEM the buffers take; rank: R of the low-rank term (0: none); inloop: a^T's
-        (R, tile_k) tiles ride in the ring (lora_matmul)."""
-        ring = self.stages * (self.cta_m + self.cta_n + (rank if inloop else 0)) * self.tile_k
+        (R, tile_k) tiles ride in the ring (lora_matmul); gated: two w tiles a step
+        (gemm_swiglu)."""
+        w_cols = self.cta_n * (2 if gated else 1)
+        ring = self.stages * (self.cta_m + w_cols + (rank if inloop else 0)) * self.tile_k
         epilogue = 2 * self.epi_buffers * self.epi_m * self.epi_n
         lowrank = 2 * rank * (self.tile_m + self.tile_n)   # per WG: u (tile_m, R), v (R, tile_n)
         return (ring + epilogue + lowrank) * itemsize
@@ -150,7 +161,8 @@ def _smem_transforms(minor: int, itemsize: int):
     return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
-def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool = False):
+def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool = False,
+           gated: bool = False):
     """Validate shapes, dtypes and tiles; returns (M, K, N). Each failure names its rule."""
     layout = "w (N, K) with w_transposed=True" if w_transposed else "w (K, N)"
     if x.ndim != 2 or w.ndim != 2:
@@ -183,9 +195,10 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool =
         (t.stages >= 1 and t.stages > t.in_flight,
          f"stages={t.stages} must be >= 1 and > in_flight={t.in_flight}"),
         (t.epi_buffers in (1, 2), f"epi_buffers={t.epi_buffers} must be 1 or 2"),
-        (t.smem_bytes(dt.itemsize, rank, inloop) <= SMEM_LIMIT,
-         f"SMEM {t.smem_bytes(dt.itemsize, rank, inloop)} B (stages * (cta_m + cta_n"
-         f"{' + R' if inloop else ''}) * tile_k + 2 * epi_buffers * epi_m * epi_n + "
+        (t.smem_bytes(dt.itemsize, rank, inloop, gated) <= SMEM_LIMIT,
+         f"SMEM {t.smem_bytes(dt.itemsize, rank, inloop, gated)} B (stages * (cta_m + "
+         f"{'2 * ' if gated else ''}cta_n{' + R' if inloop else ''}) * tile_k + "
+         f"2 * epi_buffers * epi_m * epi_n + "
          f"2 * R * (tile_m + tile_n) elements, R = {rank}) must be <= {SMEM_LIMIT} B: "
          f"fewer stages, epilogue buffers or smaller tiles"),
         (m % t.cta_m == 0, f"M % cta_m == 0 is required: M={m}, cta_m={t.cta_m} ({t})"),
@@ -203,11 +216,17 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
     """refs: y_gmem alone (mode None: y = x @ w), or
     mode "given":  u_gmem (M, R), v_gmem (R, N), y_gmem:  y = x @ w + u @ v;
     mode "inloop": a_gmem (R, K) (a^T), v_gmem (R, N), y_gmem:  y = x @ w + scale * (x @ a) @ v,
-                   x @ a accumulated from the x tiles of the K loop.
+                   x @ a accumulated from the x tiles of the K loop;
+    mode "swiglu": w2_gmem (K, N), g_gmem, u_gmem, h_gmem:  g = x @ w, u = x @ w2 and
+                   h = silu(g) * u, from the two fp32 accumulators (w not transposed).
     block (row0, col0, rows, cols, own): the block of the (M, N) product this launch computes;
-    y_gmem is the whole (M, N) output (own False) or the block alone (own True)."""
-    lr_gmem, v_gmem, y_gmem = refs if mode else (None, None, *refs)
-    inloop = mode == "inloop"
+    each output is the whole (M, N) (own False) or the block alone (own True)."""
+    inloop, gated = mode == "inloop", mode == "swiglu"
+    if gated:
+        (w2_gmem, *outs), lr_gmem, v_gmem = refs, None, None
+    else:
+        lr_gmem, v_gmem, *outs = refs if mode else (None, None, *refs)
+    y_gmem = outs[0]
     t = tiles
     k = x_gmem.shape[1]
     row0, col0, rows, cols, own = block
@@ -226,6 +245,8 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
                 spec((t.tile_k, t.cta_n), lambda kk: (kk, 0))]
     if inloop:
         in_specs.append(spec((lr_gmem.shape[0], t.tile_k), lambda kk: (0, kk)))
+    if gated:
+        in_specs.append(spec((t.tile_k, t.cta_n), lambda kk: (kk, 0)))
 
     def make_pipeline(step_fn, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -240,7 +261,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
     ring = make_pipeline(unused, unused).get_allocations(
         x_gmem.at[pl.ds(0, t.cta_m), :],
         w_gmem.at[pl.ds(0, t.cta_n), :] if w_transposed else w_gmem.at[:, pl.ds(0, t.cta_n)],
-        *([lr_gmem] if inloop else []))
+        *([lr_gmem] if inloop else []), *([w2_gmem.at[:, pl.ds(0, t.cta_n)]] if gated else []))
 
     def scoped(ring, out_smem, lora_smem):
         wg = lax.axis_index("wg")   # 0, 1: compute; 2: memory
@@ -249,8 +270,9 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
             half_rows, half_cols = pl.ds(0, t.tile_m), pl.ds(wg * t.tile_n, t.tile_n)
         else:
             half_rows, half_cols = pl.ds(wg * t.tile_m, t.tile_m), pl.ds(0, t.tile_n)
-        # Two wgmma groups a step with x @ a in the loop: in_flight steps are twice as many.
-        pending = t.in_flight * (2 if inloop else 1)
+        # Two wgmma groups a step with x @ a in the loop or two w's: in_flight steps are twice
+        # as many.
+        pending = t.in_flight * (2 if inloop or gated else 1)
 
         @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
         def _tile(info):
@@ -265,9 +287,10 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
 
             def step(_, x_smem, w_smem, *rest):
                 # x_smem (cta_m, tile_k); w_smem (tile_k, cta_n), or (cta_n, tile_k)
-                # transposed; in the loop a_smem (R, tile_k) and the carry is both accumulators.
-                *a_smem, accs = rest
-                acc_ref = accs[0] if inloop else accs
+                # transposed; in the loop a_smem (R, tile_k), gated w2_smem (tile_k, cta_n),
+                # and the carry is both accumulators.
+                *more, accs = rest
+                acc_ref = accs[0] if inloop or gated else accs
                 if w_transposed:
                     w_half = w_smem.at[half_cols, :].T if t.split == "n" else w_smem.T
                 else:
@@ -275,34 +298,60 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
                 x_half = x_smem.at[half_rows, :]
                 plgpu.wgmma(acc_ref, x_half, w_half)
                 if inloop:   # xa += x_half @ a_tile: the x tile is already in SMEM
-                    plgpu.wgmma(accs[1], x_half, a_smem[0].T)
+                    plgpu.wgmma(accs[1], x_half, more[0].T)
+                if gated:    # u += x_half @ w2_tile, on the same x tile
+                    w2 = more[0]
+                    plgpu.wgmma(accs[1], x_half, w2.at[:, half_cols] if t.split == "n" else w2)
                 plgpu.wgmma_wait(pending)   # slots older than in_flight steps are free
                 return accs
 
-            def epilogue(acc_ref):
-                y = acc_ref[...].astype(dt)   # waits for the last wgmmas
-                y_half = y_gmem.at[y_rows, y_cols].at[half_rows, half_cols]
-                nbuf = t.epi_buffers
+            def epilogue(*pairs):   # (tile(rows, cols) -> that sub-tile in dt, its (M, N) output)
                 sub = 0
+                for tile, out in pairs:
+                    sub = store(tile, out.at[y_rows, y_cols].at[half_rows, half_cols], sub)
+
+            def result(acc_ref):   # reading the accumulator waits for the last wgmmas
+                y = acc_ref[...].astype(dt)
+                return (lambda r, c: y[r, c]), y_gmem
+
+            def store(tile, y_half, sub):   # this WG's (tile_m, tile_n) -> y_half, by sub-tiles
+                nbuf = t.epi_buffers
                 for i in range(t.tile_m // t.epi_m):
                     for j in range(t.tile_n // t.epi_n):
                         buf = out_smem.at[wg, sub % nbuf]
                         # buf is free once at most nbuf - 1 stores are still reading SMEM
                         # (the first time: the previous tile's stores).
                         plgpu.wait_smem_to_gmem(nbuf - 1, wait_read_only=True)
-                        buf[...] = y[i * t.epi_m:(i + 1) * t.epi_m,
-                                     j * t.epi_n:(j + 1) * t.epi_n]
+                        buf[...] = tile(slice(i * t.epi_m, (i + 1) * t.epi_m),
+                                        slice(j * t.epi_n, (j + 1) * t.epi_n))
                         plgpu.commit_smem()   # SMEM writes visible to the TMA unit
                         plgpu.copy_smem_to_gmem(
                             buf, y_half.at[pl.ds(i * t.epi_m, t.epi_m),
                                            pl.ds(j * t.epi_n, t.epi_n)])
                         sub += 1
+                return sub
 
             def context(run_k_loop):
+                if gated:
+                    def with_gu(g_ref, u_ref):   # two (tile_m, tile_n) fp32 accumulators
+                        run_k_loop((g_ref, u_ref))
+                        g, u = g_ref[...], u_ref[...]
+                        rounded = lambda z: lambda r, c: z[r, c].astype(dt)   # noqa: E731
+
+                        def h(r, c):   # silu(g) * u in fp32, rounded once, a sub-tile at a time
+                            # sigmoid(g) = rsqrt((1 + e^-g)^2): ex2.approx and rsqrt.approx
+                            # (approx_math; ~1e-7 relative), where a divide costs ~10x the
+                            # instructions; past g < -44 the square is inf and silu(g) 0.
+                            gs, us = g[r, c], u[r, c]
+                            e = 1.0 + jnp.exp(-gs)
+                            return (gs * lax.rsqrt(e * e) * us).astype(dt)
+                        epilogue((rounded(g), outs[0]), (rounded(u), outs[1]), (h, outs[2]))
+                    pl.run_scoped(with_gu, *[plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)] * 2)
+                    return
                 if not mode:
                     def with_acc(acc_ref):   # (tile_m, tile_n) fp32, in registers
                         run_k_loop(acc_ref)
-                        epilogue(acc_ref)
+                        epilogue(result(acc_ref))
                     pl.run_scoped(with_acc, plgpu.ACC((t.tile_m, t.tile_n), jnp.float32))
                     return
                 u_smem, v_smem, bars = lora_smem
@@ -325,7 +374,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
                         plgpu.barrier_wait(bars.at[2 + wg])
                     plgpu.barrier_wait(bars.at[wg])
                     plgpu.wgmma(acc_ref, u_smem.at[wg], v_smem.at[wg])   # acc += u @ v
-                    epilogue(acc_ref)
+                    epilogue(result(acc_ref))
                 accs = [plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)]
                 accs.append(plgpu.ACC((t.tile_m, v_gmem.shape[0]), jnp.float32) if inloop
                             else None)
@@ -333,13 +382,13 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
 
             x_rows = x_gmem.at[cta_rows, :]
             w_cols = w_gmem.at[cta_cols, :] if w_transposed else w_gmem.at[:, cta_cols]
-            make_pipeline(step, context)(x_rows, w_cols, *([lr_gmem] if inloop else []),
-                                         allocations=ring)
+            extra = [lr_gmem] if inloop else [w2_gmem.at[:, cta_cols]] if gated else []
+            make_pipeline(step, context)(x_rows, w_cols, *extra, allocations=ring)
 
         plgpu.wait_smem_to_gmem(0)   # every store done before the CTA exits
 
     lora_smem = None
-    if mode:
+    if mode in ("given", "inloop"):
         r = v_gmem.shape[0]
         # Both operands of one wgmma share a swizzle: R elements (32 B at R = 16) for u and v.
         lora_tr = _smem_transforms(r, isz)
@@ -381,30 +430,34 @@ def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
 
 
 def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_transposed: bool,
-            num_sms, name, **mode):
+            num_sms, name, outputs: int = 1, **mode):
     """`_kernel` in one persistent launch (a CTA per SM, at most one per output tile), or, where
     `_split` cuts off a ragged last wave, two: the leading columns (or rows) into the (M, N)
     output, the rest into its own array, which XLA's dynamic_update_slice writes into y in
-    place."""
+    place. outputs > 1 (gemm_swiglu): a tuple of that many (M, N) arrays, each cut alike."""
     m, n = out_shape
     sms = num_sms or _num_sms()
 
-    def launch(t, block, suffix=""):
+    def launch(t, block, suffix=""):   # -> a list of `outputs` arrays
         rows, cols, own = block[2:]
-        return plgpu.kernel(
+        out = jax.ShapeDtypeStruct((rows, cols) if own else (m, n), dtype)
+        ys = plgpu.kernel(
             functools.partial(_kernel, tiles=t, w_transposed=bool(w_transposed),
                               block=block, **mode),
-            out_type=jax.ShapeDtypeStruct((rows, cols) if own else (m, n), dtype),
+            out_type=out if outputs == 1 else (out,) * outputs,
             grid=(min(sms, (rows // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
             num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
-                lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+                lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                approx_math=mode.get("mode") == "swiglu"),   # the one kernel with math in it
             kernel_name=name + suffix,
         )(*operands)
+        return [ys] if outputs == 1 else list(ys)
 
     cut = _split(m, n, tiles, tail, sms)
     if cut is None:
-        return launch(tiles, (0, 0, m, n, False))
+        ys = launch(tiles, (0, 0, m, n, False))
+        return ys[0] if outputs == 1 else tuple(ys)
     dim, lead = cut
     # blocks (row0, col0, rows, cols, own): the first launch's and the rest's; the rest is
     # written into y by the updates (piece of y_rest -> its (row, col) in y), `pieces`.
@@ -419,11 +472,12 @@ def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_t
         first, rest = (0, 0, lead, n, False), (lead, 0, m - lead, n, True)
         half = n // 2
         pieces = [(lambda r: r[:, :half], (lead, 0)), (lambda r: r[:, half:], (lead, half))]
-    y = launch(tiles, first)                 # the rest of y is left unwritten here
-    y_rest = launch(tail, rest, "_tail")     # (rows, cols) of the rest
-    for piece, at in pieces:
-        y = lax.dynamic_update_slice(y, piece(y_rest), at)
-    return y
+    ys = launch(tiles, first)                # the rest of each y is left unwritten here
+    rests = launch(tail, rest, "_tail")      # (rows, cols) of the rest
+    for i, y_rest in enumerate(rests):
+        for piece, at in pieces:
+            ys[i] = lax.dynamic_update_slice(ys[i], piece(y_rest), at)
+    return ys[0] if outputs == 1 else tuple(ys)
 
 
 def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), tail="auto",
@@ -441,7 +495,8 @@ def matmul(x, w, *, w_transposed: bool = False, tiles: Tiles = Tiles(), tail="au
                    num_sms=num_sms, name="hopper_gemm")
 
 
-def _check_tail(x, w, tiles: Tiles, tail, w_transposed: bool, rank: int = 0):
+def _check_tail(x, w, tiles: Tiles, tail, w_transposed: bool, rank: int = 0,
+                gated: bool = False):
     """The tail Tiles to use, or None: "auto" takes TAIL_TILES where they divide tiles' CTA
     tile; explicit tail tiles must divide it, and pass `_check`."""
     if tail is None:
@@ -454,7 +509,7 @@ def _check_tail(x, w, tiles: Tiles, tail, w_transposed: bool, rank: int = 0):
     if not divides(tail):
         raise ValueError(f"the tail CTA tile {tail.cta_m} x {tail.cta_n} must divide the CTA "
                          f"tile {tiles.cta_m} x {tiles.cta_n} ({tail})")
-    _check(x, w, tail, w_transposed, rank=rank)
+    _check(x, w, tail, w_transposed, rank=rank, gated=gated)
     return tail
 
 
@@ -544,3 +599,33 @@ def lora_reference(x, w, a, b, scale, *, w_transposed: bool = False):
     xa = reference(x, a)
     return reference(x, w, w_transposed=w_transposed) + scale * jnp.dot(
         xa, b.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+
+
+# Gate and up in one kernel: each compute WG holds a (64, 128) accumulator of g and one of u
+# for the same outputs (128 registers a thread); the WGs stack along M, so a CTA tile is
+# 128 x 128 of g and of u (the work of the default 128 x 256) and each step loads one x tile
+# and two w tiles, 48 KiB: 4 stages and the epilogue buffers fill 224 KiB.
+SWIGLU_TILES = Tiles(tile_m=64, tile_n=128, split="m")
+
+
+def gemm_swiglu(x, w_gate, w_up, *, tiles: Tiles = SWIGLU_TILES, tail="auto", num_sms=None):
+    """(g, u, h) = (x @ w_gate, x @ w_up, silu(g) * u), each (M, N) in x.dtype: the Llama MLP's
+    gate and up projections in one kernel, whose epilogue forms silu(g) * u from the fp32
+    accumulators, so h costs no pass over g and u (g and u are written too: the backward of
+    silu(g) * u reads them). x (M, K), w_gate and w_up (K, N), one 16-bit dtype; `matmul`'s
+    kernel with a second w tile and accumulator a step (module docstring). tail and num_sms as
+    in `matmul`; the tail tiles' CTA holds g and u of 128 x 64 outputs."""
+    if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+        raise ValueError(f"w_gate and w_up must share shape and dtype: {w_gate.shape} "
+                         f"{w_gate.dtype}, {w_up.shape} {w_up.dtype}")
+    m, _, n = _check(x, w_gate, tiles, False, gated=True)
+    tail = _check_tail(x, w_gate, tiles, tail, False, gated=True)
+    return _launch((x, w_gate, w_up), (m, n), x.dtype, tiles=tiles, tail=tail,
+                   w_transposed=False, num_sms=num_sms, name="hopper_gemm_swiglu", outputs=3,
+                   mode="swiglu")
+
+
+def swiglu_reference(x, w_gate, w_up):
+    """fp32 (g, u, silu(g) * u) in plain jnp; the kernel's outputs are these rounded once."""
+    g, u = reference(x, w_gate), reference(x, w_up)
+    return g, u, jax.nn.silu(g) * u
