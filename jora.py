@@ -535,7 +535,7 @@ tag = checkpoint_name   # names a value for the remat policies of section 4; els
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
                   lcfg: LoraConfig | None, drop: Dropout | None = None, sp: bool = False,
-                  proj=project, act=swiglu, mlp_over=None):
+                  proj=project, act=swiglu, gate_up=None, mlp_over=None):
     """One pre-norm Llama block: x (B, T, D), replicated over "model" -> (x', attn's aux).
     attn(q, k, v) -> (o, aux): plain causal attention when training, attention over a KV cache
     (aux = the updated cache) when generating. drop: this layer's dropout seed and this device's
@@ -543,7 +543,7 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     (B, T/tp, D), this device's slice of the positions, all-gathered before the column-parallel
     projections; the row-parallel sums are reduce-scattered back to slices instead of
     all-reduced. The same bytes move, but norms, residuals and the activations remat keeps
-    shrink by tp. proj, act, mlp_over: projections, the MLP's gate, the MLP (section 4)."""
+    shrink by tp. Hooks (section 4): proj, act, gate_up (both, if neither has LoRA), mlp_over."""
     if sp:
         gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
         reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
@@ -567,11 +567,13 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     x = tag(x + reduce(linear("o", o)), "resid")
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
 
-    # (a kernel `act` is slower with dropout on down's adapter: kernels/swiglu.py says why)
-    gate = swiglu if ab.down is not None and drop is not None and lcfg.dropout > 0 else act
+    if ab.down is not None and drop is not None and lcfg.dropout > 0:   # kernels/swiglu.py:
+        act, gate_up = swiglu, None   # a kernel gate is slower with dropout on down's adapter
     def mlp(h, s):   # h (B, C, D) at positions [s, s + C) -> this device's partial (B, C, D)
+        if gate_up is not None and ab.gate is None and ab.up is None:
+            return linear("down", gate_up(h, w.w_gate, w.w_up), s)
         g, u = tag(linear("gate", h, s), "gate"), tag(linear("up", h, s), "up")  # (B, C, F/tp)
-        return linear("down", gate(g, u), s)
+        return linear("down", act(g, u), s)
 
     return x + reduce(mlp(h, 0) if mlp_over is None else mlp_over(mlp, h)), aux
 
@@ -580,8 +582,7 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
 
 def keep_attention(prim, *_, **__) -> bool:
     """Remat policy: save only the cuDNN attention forward's outputs (result and softmax stats).
-    Its backward rule reads those very outputs, so a tag on the result would not stop the
-    kernel from running again."""
+    Its backward rule reads those very outputs: a tag on the result would not stop a rerun."""
     return prim.name.startswith("dot_product_attention_fwd")
 
 
@@ -659,8 +660,8 @@ def over_positions(f, h, *, chunk: int, policy):
 
 
 def kernel_ops(plan: Plan):
-    """kernels/' LoRA projection and MLP gate (project's and swiglu's signatures) as plan.kernels
-    asks, else None: "pallas" always; "auto" on Hopper GPUs (faster there), if importable."""
+    """kernels/' LoRA projection, MLP gate and gate + up (decoder_layer's proj, act, gate_up) as
+    plan.kernels asks, else None: "pallas" always; "auto" on Hopper GPUs (faster there)."""
     try:
         from kernels import ops
     except ImportError:   # jora.py copied alone: "auto" is XLA
@@ -671,12 +672,12 @@ def kernel_ops(plan: Plan):
 
 
 def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
-    """x = layer(x, w, ab, i, *args, proj=..., act=..., mlp_over=...) for each layer i, as the
+    """x = layer(x, w, ab, i, *args, proj=, act=, gate_up=, mlp_over=) for each layer i, as the
     plan says. Stacked layers: one lax.scan, so one compiled layer. Unstacked layers are
     unrolled, and each layer is a call of one jitted body per (remat policy, MLP chunks), which
     jax traces once and reuses for every layer alike. *args are the same for every layer."""
     n = len(layers.wq) if unstacked(layers) else layers.wq.shape[0]
-    proj, act = kernel_ops(plan) or (project, swiglu)
+    proj, act, gate_up = kernel_ops(plan) or (project, swiglu, None)
     for f in ("full_layers", "chunk_layers"):
         if getattr(plan, f) and not unstacked(layers):
             raise ValueError(f"Plan.{f} needs unrolled layers (jora.unstack_layers)")
@@ -686,7 +687,8 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
         mlp_over = None
         if chunked and plan.mlp_chunk:
             mlp_over = functools.partial(over_positions, chunk=plan.mlp_chunk, policy=REMAT[remat])
-        f = functools.partial(layer, proj=proj, act=act, mlp_over=mlp_over)
+        f = functools.partial(layer, proj=proj, act=act, mlp_over=mlp_over,   # ("min" would
+                              gate_up=None if remat in ("min", "dots") else gate_up)  # rerun it)
         f = f if remat == "none" else jax.checkpoint(f, policy=REMAT[remat])
         return jax.jit(f) if unstacked(layers) else f
 
@@ -731,11 +733,11 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
             raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
         x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
-    def layer(x, w, ab, i, positions, segment_ids, seed, row, *, proj, act, mlp_over):
+    def layer(x, w, ab, i, positions, segment_ids, seed, row, **hooks):
         drop = None if seed is None else Dropout(seed=mix32(seed + mix32(i)), row=row)
         attn = lambda q, k, v: (attend(q, k, v, segment_ids, opts), None)
         return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, drop=drop, sp=sp,
-                             proj=proj, act=act, mlp_over=mlp_over)[0]
+                             **hooks)[0]
 
     x = run_layers(layer, x, params.layers, lora or Lora(), plan, positions, segment_ids, seed,
                    jax.lax.axis_index(DATA) * B)   # this device's first global row
@@ -747,9 +749,8 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
 def logits_matmul(h, w):
     """h (..., D) @ w (D, V) -> fp32 logits, and a backward that multiplies in h's dtype.
     Autodiff's own backward would multiply the fp32 logit gradient by w promoted to fp32: an
-    fp32 copy of lm_head (500 MiB at 7B) and fp32 GEMMs. Rounding the gradient to bf16 first
-    is what bf16 training does everywhere else (HF's logits are bf16 in both directions).
-    Call it on vary_alike operands."""
+    fp32 copy of lm_head (500 MiB at 7B) and fp32 GEMMs. Rounding the gradient to bf16 first is
+    what bf16 training does everywhere else (HF's too). Call it on vary_alike operands."""
     return jnp.einsum("...D,DV->...V", h, w, preferred_element_type=jnp.float32)
 
 
@@ -845,8 +846,7 @@ def loss_sums(params: Params, lora: Lora | None, batch: Batch, cfg: Config,
               plan: Plan = Plan(), key=None, mesh=None):
     """-> (sum of token nll over weighted positions, number of weighted positions), fp32.
     Differentiable in `lora` from the outside: jax.grad of this is correct for every mesh.
-    key: for dropout (None: none). Inside your own jit, pass `mesh` (it is read from the
-    arrays' placement otherwise)."""
+    key: for dropout (None: none). Inside your own jit, pass `mesh` (else read from the arrays)."""
     check_runs(batch.segment_ids, opts)
     return _loss_sums(params, lora, batch, key, cfg=cfg, lcfg=lcfg, opts=opts, plan=plan,
                       mesh=mesh_of(params) if mesh is None else mesh)
@@ -1081,7 +1081,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
         # Padding queries see only themselves: finite values that no real query reads.
         allowed = (valid[:, None] & (slot[None, None] <= here)) | (slot[None, None] == here)
 
-        def layer(carry, w, ab, i, *, proj, act, mlp_over):
+        def layer(carry, w, ab, i, *, mlp_over, **hooks):
             x, cache = carry                                   # cache (L, 2, B, S, K/tp, H)
 
             def attn(q, k, v):   # write this step's keys and values into layer i's slots
@@ -1089,7 +1089,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
                 c = jax.lax.dynamic_update_slice(cache, new, (i, 0, 0, start, 0, 0))
                 return attend_masked(q, c[i, 0], c[i, 1], allowed), c
 
-            return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, proj=proj, act=act)
+            return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, **hooks)
 
         x, cache = run_layers(layer, (params.embed[tokens], cache), params.layers,
                               lora or Lora(), Plan())

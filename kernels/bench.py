@@ -5,6 +5,7 @@
                                                  # tiny shapes in interpret mode on a CPU
     python -m kernels.bench --ms 8192 --ranks 16 --sweep    # also try other tilings
     python -m kernels.bench --swiglu --ms 2048,16384         # the MLP gate's backward kernel
+    python -m kernels.bench --gate-up --ms 2048,8192         # gate and up in one GEMM kernel
 
 For tokens M, projections K -> N (bf16 x and w, fp32 a and b as in training) and ranks R, it
 times the forward, and the forward + backward (y and the gradients of x, a and b; w frozen):
@@ -18,6 +19,9 @@ largest relative (Frobenius) error, and rows above 2e-2 are marked FAIL (exit st
 --swiglu instead times kernels/swiglu.py's one-pass backward of silu(g) * u (dg and du from
 g, u, dh (M, F), F = 11,008) at each block size against XLA's autodiff of the same expression;
 GB/s counts the five (M, F) tensors the kernel must move.
+--gate-up times kernels/swiglu.gate_up, silu(x @ w_gate) * (x @ w_up) with x (M, 4,096) and
+w (4,096, 11,008), forward and forward + backward (dx), against XLA's two GEMMs and the
+elementwise gate under jax.jit; err: h and dx against the fp32 formula.
 """
 import argparse
 import math
@@ -128,6 +132,35 @@ def bench_swiglu(ms, f: int, interpret: bool) -> bool:
     return failed
 
 
+def bench_gate_up(ms, d: int, f: int, interpret: bool) -> bool:
+    """The --gate-up table; True if a result is off."""
+    print("|     M |     D |     F | xla fwd us | kernel fwd | k/xla | xla f+b us | kernel f+b "
+          "| k/xla |     err |")
+    print("|-------|-------|-------|------------|------------|-------|------------|------------"
+          "|-------|---------|")
+    failed = False
+    for m in ms:
+        kx, kg, ku, kd = jax.random.split(jax.random.key(m), 4)
+        x = jax.random.normal(kx, (m, d), jnp.bfloat16)
+        wg, wu = ((jax.random.normal(k, (d, f)) / np.sqrt(d)).astype(jnp.bfloat16)
+                  for k in (kg, ku))
+        dh = jax.random.normal(kd, (m, f), jnp.bfloat16)
+        plain = lambda x, wg, wu: jax.nn.silu(x @ wg) * (x @ wu)   # noqa: E731
+        fused = lambda x, wg, wu: swiglu.gate_up(x, wg, wu, interpret)   # noqa: E731
+        pairs = [(jax.jit(h), jax.jit(lambda x, wg, wu, dh, h=h: jax.vjp(
+            lambda x: h(x, wg, wu), x)[1](dh)[0])) for h in (plain, fused)]
+        f32 = [a.astype(jnp.float32) for a in (x, wg, wu, dh)]
+        want = (plain(*f32[:3]), jax.vjp(lambda x: plain(x, *f32[1:3]), f32[0])[1](f32[3])[0])
+        err = max(rel(pairs[1][0](x, wg, wu), want[0]), rel(pairs[1][1](x, wg, wu, dh), want[1]))
+        failed |= not err < TOL
+        (xf, xb), (kf, kb) = ((seconds_per_call(fw, x, wg, wu) * 1e6,
+                               seconds_per_call(fb, x, wg, wu, dh) * 1e6) for fw, fb in pairs)
+        print(f"| {m:5d} | {d:5d} | {f:5d} | {xf:10.1f} | {kf:10.1f} | {kf / xf:5.3f} | "
+              f"{xb:10.1f} | {kb:10.1f} | {kb / xb:5.3f} | {err:7.1e}"
+              f"{' FAIL' if err >= TOL else ''} |", flush=True)
+    return failed
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a tiny subset, as a smoke test")
@@ -137,6 +170,8 @@ def main(argv=None):
     ap.add_argument("--tiles", type=str, default=None, help="bm,bn,bk,num_warps,num_stages")
     ap.add_argument("--swiglu", action="store_true",
                     help="time the MLP gate's backward kernel instead (kernels/swiglu.py)")
+    ap.add_argument("--gate-up", action="store_true",
+                    help="time gate and up in one GEMM kernel instead (kernels/swiglu.gate_up)")
     ap.add_argument("--sweep", action="store_true",
                     help="also time the kernel with each tiling of SWEEP (fwd + bwd)")
     args = ap.parse_args(argv)
@@ -148,6 +183,12 @@ def main(argv=None):
               + ("" if gpu else " (its times mean nothing)"), flush=True)
         ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else LLAMA_MS if gpu else (40,)
         return 1 if bench_swiglu(ms, 11008 if gpu else 96, interpret=not gpu) else 0
+    if args.gate_up:   # the 7B MLP on a GPU; tiny shapes (XLA's forward) elsewhere
+        print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, bf16, interpret={not gpu}"
+              + ("" if gpu else " (its times mean nothing)"), flush=True)
+        ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else LLAMA_MS if gpu else (40,)
+        return 1 if bench_gate_up(ms, *((4096, 11008) if gpu else (64, 96)),
+                                  interpret=not gpu) else 0
     if gpu:
         ms, kns, ranks = ((2048,), ((4096, 4096),), (16,)) if args.quick else (
             LLAMA_MS, LLAMA_KN, LLAMA_RANKS)

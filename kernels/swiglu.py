@@ -1,4 +1,5 @@
-"""The MLP's gate, h = silu(g) * u, with its backward in one pass over (T, F).
+"""The MLP's gate, h = silu(g) * u, with its backward in one pass over (T, F); and the frozen
+gate and up projections with the gate as one op (`gate_up`, one GEMM kernel on Hopper GPUs).
 
 Shapes: g, u (..., F) -> h (..., F), one floating dtype (bf16 on GPU); the backward takes dh
 (..., F) and returns dg, du like g.
@@ -9,8 +10,8 @@ them as two passes (reading g and dh, then g, u and dh, each recomputing the sig
 (T, F) tensors of memory traffic, 3.8% of a Llama-2-7B q,v step at 2,048 positions, every pass
 at HBM speed. Written out as a jnp custom_vjp they stay two passes (XLA does not merge them
 into one multi-output fusion). `swiglu_grads` is that backward as one Pallas kernel: it reads g,
-u and dh once and writes dg and du, five tensors. The forward stays XLA's (one pass, already
-minimal without fusing it into the gate/up GEMMs).
+u and dh once and writes dg and du, five tensors. `swiglu`'s forward stays XLA's (one pass,
+minimal unless fused into the gate/up GEMMs: `gate_up` does that where they have no LoRA).
 
 Where it loses: with dropout on the down projection's adapter, dh is a sum (the frozen path's
 gradient and the masked adapter's) that XLA fuses into its own two passes; the kernel needs dh
@@ -111,4 +112,52 @@ def _bwd(interpret, residuals, dh):
 
 
 swiglu.defvjp(_fwd, _bwd)
+
+
+# The MLP's frozen gate and up projections and the gate in one op: silu(x @ w_gate) * (x @ w_up).
+# On a Hopper GPU one GEMM kernel (kernels/hopper_gemm.gemm_swiglu) computes g and u for the
+# same tile and writes silu(g) * u from its fp32 accumulators, so the forward's pass over g and u
+# (reading two (T, F) tensors, writing one) is gone. Only for adapter-free gate and up (jora's
+# default targets q,v): the LoRA terms would need two rank-R products in the same epilogue.
+def _on_kernel(x2, w) -> bool:
+    from kernels.lora_matmul import on_hopper
+    if not on_hopper() or x2.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x2.dtype:
+        return False
+    from kernels.hopper_gemm import SWIGLU_TILES as t
+    (m, k), n = x2.shape, w.shape[1]
+    return m % t.cta_m == 0 and n % t.cta_n == 0 and k % t.tile_k == 0
+
+
+def _gate_up(x, w_gate, w_up, interpret):
+    """(g, u, h), each (..., F) in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not interpret and _on_kernel(x2, w_gate):
+        from kernels.hopper_gemm import gemm_swiglu
+        return tuple(y.reshape(*x.shape[:-1], -1) for y in gemm_swiglu(x2, w_gate, w_up))
+    g, u = jnp.einsum("...D,DF->...F", x, w_gate), jnp.einsum("...D,DF->...F", x, w_up)
+    return g, u, jax.nn.silu(g) * u
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gate_up(x, w_gate, w_up, interpret: bool = False):
+    """silu(x @ w_gate) * (x @ w_up): x (..., D), w_gate and w_up (D, F) frozen -> (..., F).
+    The backward: dg, du from `swiglu_grads`, then dx = dg @ w_gate^T + du @ w_up^T; the
+    weights get zero cotangents (frozen: XLA drops them). Off Hopper (and in the interpreter):
+    XLA's two GEMMs and silu(g) * u, with this backward."""
+    return _gate_up(x, w_gate, w_up, interpret)[2]
+
+
+def _gate_up_fwd(x, w_gate, w_up, interpret):
+    g, u, h = _gate_up(x, w_gate, w_up, interpret)
+    return h, (g, u, w_gate, w_up)
+
+
+def _gate_up_bwd(interpret, residuals, dh):
+    g, u, w_gate, w_up = residuals
+    dg, du = _bwd(interpret, (g, u), dh)
+    dx = jnp.einsum("...F,DF->...D", dg, w_gate) + jnp.einsum("...F,DF->...D", du, w_up)
+    return dx, jnp.zeros_like(w_gate), jnp.zeros_like(w_up)
+
+
+gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
 

@@ -199,12 +199,14 @@ def test_triton_lowering_for_cuda_inside_shard_map():
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2   # forward and dx
 
 
-@pytest.mark.parametrize("dropout,targets", [(0.0, "all"), (0.1, "all"), (0.1, "q,v,gate")])
+@pytest.mark.parametrize("dropout,targets", [(0.0, "all"), (0.1, "all"), (0.1, "q,v,gate"),
+                                             (0.1, "q,v")])
 def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, targets, tp=2):
     """The integration: jora's loss and LoRA gradients with Plan(kernels="pallas") equal
     its jnp path's, with tp=2 (column- and row-parallel projections), without and with dropout
     (the kernel then takes the dropped-out x as the LoRA input). The MLP gate's backward runs
-    as its kernel except with dropout on down's adapter."""
+    as its kernel except with dropout on down's adapter; gate and up run as one op (gate_up)
+    where neither has an adapter."""
     import jora
     from conftest import GQA, random_lora, random_params
     if "kernels" not in {f.name for f in dataclasses.fields(jora.Plan)}:
@@ -225,8 +227,13 @@ def test_jora_with_pallas_kernels_equals_its_jnp_path(dropout, targets, tp=2):
     for kernels in ("xla", "pallas"):
         f = jax.value_and_grad(lambda lo: jora.loss(p, lo, b, GQA, lcfg, key=key, mesh=mesh,
                                                     plan=jora.Plan(kernels=kernels)))
-        gate_kernel = "swiglu_grads" in str(jax.make_jaxpr(f)(lo))
-        assert gate_kernel == (kernels == "pallas" and not (dropout and "down" in lcfg.targets))
+        jaxpr = str(jax.make_jaxpr(f)(lo))
+        assert ("swiglu_grads" in jaxpr) == (kernels == "pallas"
+                                             and not (dropout and "down" in lcfg.targets))
+        fused = not {"gate", "up", "down"} & set(lcfg.targets)
+        forward = str(jax.make_jaxpr(lambda lo: jora.loss(p, lo, b, GQA, lcfg, key=key, mesh=mesh,
+                                                         plan=jora.Plan(kernels=kernels)))(lo))
+        assert ("gate_up" in forward) == (kernels == "pallas" and fused), forward.count("gate_up")
         out[kernels] = f(lo)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6),
                  out["pallas"], out["xla"])
@@ -287,3 +294,26 @@ def test_swiglu_past_int32_offsets_refuses_the_kernel_and_falls_back(monkeypatch
     got = jax.vjp(lambda g, u: swiglu.swiglu(g, u, INTERPRET), g, u)[1](dh)
     for x, ref in zip(got, want):
         assert rel(x, ref) < 1e-6
+
+
+def test_gate_up_op_matches_fp32_autodiff():
+    """kernels/swiglu.gate_up (off Hopper: XLA's GEMMs, the kernel backward) on (B, T, D):
+    h and the gradient of x against jax's autodiff of the fp32 formula; the frozen weights
+    get zero cotangents."""
+    from kernels import swiglu
+    kx, kg, ku, kd = jax.random.split(jax.random.key(11), 4)
+    x = jax.random.normal(kx, (2, 9, 48))
+    wg, wu = (jax.random.normal(k, (48, 80)) / 7 for k in (kg, ku))
+    dh = jax.random.normal(kd, (2, 9, 80))
+    h, vjp = jax.vjp(lambda x, wg, wu: swiglu.gate_up(x, wg, wu, INTERPRET), x, wg, wu)
+    h_want, vjp_want = jax.vjp(lambda x: jax.nn.silu(x @ wg) * (x @ wu), x)
+    dx, dwg, dwu = vjp(dh)
+    assert rel(h, h_want) < 1e-5 and rel(dx, vjp_want(dh)[0]) < 1e-5
+    assert not np.asarray(dwg).any() and not np.asarray(dwu).any()
+
+
+def test_gate_up_benchmark_checks_and_prints_its_table(capsys):
+    from kernels import bench
+    assert bench.main(["--gate-up", "--ms", "8"]) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|     8 |")]
+    assert len(rows) == 1 and "FAIL" not in rows[0], rows
