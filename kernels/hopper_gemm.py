@@ -336,16 +336,13 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
                     def with_gu(g_ref, u_ref):   # two (tile_m, tile_n) fp32 accumulators
                         run_k_loop((g_ref, u_ref))
                         g, u = g_ref[...], u_ref[...]
-                        rounded = lambda z: lambda r, c: z[r, c].astype(dt)   # noqa: E731
 
                         def h(r, c):   # silu(g) * u in fp32, rounded once, a sub-tile at a time
-                            # sigmoid(g) = rsqrt((1 + e^-g)^2): ex2.approx and rsqrt.approx
-                            # (approx_math; ~1e-7 relative), where a divide costs ~10x the
-                            # instructions; past g < -44 the square is inf and silu(g) 0.
                             gs, us = g[r, c], u[r, c]
-                            e = 1.0 + jnp.exp(-gs)
-                            return (gs * lax.rsqrt(e * e) * us).astype(dt)
-                        epilogue((rounded(g), outs[0]), (rounded(u), outs[1]), (h, outs[2]))
+                            return (gs / (1.0 + jnp.exp(-gs)) * us).astype(dt)
+                        # g and u first: their stores start while h is computed
+                        epilogue((lambda r, c: g[r, c].astype(dt), outs[0]),
+                                 (lambda r, c: u[r, c].astype(dt), outs[1]), (h, outs[2]))
                     pl.run_scoped(with_gu, *[plgpu.ACC((t.tile_m, t.tile_n), jnp.float32)] * 2)
                     return
                 if not mode:
@@ -448,8 +445,7 @@ def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_t
             grid=(min(sms, (rows // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
             num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
-                lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
-                approx_math=mode.get("mode") == "swiglu"),   # the one kernel with math in it
+                lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
             kernel_name=name + suffix,
         )(*operands)
         return [ys] if outputs == 1 else list(ys)
