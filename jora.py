@@ -543,7 +543,7 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     (B, T/tp, D), this device's slice of the positions, all-gathered before the column-parallel
     projections; the row-parallel sums are reduce-scattered back to slices instead of
     all-reduced. The same bytes move, but norms, residuals and the activations remat keeps
-    shrink by tp. Hooks (section 4): proj, act, gate_up (both, if neither has LoRA), mlp_over."""
+    shrink by tp. Hooks (section 4): proj, act (the gate), gate_up (gate, up, act), mlp_over."""
     if sp:
         gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
         reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
@@ -687,8 +687,8 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
         mlp_over = None
         if chunked and plan.mlp_chunk:
             mlp_over = functools.partial(over_positions, chunk=plan.mlp_chunk, policy=REMAT[remat])
-        f = functools.partial(layer, proj=proj, act=act, mlp_over=mlp_over,   # ("min" would
-                              gate_up=None if remat in ("min", "dots") else gate_up)  # rerun it)
+        f = functools.partial(layer, proj=proj, act=act, mlp_over=mlp_over,  # "min" and "dots"
+                              gate_up=None if remat in ("min", "dots") else gate_up)  # rerun it
         f = f if remat == "none" else jax.checkpoint(f, policy=REMAT[remat])
         return jax.jit(f) if unstacked(layers) else f
 
