@@ -223,7 +223,8 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
     each output is the whole (M, N) (own False) or the block alone (own True)."""
     inloop, gated = mode == "inloop", mode == "swiglu"
     if gated:
-        (w2_gmem, *outs), lr_gmem, v_gmem = refs, None, None
+        w2_gmem, *outs = refs
+        lr_gmem = v_gmem = None
     else:
         lr_gmem, v_gmem, *outs = refs if mode else (None, None, *refs)
     y_gmem = outs[0]
@@ -427,13 +428,14 @@ def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
 
 
 def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_transposed: bool,
-            num_sms, name, outputs: int = 1, **mode):
+            num_sms, name, **mode):
     """`_kernel` in one persistent launch (a CTA per SM, at most one per output tile), or, where
     `_split` cuts off a ragged last wave, two: the leading columns (or rows) into the (M, N)
     output, the rest into its own array, which XLA's dynamic_update_slice writes into y in
-    place. outputs > 1 (gemm_swiglu): a tuple of that many (M, N) arrays, each cut alike."""
+    place. gemm_swiglu's mode: a tuple of its three (M, N) outputs, each cut alike."""
     m, n = out_shape
     sms = num_sms or _num_sms()
+    outputs = 3 if mode.get("mode") == "swiglu" else 1
 
     def launch(t, block, suffix=""):   # -> a list of `outputs` arrays
         rows, cols, own = block[2:]
@@ -617,8 +619,7 @@ def gemm_swiglu(x, w_gate, w_up, *, tiles: Tiles = SWIGLU_TILES, tail="auto", nu
     m, _, n = _check(x, w_gate, tiles, False, gated=True)
     tail = _check_tail(x, w_gate, tiles, tail, False, gated=True)
     return _launch((x, w_gate, w_up), (m, n), x.dtype, tiles=tiles, tail=tail,
-                   w_transposed=False, num_sms=num_sms, name="hopper_gemm_swiglu", outputs=3,
-                   mode="swiglu")
+                   w_transposed=False, num_sms=num_sms, name="hopper_gemm_swiglu", mode="swiglu")
 
 
 def swiglu_reference(x, w_gate, w_up):

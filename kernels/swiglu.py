@@ -160,4 +160,3 @@ def _gate_up_bwd(interpret, residuals, dh):
 
 
 gate_up.defvjp(_gate_up_fwd, _gate_up_bwd)
-
