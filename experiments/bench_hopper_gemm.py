@@ -35,15 +35,16 @@ from kernels.hopper_gemm import (LOWRANK_TILES, TAIL_TILES, Tiles, gemm_lowrank,
 from kernels.bench import seconds_per_call as _seconds_per_call
 
 LLAMA_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
-# 128 x 256 CTA tile (the two WGs side by side), the same stacked (256 x 128), and the first
-# with a wgmma left in flight across steps. All 224 KiB of SMEM (4 stages).
-CONFIGS = (Tiles(), Tiles(split="m"), Tiles(in_flight=1))
+# 128 x 256 CTA tile (the two WGs side by side), the same stacked (256 x 128), the first
+# with a wgmma left in flight across steps, and in clusters of two CTAs sharing each w tile.
+# All 224 KiB of SMEM (4 stages).
+CONFIGS = (Tiles(), Tiles(split="m"), Tiles(in_flight=1), Tiles(cluster=2))
 SWEEP = (Tiles(stages=3), Tiles(group=16), Tiles(group=4, group_dim="n"),
          Tiles(split="m", in_flight=1), Tiles(tile_k=128, stages=2))
 # gemm_lowrank: the default (4 stages, one epilogue buffer), 3 stages with two, the WGs
 # stacked, and a wgmma left in flight.
 LOWRANK_CONFIGS = (LOWRANK_TILES, Tiles(stages=3), Tiles(split="m", epi_buffers=1),
-                   Tiles(in_flight=1, epi_buffers=1))
+                   Tiles(in_flight=1, epi_buffers=1), Tiles(epi_buffers=1, cluster=2))
 # 128 x 128 CTA tiles (--wave): twice the tiles of 128 x 256, so a ragged last wave wastes less
 # of the 132 SMs (4096 -> 11008 at M = 2048: 688 CTA tiles are 5.2 waves, 1,376 are 10.4).
 WAVE = (Tiles(tile_m=64, split="m"), Tiles(tile_m=64, split="m", stages=6), Tiles(tile_n=64),

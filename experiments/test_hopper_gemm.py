@@ -97,6 +97,9 @@ SMALL = dict(tile_m=64, tile_n=64)
     # flight one step (in_flight=1), bands along N, 32-wide epilogue sub-tiles.
     (256, 320, 192, Tiles(**SMALL, stages=3, split="m", group=2, group_dim="n", in_flight=1,
                           epi_n=32)),
+    # clusters of 2 CTAs stacked along M sharing (multicasting) each w tile: 2 clusters of
+    # 128 x 64 on 3 SMs (one cluster of 2 CTAs on the fake GPU) walk the 4 cluster tiles.
+    (256, 256, 256, Tiles(**SMALL, stages=2, group=1, cluster=2)),
 ])
 def test_matches_reference(m, k, n, tiles, w_transposed):
     x, w = operands(m, k, n, seed=m + k + n + w_transposed, w_transposed=w_transposed)
@@ -138,6 +141,8 @@ def test_reference_orientations_agree():
     ((256, 128, 256), {"group_dim": "k"}, "group_dim"),
     ((256, 128, 256), {"epi_m": 96}, "epi_m"),
     ((256, 128, 256), {"epi_n": 100}, "epi_n"),
+    ((256, 128, 256), {"cluster": 3}, "cluster"),
+    ((128, 128, 256), {"cluster": 2}, "M % cta_m \\* cluster"),
 ])
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
 def test_bad_shapes_and_tiles_raise(shape, kw, match, w_transposed):
@@ -261,7 +266,8 @@ def test_bench_lora_cpu_path():
 # gemm_lowrank: y = x @ w + u @ v, u and v TMA-loaded during the K loop (jora's kernel path).
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
 @pytest.mark.parametrize("tiles", [Tiles(**SMALL, stages=2, group=2),
-                                   Tiles(**SMALL, stages=2, split="m", epi_buffers=1)], ids=str)
+                                   Tiles(**SMALL, stages=2, split="m", epi_buffers=1),
+                                   Tiles(**SMALL, stages=2, cluster=2)], ids=str)
 def test_lowrank_matches_reference(tiles, w_transposed):
     """R = 12 zero-padded to 16; the rank term about as large as x @ w; 3 CTAs loop over
     several tiles, so u and v are reloaded into the same SMEM for each."""
@@ -440,3 +446,18 @@ def test_gate_up_op_lowers_to_the_kernel_for_cuda(monkeypatch):
     mosaic = [c for c in calls if "@mosaic_gpu" in c]
     assert len(mosaic) == 2 and all("hopper_gemm_swiglu" in c for c in mosaic), calls
     assert sum("swiglu_grads" in c or "triton" in c for c in calls) == 1, calls
+
+
+def test_gate_up_op_clusters_where_m_allows(monkeypatch):
+    """The op's kernel tiles: SWIGLU_TILES (clusters of two CTA tiles along M) where M is a
+    multiple of a cluster's 256 rows, unclustered where it is only one of a CTA's 128, else
+    no kernel (XLA)."""
+    import kernels.lora_matmul as lm
+    from kernels import swiglu
+    monkeypatch.setattr(lm, "on_hopper", lambda: True)
+    w = jax.ShapeDtypeStruct((4096, 11008), jnp.bfloat16)   # the choice reads shapes only
+    tiles = lambda m: swiglu._kernel_tiles(  # noqa: E731
+        jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16), w)
+    assert tiles(2048) == SWIGLU_TILES and SWIGLU_TILES.cluster == 2
+    assert tiles(1152).cluster == 1 and tiles(1152).cta_m == SWIGLU_TILES.cta_m
+    assert tiles(1000) is None

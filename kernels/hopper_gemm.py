@@ -43,6 +43,13 @@ or stacked along M (split="m": cta = (2 tile_m, tile_n)).
      (or rows) in about whole waves, and a second launch the rest in `TAIL_TILES` (128 x 64,
      a quarter of the work a CTA), whose (M, 512) (or (128, N)) result XLA writes into y's
      unwritten part by an in-place dynamic_update_slice.
+  8. Clusters (cluster=2, gemm_swiglu's default): two CTAs on neighbouring SMs take the two
+     CTA tiles stacked along M of a cluster tile, which need the same w tiles. Each w tile of
+     the ring is then TMA-loaded in halves, one by each CTA, and multicast into both CTAs'
+     slots, so L2 serves it once per cluster, and a slot is free again when both CTAs have
+     consumed it (cluster-wide barriers). The grid counts clusters, the tile loop cluster
+     tiles. Fewer L2 reads draw less power, which is what sets the clock in a training step:
+     there the GPU runs at its power limit (bench/NOTES.md).
 
 Tiles (`Tiles`, defaults): tile_m = tile_n = 128 per WG, tile_k = 64 (64 bf16 = 128 bytes, the
 128 B swizzle of both operand tiles), stages = 4, split="n" (CTA tile 128 x 256), epilogue
@@ -53,12 +60,12 @@ KiB an H100/H200 CTA may use (3 stages: 176 KiB); `Tiles.smem_bytes` computes it
 configurations are rejected before lowering.
 
 Constraints (a ValueError names the one that fails): x and w 2-D, one 16-bit float dtype,
-K matching; M % cta_m == 0, N % cta_n == 0, K % tile_k == 0 (no masking: Llama shapes divide);
-tile_m a multiple of 64 (wgmma's M); tile_n a multiple of 64 and <= 256 (wgmma's N, and whole
-128 B swizzle groups in the (tile_k, cta_n) w tile); tile_k a multiple of 64; epi_m divides
-tile_m and is a multiple of 64 (so is a TMA store's row count of the swizzled buffer),
-epi_n divides tile_n and is a multiple of 8; stages >= 1 and > in_flight; in_flight in {0, 1};
-the SMEM total above <= 227 KiB.
+K matching; M % (cta_m * cluster) == 0, N % cta_n == 0, K % tile_k == 0 (no masking: Llama
+shapes divide); tile_m a multiple of 64 (wgmma's M); tile_n a multiple of 64 and <= 256
+(wgmma's N, and whole 128 B swizzle groups in the (tile_k, cta_n) w tile); tile_k a multiple
+of 64; epi_m divides tile_m and is a multiple of 64 (so is a TMA store's row count of the
+swizzled buffer), epi_n divides tile_n and is a multiple of 8; stages >= 1 and > in_flight;
+in_flight in {0, 1}; cluster in {1, 2}; the SMEM total above <= 227 KiB.
 
 The rank-R term (`gemm_lowrank`, R <= 64 padded to 16, 32 or 64): each compute WG TMA-loads its
 (tile_m, R) rows of u and (R, tile_n) columns of v into SMEM while its K loop runs, and after
@@ -106,10 +113,15 @@ class Tiles:
     epi_n: int = 64
     epi_buffers: int = 2  # epilogue SMEM buffers per WG: 2 fill one while TMA stores the other
     in_flight: int = 0   # wgmmas left pending when a step ends (1: its slot is released a step later)
+    cluster: int = 1     # CTAs of a cluster, stacked along M: each w tile is multicast to all
 
     @property
     def cta_m(self) -> int:
         return self.tile_m * (2 if self.split == "m" else 1)
+
+    @property
+    def cluster_m(self) -> int:   # rows of a cluster's tile: M must be a multiple
+        return self.cta_m * self.cluster
 
     @property
     def cta_n(self) -> int:
@@ -130,6 +142,7 @@ class Tiles:
         s = f"{self.tile_m}x{self.tile_n}x{self.tile_k} s{self.stages} {self.split}-split " \
             f"g{self.group}{self.group_dim}"
         s += f" f{self.in_flight}" if self.in_flight else ""
+        s += f" c{self.cluster}" if self.cluster != 1 else ""
         return s + (f" e{self.epi_buffers}" if self.epi_buffers != 2 else "")
 
 
@@ -195,13 +208,16 @@ def _check(x, w, tiles: Tiles, w_transposed: bool, rank: int = 0, inloop: bool =
         (t.stages >= 1 and t.stages > t.in_flight,
          f"stages={t.stages} must be >= 1 and > in_flight={t.in_flight}"),
         (t.epi_buffers in (1, 2), f"epi_buffers={t.epi_buffers} must be 1 or 2"),
+        (t.cluster in (1, 2), f"cluster={t.cluster} must be 1 or 2"),
         (t.smem_bytes(dt.itemsize, rank, inloop, gated) <= SMEM_LIMIT,
          f"SMEM {t.smem_bytes(dt.itemsize, rank, inloop, gated)} B (stages * (cta_m + "
          f"{'2 * ' if gated else ''}cta_n{' + R' if inloop else ''}) * tile_k + "
          f"2 * epi_buffers * epi_m * epi_n + "
          f"2 * R * (tile_m + tile_n) elements, R = {rank}) must be <= {SMEM_LIMIT} B: "
          f"fewer stages, epilogue buffers or smaller tiles"),
-        (m % t.cta_m == 0, f"M % cta_m == 0 is required: M={m}, cta_m={t.cta_m} ({t})"),
+        (m % t.cluster_m == 0,
+         f"M % cta_m{' * cluster' if t.cluster > 1 else ''} == 0 is required: M={m}, "
+         f"cta_m={t.cta_m} ({t})"),
         (n % t.cta_n == 0, f"N % cta_n == 0 is required: N={n}, cta_n={t.cta_n} ({t})"),
         (k % t.tile_k == 0, f"K % tile_k == 0 is required: K={k}, tile_k={t.tile_k}"),
     ]
@@ -232,6 +248,7 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
     k = x_gmem.shape[1]
     row0, col0, rows, cols, own = block
     m_tiles, n_tiles, k_steps = rows // t.cta_m, cols // t.cta_n, k // t.tile_k
+    c = t.cluster   # the tile loop walks cluster tiles: c CTA tiles stacked along M
     dt = y_gmem.dtype
     isz = jnp.dtype(dt).itemsize
     tr = _smem_transforms(t.tile_k, isz)    # x, w and a tiles: tile_k-element rows
@@ -239,15 +256,18 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
 
     # The pipeline sees one CTA tile's x row-block (cta_m, K) and w column-block: (K, cta_n),
     # or (cta_n, K) as stored when transposed (and a^T (R, K) whole); its grid is the K steps.
-    def spec(block, index_map):
-        return plgpu.BlockSpec(block, index_map, transforms=tr, delay_release=t.in_flight)
+    # In a cluster the CTAs read the same w tiles: each TMA-loads its share of a tile and
+    # multicasts it into every CTA's slot, so L2 serves each w tile once per cluster.
+    def spec(block, index_map, shared=False):
+        return plgpu.BlockSpec(block, index_map, transforms=tr, delay_release=t.in_flight,
+                               collective_axes=("cluster",) if shared and c > 1 else ())
     in_specs = [spec((t.cta_m, t.tile_k), lambda kk: (0, kk)),
-                spec((t.cta_n, t.tile_k), lambda kk: (0, kk)) if w_transposed else
-                spec((t.tile_k, t.cta_n), lambda kk: (kk, 0))]
+                spec((t.cta_n, t.tile_k), lambda kk: (0, kk), True) if w_transposed else
+                spec((t.tile_k, t.cta_n), lambda kk: (kk, 0), True)]
     if inloop:
         in_specs.append(spec((lr_gmem.shape[0], t.tile_k), lambda kk: (0, kk)))
     if gated:
-        in_specs.append(spec((t.tile_k, t.cta_n), lambda kk: (kk, 0)))
+        in_specs.append(spec((t.tile_k, t.cta_n), lambda kk: (kk, 0), True))
 
     def make_pipeline(step_fn, context):
         return plgpu.emit_pipeline_warp_specialized(
@@ -275,11 +295,13 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
         # as many.
         pending = t.in_flight * (2 if inloop or gated else 1)
 
-        @plgpu.nd_loop((m_tiles * n_tiles,), collective_axes="sm")
+        @plgpu.nd_loop((m_tiles // c * n_tiles,), collective_axes="sm")
         def _tile(info):
             (lin,) = info.index
             minor = 0 if t.group_dim == "m" else 1
-            mi, ni = plgpu.planar_snake(lin, (m_tiles, n_tiles), minor, t.group)
+            mi, ni = plgpu.planar_snake(lin, (m_tiles // c, n_tiles), minor, t.group)
+            if c > 1:
+                mi = mi * c + lax.axis_index("cluster")
             # The CTA tile's rows of x (and u), columns of w (and v), and its place in y.
             cta_rows = pl.ds(row0 + mi * t.cta_m, t.cta_m)
             cta_cols = pl.ds(col0 + ni * t.cta_n, t.cta_n)
@@ -420,6 +442,8 @@ def _split(m: int, n: int, tiles: Tiles, tail: Tiles | None, sms: int):
             ("n", m_tiles, n, tiles.cta_n, tail.cta_n, m // tail.cta_m),
             ("m", n_tiles, m, tiles.cta_m, tail.cta_m, n // tail.cta_n)):
         whole = full // other          # tile columns (rows) that fit in the whole waves
+        if dim == "m":                 # whole clusters of rows
+            whole -= whole % tiles.cluster
         lead = whole * cta
         rest_ctas = (size - lead) // tail_cta * tail_other
         if 0 < lead < size and rest_ctas <= sms and (best is None or whole * other > best[0]):
@@ -440,11 +464,13 @@ def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_t
     def launch(t, block, suffix=""):   # -> a list of `outputs` arrays
         rows, cols, own = block[2:]
         out = jax.ShapeDtypeStruct((rows, cols) if own else (m, n), dtype)
+        clusters = (rows // t.cta_m) * (cols // t.cta_n) // t.cluster   # grid: one a 2 SMs
+        cluster = dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster > 1 else {}
         ys = plgpu.kernel(
             functools.partial(_kernel, tiles=t, w_transposed=bool(w_transposed),
                               block=block, **mode),
             out_type=out if outputs == 1 else (out,) * outputs,
-            grid=(min(sms, (rows // t.cta_m) * (cols // t.cta_n)),), grid_names=("sm",),
+            grid=(min(sms // t.cluster, clusters),), grid_names=("sm",), **cluster,
             num_threads=3, thread_name="wg",
             compiler_params=plgpu.CompilerParams(
                 lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
@@ -602,8 +628,9 @@ def lora_reference(x, w, a, b, scale, *, w_transposed: bool = False):
 # Gate and up in one kernel: each compute WG holds a (64, 128) accumulator of g and one of u
 # for the same outputs (128 registers a thread); the WGs stack along M, so a CTA tile is
 # 128 x 128 of g and of u (the work of the default 128 x 256) and each step loads one x tile
-# and two w tiles, 48 KiB: 4 stages and the epilogue buffers fill 224 KiB.
-SWIGLU_TILES = Tiles(tile_m=64, tile_n=128, split="m")
+# and two w tiles, 48 KiB: 4 stages and the epilogue buffers fill 224 KiB. In clusters of two
+# (module docstring, 8): both weights' tiles are multicast, a third less read from L2 a step.
+SWIGLU_TILES = Tiles(tile_m=64, tile_n=128, split="m", cluster=2)
 
 
 def gemm_swiglu(x, w_gate, w_up, *, tiles: Tiles = SWIGLU_TILES, tail="auto", num_sms=None):

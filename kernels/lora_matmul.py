@@ -207,7 +207,7 @@ def _hopper_tiles(m: int, c: int, n: int, rp: int, dtype):
     from kernels import hopper_gemm   # Mosaic GPU: imported only where it can run
     for tiles in (hopper_gemm.LOWRANK_TILES,   # 128 x 256 CTA tiles, then 256 x 128
                   dataclasses.replace(hopper_gemm.LOWRANK_TILES, split="m")):
-        if m % tiles.cta_m == 0 and n % tiles.cta_n == 0:
+        if m % tiles.cluster_m == 0 and n % tiles.cta_n == 0:
             return tiles
     return None
 

@@ -25,6 +25,7 @@ Layout: the kernel sees the tensors as flat vectors (a free reshape of contiguou
 into blocks of `block` elements; a last partial block is masked. On an NVIDIA GPU Pallas
 lowers it to Triton; `interpret=True` runs Pallas' interpreter (the CPU tests).
 """
+import dataclasses
 import functools
 
 import jax
@@ -119,21 +120,28 @@ swiglu.defvjp(_fwd, _bwd)
 # same tile and writes silu(g) * u from its fp32 accumulators, so the forward's pass over g and u
 # (reading two (T, F) tensors, writing one) is gone. Only for adapter-free gate and up (jora's
 # default targets q,v): the LoRA terms would need two rank-R products in the same epilogue.
-def _on_kernel(x2, w) -> bool:
+def _kernel_tiles(x2, w):
+    """gemm_swiglu's tiles for x2 (M, D) @ w (D, F), or None where the kernel does not apply:
+    SWIGLU_TILES, or its CTAs unclustered where M is not a multiple of a cluster's rows."""
     from kernels.lora_matmul import on_hopper
     if not on_hopper() or x2.dtype not in (jnp.bfloat16, jnp.float16) or w.dtype != x2.dtype:
-        return False
-    from kernels.hopper_gemm import SWIGLU_TILES as t
+        return None
+    from kernels.hopper_gemm import SWIGLU_TILES
     (m, k), n = x2.shape, w.shape[1]
-    return m % t.cta_m == 0 and n % t.cta_n == 0 and k % t.tile_k == 0
+    for t in (SWIGLU_TILES, dataclasses.replace(SWIGLU_TILES, cluster=1)):
+        if m % t.cluster_m == 0 and n % t.cta_n == 0 and k % t.tile_k == 0:
+            return t
+    return None
 
 
 def _gate_up(x, w_gate, w_up, interpret):
     """(g, u, h), each (..., F) in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    if not interpret and _on_kernel(x2, w_gate):
+    tiles = None if interpret else _kernel_tiles(x2, w_gate)
+    if tiles is not None:
         from kernels.hopper_gemm import gemm_swiglu
-        return tuple(y.reshape(*x.shape[:-1], -1) for y in gemm_swiglu(x2, w_gate, w_up))
+        return tuple(y.reshape(*x.shape[:-1], -1)
+                     for y in gemm_swiglu(x2, w_gate, w_up, tiles=tiles))
     g, u = jnp.einsum("...D,DF->...F", x, w_gate), jnp.einsum("...D,DF->...F", x, w_up)
     return g, u, jax.nn.silu(g) * u
 
