@@ -112,7 +112,7 @@ class Tiles:
     epi_m: int = 64      # epilogue sub-tile (one TMA store)
     epi_n: int = 64
     epi_buffers: int = 2  # epilogue SMEM buffers per WG: 2 fill one while TMA stores the other
-    in_flight: int = 0   # wgmmas left pending when a step ends (1: its slot is released a step later)
+    in_flight: int = 0   # wgmmas pending when a step ends (1: its slot is released a step later)
     cluster: int = 1     # CTAs of a cluster, stacked along M: each w tile is multicast to all
 
     @property
