@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side speed and memory on one H200: jora vs HF + PEFT, same shapes, one run.
 # Usage: bash bench/h200.sh PART...
-#   PART in {gateup, swiglu, tail, hopper, kmodel, kgoal, kdefault, lowrank, parts, wave, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
+#   PART in {sustained, gateup, swiglu, tail, hopper, kmodel, kgoal, kdefault, lowrank, parts, wave, kmodel16k, redesign, redesign16k, liger7, long7, gemm, check, qv, remat, long, attn, chunk, hflong, hflong32, mlpchunk, plan, all7long, mgpu, gputests, fix, max, all7x32, all7x, chunklast, final, all7, profilelong, kernels, kernels32k, prof, profhlo, packed, segmem, packed32, profile, flags, hlo, decode}
 # Results (JSON rows, kernel tables, profiles) go to $RESULTS (default bench/results/), named by
 # machine and date; logs, traces and HLO dumps to $OUT (default bench_out/, git-ignored), which
 # also gets a copy of the day's results at the end.
@@ -90,6 +90,8 @@ case "$part" in
          for t in q,v $ALL7; do for k in xla pallas; do
            jora --lora-dropout 0.05 --seq-len 2048 --targets $t --kernels $k --bench-steps 10
          done; done ;;
+  sustained) # the Hopper GEMMs against cuBLAS at the power limit (clustered and not)
+         timeout 300 python3 -m experiments.bench_sustained | tee -a "$RESULTS/sustained-h200-$DAY.md" ;;
   gateup) # gate and up in one kernel (gemm_swiglu): GPU tests, per op, the q,v row under the profiler
          python3 -m pytest -q tests/test_gpu.py experiments/test_hopper_gemm.py -k "gate_up or swiglu_gemm or qv" 2>&1 | tail -3
          python3 -m kernels.bench --gate-up --ms 2048,8192 | tee -a "$RESULTS/gateup-h200-$DAY.md"
