@@ -1,6 +1,6 @@
 """Time kernels/hopper_gemm.py against cuBLAS (XLA's jnp.dot) on Llama-2-7B projections.
 
-    python -m experiments.bench_hopper_gemm                 # all 18 problems, CONFIGS, < 3 min
+    python -m experiments.bench_hopper_gemm                 # all 18 problems, CONFIGS, minutes
     python -m experiments.bench_hopper_gemm --ms 8192 --sweep   # also SWEEP's configurations
     python -m experiments.bench_hopper_gemm --lowrank 16    # gemm_lowrank, LOWRANK_CONFIGS
     python -m experiments.bench_hopper_gemm --ms 2048 --kn 4096x11008 --wave   # 128 x 128 CTAs

@@ -141,7 +141,8 @@ def main(argv=None):
                 best[name, v] = min(best.get((name, v), r), r)
     print(f"\njax {jax.__version__}, {jax.devices()[0].device_kind}, bf16; {args.warm} s back "
           f"to back, then {args.time} s timed; best of {args.rounds} rounds")
-    print("| problem | variant | us | TFLOP/s | / first | SM MHz | W |\n|---|---|---|---|---|---|---|")
+    print("| problem | variant | us | TFLOP/s | / first | SM MHz | W |")
+    print("|---|---|---|---|---|---|---|")
     for name, flops, _, fs, _ in probs:
         first = best[name, next(iter(fs))][0]
         for v in fs:

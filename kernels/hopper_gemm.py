@@ -464,7 +464,7 @@ def _launch(operands, out_shape, dtype, *, tiles: Tiles, tail: Tiles | None, w_t
     def launch(t, block, suffix=""):   # -> a list of `outputs` arrays
         rows, cols, own = block[2:]
         out = jax.ShapeDtypeStruct((rows, cols) if own else (m, n), dtype)
-        clusters = (rows // t.cta_m) * (cols // t.cta_n) // t.cluster   # grid: one a 2 SMs
+        clusters = (rows // t.cta_m) * (cols // t.cta_n) // t.cluster   # cluster tiles
         cluster = dict(cluster=(t.cluster,), cluster_names=("cluster",)) if t.cluster > 1 else {}
         ys = plgpu.kernel(
             functools.partial(_kernel, tiles=t, w_transposed=bool(w_transposed),
