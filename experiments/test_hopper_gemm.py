@@ -256,19 +256,12 @@ def test_bench_harness_reports_hang_and_crash():
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU this would run the whole benchmark")
-def test_bench_sustained_cpu_path():
-    out = subprocess.run([sys.executable, "-m", "experiments.bench_sustained"], timeout=120,
-                         capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0 and out.stdout.strip() == "needs a Hopper GPU", out
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU this would run the whole benchmark")
-def test_bench_lora_cpu_path():
-    out = subprocess.run([sys.executable, "-m", "experiments.bench_hopper_lora"], timeout=120,
-                         capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0 and out.stdout.strip() == "needs a GPU", out
+@pytest.mark.parametrize("module,says", [("experiments.bench_hopper_lora", "needs a GPU"),
+                                         ("experiments.bench_sustained", "needs a Hopper GPU")])
+def test_bench_cpu_path(module, says):
+    out = subprocess.run([sys.executable, "-m", module], timeout=120, capture_output=True,
+                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == says, out
 
 
 # gemm_lowrank: y = x @ w + u @ v, u and v TMA-loaded during the K loop (jora's kernel path).
