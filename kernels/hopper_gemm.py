@@ -123,6 +123,10 @@ class Tiles:
     def cluster_m(self) -> int:   # rows of a cluster's tile: M must be a multiple
         return self.cta_m * self.cluster
 
+    def fits(self, m: int, n: int, k: int) -> bool:
+        """Whether an (M, K) @ (K, N) product lies on this tiling's grid (no masking)."""
+        return m % self.cluster_m == 0 and n % self.cta_n == 0 and k % self.tile_k == 0
+
     @property
     def cta_n(self) -> int:
         return self.tile_n * (2 if self.split == "n" else 1)

@@ -201,13 +201,12 @@ def on_hopper() -> bool:
 def _hopper_tiles(m: int, c: int, n: int, rp: int, dtype):
     """The Mosaic GPU kernel's tiles for p (M, C) @ q -> (M, N) with rank Rp, or None where it
     does not apply (not a Hopper GPU, not 16-bit, Rp > 64, or M, N, C off its tile grid)."""
-    if not on_hopper() or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or rp > 64 \
-            or c % 64:
+    if not on_hopper() or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16) or rp > 64:
         return None
     from kernels import hopper_gemm   # Mosaic GPU: imported only where it can run
     for tiles in (hopper_gemm.LOWRANK_TILES,   # 128 x 256 CTA tiles, then 256 x 128
                   dataclasses.replace(hopper_gemm.LOWRANK_TILES, split="m")):
-        if m % tiles.cluster_m == 0 and n % tiles.cta_n == 0:
+        if tiles.fits(m, n, c):
             return tiles
     return None
 

@@ -129,7 +129,7 @@ def _kernel_tiles(x2, w):
     from kernels.hopper_gemm import SWIGLU_TILES
     (m, k), n = x2.shape, w.shape[1]
     for t in (SWIGLU_TILES, dataclasses.replace(SWIGLU_TILES, cluster=1)):
-        if m % t.cluster_m == 0 and n % t.cta_n == 0 and k % t.tile_k == 0:
+        if t.fits(m, n, k):
             return t
     return None
 
