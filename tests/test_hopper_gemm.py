@@ -4,14 +4,9 @@ On a CPU the kernel runs in Mosaic GPU's interpreter (`plgpu.force_gpu_interpret
 abstract H200 with a few SMs, so each CTA of the persistent grid loops over several tiles); on
 a Hopper GPU natively; on another GPU the numeric tests skip (wgmma is sm_90 only). The
 interpreter does not check what only the CUDA lowering checks (wgmma operand layouts, TMA
-shapes, SMEM size), so the benchmark's configurations are also lowered for CUDA, which needs
+shapes, SMEM size), so the tile configurations below are also lowered for CUDA, which needs
 no GPU. Both layouts of w: (K, N), and (N, K) read transposed."""
 import contextlib
-import json
-import os
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +15,6 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from experiments.bench_hopper_gemm import CONFIGS, LOWRANK_CONFIGS, WAVE
-from experiments.bench_hopper_lora import LORA_CONFIGS, run_items
 from kernels.hopper_gemm import (LOWRANK_TILES, SWIGLU_TILES, TAIL_TILES, Tiles, _split,
                                  gemm_lowrank, gemm_swiglu, lora_matmul, lora_reference, matmul,
                                  reference, swiglu_reference)
@@ -84,6 +77,22 @@ def check(y, want):
     bad = np.abs(y - want) > 2.0 ** -7 * np.abs(want) + 1e-5 * big
     assert not bad.any(), f"{bad.sum()} elements off, first at {np.argwhere(bad)[0]}"
 
+
+# Tile configurations that must lower for CUDA at the Llama-2-7B shapes (each a Mosaic GPU call
+# whose SMEM fits). Plain GEMM: 128 x 256 CTA tile (the two WGs side by side), the same stacked
+# (256 x 128), a wgmma left in flight across steps, clusters of two CTAs sharing each w tile.
+CONFIGS = (Tiles(), Tiles(split="m"), Tiles(in_flight=1), Tiles(cluster=2))
+# 128 x 128 CTA tiles: twice the tiles of 128 x 256, so a ragged last wave wastes less of the SMs.
+WAVE = (Tiles(tile_m=64, split="m"), Tiles(tile_m=64, split="m", stages=6), Tiles(tile_n=64),
+        Tiles(tile_n=64, stages=6), Tiles(tile_m=64))
+# gemm_lowrank: the default (4 stages, one epilogue buffer), 3 stages with two, the WGs
+# stacked, a wgmma left in flight, clusters of two.
+LOWRANK_CONFIGS = (LOWRANK_TILES, Tiles(stages=3), Tiles(split="m", epi_buffers=1),
+                   Tiles(in_flight=1, epi_buffers=1), Tiles(epi_buffers=1, cluster=2))
+# The in-loop lora_matmul: 64 x 64 and 128 x 64 WG tiles with 2 stages (both finish in the
+# interpreter), and the default 128 x 128 with 3 stages.
+LORA_CONFIGS = (dict(tile_m=64, tile_n=64, stages=2), dict(tile_m=128, tile_n=64, stages=2),
+                dict(stages=3))
 
 # Small tiles, so that a 256 x 256 output has 8 CTA tiles and the 3 CTAs loop over 2-3 each.
 SMALL = dict(tile_m=64, tile_n=64)
@@ -165,8 +174,8 @@ def test_bad_operands_raise():
 
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
 @pytest.mark.parametrize("tiles", CONFIGS + WAVE, ids=str)
-def test_bench_configs_lower_for_cuda(tiles, w_transposed):
-    """Every configuration the benchmark times lowers for CUDA (no GPU needed) at a Llama
+def test_configs_lower_for_cuda(tiles, w_transposed):
+    """Every configuration of CONFIGS and WAVE lowers for CUDA (no GPU needed) at a Llama
     shape, to one Mosaic GPU custom call: wgmma accepts the operand views (the transposed
     (cta_n, tile_k) w tile included), and the SMEM fits."""
     m, k, n = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096
@@ -178,8 +187,7 @@ def test_bench_configs_lower_for_cuda(tiles, w_transposed):
 
 # Stage 2: the LoRA term fused (lora_matmul). In jax 0.11.2's interpreter it finishes with
 # 64 x 64 and 128 x 64 WG tiles and 2 stages, but hangs (> 90 s) with tile_n = 128 or with 3
-# stages (unresolved: an interpreter limit or a real deadlock; untested on a GPU), so the
-# benchmark does not run it.
+# stages (unresolved: an interpreter limit or a real deadlock; untested on a GPU).
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
 def test_lora_matches_reference(w_transposed):
     """R = 12 zero-padded to 16; scale 0.37 is not a power of two; 2 slots over 6 K steps."""
@@ -222,46 +230,12 @@ def test_lora_bad_operands_raise():
         lora_matmul(x, w, a, b, 1.0, tiles=Tiles())   # 4 stages + a, b, xa: 248 KiB
 
 
-# experiments/bench_hopper_lora.py: what can be checked without a GPU, none of it able to hang
-# (nothing here runs a kernel; children are killed by the harness's own timeouts).
 @pytest.mark.parametrize("tiles", LORA_CONFIGS, ids=lambda kw: str(Tiles(**kw)))
-def test_bench_lora_configs_lower_for_cuda(tiles):
-    """Every LoRA configuration the benchmark times lowers for CUDA at its widest shape."""
+def test_lora_configs_lower_for_cuda(tiles):
+    """Every LoRA configuration of LORA_CONFIGS lowers for CUDA at the widest Llama shape."""
     m, k, n, r = 2048, 4096, 11008, 16
     f = lambda x, w, a, b: lora_matmul(x, w, a, b, 2.0, tiles=Tiles(**tiles))   # noqa: E731
     assert mosaic_calls(f, (m, k), (k, n), (k, r), (r, n)) == 1
-
-
-def test_bench_harness_reports_hang_and_crash():
-    """run_items gives a hung child one TIMEOUT row and the rest "not run"; a crashed one a
-    "crashed" row, then a fresh child for the rest (here crashing again: "not run")."""
-    script = ("import json, os, sys, time; s = json.loads(sys.argv[1]); "
-              "print('@@' + json.dumps(dict(event='ready', backend='gpu', kind='fake')), "
-              "flush=True)\n"
-              "for i, item in enumerate(s['items']):\n"
-              "    if item == 1: time.sleep(600)\n"
-              "    if item == 2: os._exit(3)\n"
-              "    print('@@' + json.dumps(dict(event='row', i=i, status='ok')), flush=True)\n")
-    cmd = lambda spec: [sys.executable, "-c", script, json.dumps(spec)]   # noqa: E731
-    now = time.time()
-    for items, want in (([0, 1, 0, 0], ["ok", "TIMEOUT", "not run", "not run"]),
-                        ([0, 2, 0, 2, 2, 0], ["ok", "crashed (rc 3)", "ok", "crashed (rc 3)",
-                                              "not run", "not run"])):
-        got = {}
-        ready = run_items(dict(items=items), timeout=3, budget_end=now + 60, hard_stop=now + 90,
-                          report=lambda i, row: got.setdefault(i, row["status"]), cmd=cmd)
-        assert ready["kind"] == "fake"
-        assert all(got[i].startswith(w) for i, w in enumerate(want)), got
-    assert time.time() - now < 30
-
-
-@pytest.mark.skipif(ON_GPU, reason="on a GPU this would run the whole benchmark")
-@pytest.mark.parametrize("module,says", [("experiments.bench_hopper_lora", "needs a GPU"),
-                                         ("experiments.bench_sustained", "needs a Hopper GPU")])
-def test_bench_cpu_path(module, says):
-    out = subprocess.run([sys.executable, "-m", module], timeout=120, capture_output=True,
-                         text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0 and out.stdout.strip() == says, out
 
 
 # gemm_lowrank: y = x @ w + u @ v, u and v TMA-loaded during the K loop (jora's kernel path).
@@ -287,8 +261,8 @@ def test_lowrank_matches_reference(tiles, w_transposed):
 @pytest.mark.parametrize("w_transposed", [False, True], ids=["w_kn", "w_nk"])
 @pytest.mark.parametrize("tiles", LOWRANK_CONFIGS, ids=str)
 def test_lowrank_lowers_for_cuda(tiles, w_transposed):
-    """The default low-rank tiles (4 stages, one epilogue buffer) and the others the
-    benchmark times, R = 16, at the widest Llama shape."""
+    """The default low-rank tiles (4 stages, one epilogue buffer) and the others of
+    LOWRANK_CONFIGS, R = 16, at the widest Llama shape."""
     m, k, n, r = 2048, 4096, 11008 if 11008 % tiles.cta_n == 0 else 4096, 16
     assert LOWRANK_TILES in LOWRANK_CONFIGS
     f = lambda x, w, u, v: gemm_lowrank(x, w, u, v, w_transposed=w_transposed,  # noqa: E731
