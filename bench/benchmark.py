@@ -1,10 +1,10 @@
 """Speed and memory of training steps on a random-initialised model: one JSON row a length.
 
-  python -m bench.benchmark --size 7b --seq-len 2048,4096 --batch-size 1
-  python train.py --benchmark --size 7b --seq-len 2048,4096     # the same
+  python -m bench.benchmark --size 7b --seq-len 2048,4096 --batch-size 1   # from the repo root
 Rows (stdout): tokens/s, step seconds, MFU, per-device peak memory, XLA's planned memory,
 compile seconds, or an error; progress on stderr. Takes train.py's model flags (--remat, --tp,
---targets, ...). bench/h200.sh drives it; bench/profile.py reads its --profile traces.
+--targets, ...; an unset --batch-size is 1). bench/reproduce.sh drives it; --profile DIR writes
+a jax.profiler trace of the timed steps (TensorBoard or Perfetto open it).
 """
 import argparse
 import contextlib
@@ -14,14 +14,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jora  # noqa: E402
-import trainer  # noqa: E402
-import train  # noqa: E402
+import jora
+import trainer
 
 
 def _time_steps(step, state, rest, steps, warmup, trace_dir, tokens, flops_per_token,
@@ -47,7 +45,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
     """Time training steps of a random-initialised model on random tokens at each length,
     reusing one model: tokens/s, step seconds, MFU, per-device peak memory (GiB; it only grows
     within a process, so give lengths in increasing order), compile seconds, or an error.
-    `profile`: a folder for a jax.profiler trace of the timed steps (bench/profile.py reads it).
+    `profile`: a folder for a jax.profiler trace of the timed steps.
     doc > 0: each row packs examples of `doc` tokens (segment ids 1, 2, ...); else one a row.
     MFU counts every position attending to the whole row (flops_per_token) either way."""
     jora.check_tp(cfg, mesh.shape[jora.MODEL])
@@ -114,15 +112,17 @@ def main(argv=None) -> list[dict]:
     a("--bench-doc", type=int, default=0, help="rows packed from examples of N tokens each "
                                                "(0: one sequence a row)")
     a("--profile", help="write a profiler trace of the timed steps to this folder")
-    train.model_flags(a)
+    trainer.model_flags(a)
     args = p.parse_args(argv)
+    if args.batch_size is None:   # train.py's default is chosen from the data; here: one row
+        args.batch_size = 1
     trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     say = print if jax.process_index() == 0 else (lambda *_, **__: None)
     tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
     tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
-    lcfg, opts, plan = train.configs(args)
+    lcfg, opts, plan = trainer.configs(args)
     return benchmark(jora.PRESETS[args.size], lcfg, tcfg, jora.make_mesh(args.tp), opts, plan,
                      [int(s) for s in args.seq_len.split(",")], args.bench_steps,
                      args.bench_warmup, jnp.dtype(args.dtype),
