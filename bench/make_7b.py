@@ -1,5 +1,6 @@
 """Write a random Llama-2-7B-shaped HF folder (bf16, ~13.5 GB in 3 files) and time the export:
-python bench/make_7b.py OUT_FOLDER [TOKENIZER_FOLDER [SIZE]]. Prints one JSON row."""
+python -m bench.make_7b OUT_FOLDER [TOKENIZER_FOLDER [SIZE]] (from the repo root). The
+tokenizer files are copied from TOKENIZER_FOLDER. Prints one JSON row."""
 import json
 import os
 import sys
@@ -8,8 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import jora  # noqa: E402
+import jora
 
 
 def main():
