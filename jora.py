@@ -50,7 +50,7 @@ import json
 import math
 import os
 import shutil
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -530,12 +530,25 @@ def attend(q, k, v, segment_ids, opts: Options):
     return attend_masked(q, k, v, allowed if same is None else allowed & same)
 
 
-tag = checkpoint_name   # names a value for the remat policies of section 4; else the identity
+def tag(x, name: str):
+    """Names a value for the remat policies (Plan.remat): "min" keeps the tagged values and
+    recomputes the rest. Without a policy it is the identity."""
+    return checkpoint_name(x, name)
+
+
+class Ops(NamedTuple):
+    """How a decoder layer computes its heavy parts. The defaults are the plain functions
+    above; the speed-and-memory section swaps in kernels and MLP chunks as a Plan says. None
+    of them changes what the layer computes, only how fast and in how much memory."""
+    project: Callable = project        # (x, w, ab, lcfg, drop) -> x @ w [+ LoRA]
+    swiglu: Callable = swiglu          # (g, u) -> silu(g) * u
+    gate_up: Callable | None = None    # (h, w_gate, w_up) -> swiglu(h @ w_gate, h @ w_up)
+    mlp_over: Callable | None = None   # (mlp, h) -> mlp(h, s) over chunks of positions
 
 
 def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
                   lcfg: LoraConfig | None, drop: Dropout | None = None, sp: bool = False,
-                  proj=project, act=swiglu, gate_up=None, mlp_over=None):
+                  ops: Ops = Ops()):
     """One pre-norm Llama block: x (B, T, D), replicated over "model" -> (x', attn's aux).
     attn(q, k, v) -> (o, aux): plain causal attention when training, attention over a KV cache
     (aux = the updated cache) when generating. drop: this layer's dropout seed and this device's
@@ -543,22 +556,27 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     (B, T/tp, D), this device's slice of the positions, all-gathered before the column-parallel
     projections; the row-parallel sums are reduce-scattered back to slices instead of
     all-reduced. The same bytes move, but norms, residuals and the activations remat keeps
-    shrink by tp. Hooks (section 4): proj, act (the gate), gate_up (gate, up, act), mlp_over."""
-    if sp:
-        gather = lambda h: jax.lax.all_gather(h, MODEL, axis=1, tiled=True)     # (B, T, D)
-        reduce = lambda y: jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
-    else:
-        gather, reduce = (lambda h: h), (lambda y: jax.lax.psum(y, MODEL))
+    shrink by tp. ops: how the projections and the MLP run (plain XLA by default)."""
+
+    def gather(h):   # (B, T/tp, D) slices -> (B, T, D) under sp
+        return jax.lax.all_gather(h, MODEL, axis=1, tiled=True) if sp else h
+
+    def reduce(y):   # the row-parallel projections' partial sums -> their sum
+        if sp:
+            return jax.lax.psum_scatter(y, MODEL, scatter_dimension=1, tiled=True)
+        return jax.lax.psum(y, MODEL)
 
     def linear(t, x, pos=0):   # projection t of x, with its own dropout mask
         d = None
         if drop is not None:   # row-parallel inputs (o, down) hold a slice of the features
             feat = 0 if t in COLUMN else jax.lax.axis_index(MODEL) * x.shape[-1]
             d = drop._replace(seed=mix32(drop.seed + PROJ.index(t)), pos=pos, feat=feat)
-        return proj(x, getattr(w, WEIGHT[t]), getattr(ab, t), lcfg, d)
+        return ops.project(x, getattr(w, WEIGHT[t]), getattr(ab, t), lcfg, d)
+
+    def heads(y):   # (B, T, X*H) -> (B, T, X, H), X: N/tp or K/tp
+        return rearrange(y, "B T (X H) -> B T X H", H=cfg.head_dim)
 
     h = gather(rms_norm(x, w.attn_norm, cfg.norm_eps))
-    heads = lambda y: rearrange(y, "B T (X H) -> B T X H", H=cfg.head_dim)   # X: N/tp or K/tp
     q, k, v = heads(linear("q", h)), heads(linear("k", h)), heads(linear("v", h))
     # Tags mark what remat "min" keeps: every matmul output the backward needs.
     q, k, v = tag(rope(q, positions, cfg), "q"), tag(rope(k, positions, cfg), "k"), tag(v, "v")
@@ -567,15 +585,19 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     x = tag(x + reduce(linear("o", o)), "resid")
     h = gather(rms_norm(x, w.mlp_norm, cfg.norm_eps))
 
-    if ab.down is not None and drop is not None and lcfg.dropout > 0:   # kernels/swiglu.py:
-        act, gate_up = swiglu, None   # a kernel gate is slower with dropout on down's adapter
+    act, gate_up = ops.swiglu, ops.gate_up
+    if ab.down is not None and drop is not None and lcfg.dropout > 0:
+        # With dropout on down's adapter, XLA's gate is faster than the kernel's.
+        act, gate_up = swiglu, None
+
     def mlp(h, s):   # h (B, C, D) at positions [s, s + C) -> this device's partial (B, C, D)
         if gate_up is not None and ab.gate is None and ab.up is None:
             return linear("down", gate_up(h, w.w_gate, w.w_up), s)
         g, u = tag(linear("gate", h, s), "gate"), tag(linear("up", h, s), "up")  # (B, C, F/tp)
         return linear("down", act(g, u), s)
 
-    return x + reduce(mlp(h, 0) if mlp_over is None else mlp_over(mlp, h)), aux
+    out = mlp(h, 0) if ops.mlp_over is None else ops.mlp_over(mlp, h)
+    return x + reduce(out), aux
 
 
 # 4. Speed and memory: how the layers run. Nothing here changes what they compute. ---------------
@@ -659,47 +681,90 @@ def over_positions(f, h, *, chunk: int, policy):
     return jnp.concatenate([f(h[:, s:s + chunk], s) for s in range(0, h.shape[1], chunk)], 1)
 
 
-def kernel_ops(plan: Plan):
-    """kernels/' LoRA projection, MLP gate and gate + up (decoder_layer's proj, act, gate_up) as
-    plan.kernels asks, else None: "pallas" always; "auto" on Hopper GPUs (faster there)."""
+def kernel_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None,
+                   drop: Dropout | None = None, *, anywhere: bool = False):
+    """`project` through kernels.lora_matmul: x @ w and the LoRA product in one GEMM, forward
+    and backward. The glue between the model and the kernel is all here: (B, T, I) rows to
+    the kernel's 2-D (B*T, I) and back, the dropout mask (the LoRA branch's own input), the
+    operands cast alike in shard_map's varying axes, and `project` itself where the kernel
+    does not apply: no adapter, or (unless `anywhere`) shapes off the Hopper kernel's tiles."""
+    from kernels.lora_matmul import fits_hopper, lora_matmul
+    if ab is None:
+        return project(x, w, ab, lcfg, drop)
+    rows = rearrange(x, "B T I -> (B T) I")
+    if not anywhere and not fits_hopper(rows, w, ab.a):
+        return project(x, w, ab, lcfg, drop)
+    dropped = None
+    if drop is not None and lcfg.dropout > 0:
+        dropped = rearrange(drop.apply(x, lcfg.dropout), "B T I -> (B T) I")
+    rows, w, a, b, x_lora = vary_alike(rows, w, ab.a, ab.b,
+                                       rows if dropped is None else dropped)
+    y = lora_matmul(rows, w, a, b, lcfg.scale, x_lora=None if dropped is None else x_lora,
+                    interpret=jax.default_backend() != "gpu")
+    return rearrange(y, "(B T) O -> B T O", B=x.shape[0])
+
+
+def kernel_ops(plan: Plan) -> Ops | None:
+    """The Ops of kernels/ as plan.kernels asks, or None for XLA's: "pallas" everywhere (Pallas'
+    interpreter off GPUs), "auto" on Hopper GPUs, where they were measured faster than XLA.
+    The LoRA projection under "auto" keeps to the shapes the Hopper kernel fits."""
+    if plan.kernels == "xla":
+        return None
     try:
-        from kernels import ops
+        from kernels import lora_matmul, swiglu as gate
     except ImportError:   # jora.py copied alone: "auto" is XLA
         if plan.kernels == "pallas":
             raise
         return None
-    return None if plan.kernels == "xla" else ops(plan.kernels)
+    if plan.kernels == "auto" and not lora_matmul.on_hopper():
+        return None
+    interpret = jax.default_backend() != "gpu"
+
+    def gate_kernel(g, u):
+        return gate.swiglu(g, u, interpret)
+
+    def gate_up_kernel(h, w_gate, w_up):
+        return gate.gate_up(h, w_gate, w_up, interpret)
+
+    return Ops(project=functools.partial(kernel_project, anywhere=plan.kernels == "pallas"),
+               swiglu=gate_kernel, gate_up=gate_up_kernel)
 
 
 def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
-    """x = layer(x, w, ab, i, *args, proj=, act=, gate_up=, mlp_over=) for each layer i, as the
-    plan says. Stacked layers: one lax.scan, so one compiled layer. Unstacked layers are
-    unrolled, and each layer is a call of one jitted body per (remat policy, MLP chunks), which
-    jax traces once and reuses for every layer alike. *args are the same for every layer."""
+    """x = layer(x, w, ab, i, *args, ops=) for each layer i, as the plan says: the remat policy,
+    MLP chunks and kernels (Ops) wrap the same layer from outside. Stacked layers: one
+    lax.scan, so one compiled layer. Unstacked layers are unrolled, and each layer is a call of
+    one jitted body per (remat policy, MLP chunks), which jax traces once and reuses for every
+    layer alike. *args are the same for every layer."""
     n = len(layers.wq) if unstacked(layers) else layers.wq.shape[0]
-    proj, act, gate_up = kernel_ops(plan) or (project, swiglu, None)
+    kernels = kernel_ops(plan) or Ops()
     for f in ("full_layers", "chunk_layers"):
         if getattr(plan, f) and not unstacked(layers):
             raise ValueError(f"Plan.{f} needs unrolled layers (jora.unstack_layers)")
 
     @functools.cache
     def body(remat: str, chunked: bool):
-        mlp_over = None
+        ops = kernels
         if chunked and plan.mlp_chunk:
-            mlp_over = functools.partial(over_positions, chunk=plan.mlp_chunk, policy=REMAT[remat])
-        f = functools.partial(layer, proj=proj, act=act, mlp_over=mlp_over,  # "min" and "dots"
-                              gate_up=None if remat in ("min", "dots") else gate_up)  # rerun it
-        f = f if remat == "none" else jax.checkpoint(f, policy=REMAT[remat])
+            ops = ops._replace(mlp_over=functools.partial(
+                over_positions, chunk=plan.mlp_chunk, policy=REMAT[remat]))
+        if remat in ("min", "dots"):   # they rerun the gate and up GEMMs: no fused gate_up
+            ops = ops._replace(gate_up=None)
+        f = functools.partial(layer, ops=ops)
+        if remat != "none":
+            f = jax.checkpoint(f, policy=REMAT[remat])
         return jax.jit(f) if unstacked(layers) else f
 
     if not unstacked(layers):
-        step = lambda x, wabi: (body(plan.remat, True)(x, *wabi, *args), None)
-        return jax.lax.scan(step, x, (layers, lora, jnp.arange(n)))[0]
+        def scan_step(x, layer_i):
+            return body(plan.remat, True)(x, *layer_i, *args), None
+        return jax.lax.scan(scan_step, x, (layers, lora, jnp.arange(n)))[0]
     for i in range(n):
         remat = "full" if i < plan.full_layers else plan.remat
         chunked = not plan.chunk_layers or i >= n - plan.chunk_layers
         w = Layer(*(layer_at(leaf, i) for leaf in layers))
-        x = body(remat, chunked)(x, w, jax.tree.map(lambda a: a[i], lora), i, *args)
+        ab = jax.tree.map(lambda a: a[i], lora)
+        x = body(remat, chunked)(x, w, ab, i, *args)
     return x
 
 
@@ -733,11 +798,14 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
             raise ValueError(f"sequence parallelism needs the length {T} divisible by tp={tp}")
         x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(MODEL) * (T // tp), T // tp, 1)
 
-    def layer(x, w, ab, i, positions, segment_ids, seed, row, **hooks):
+    def layer(x, w, ab, i, positions, segment_ids, seed, row, *, ops):
         drop = None if seed is None else Dropout(seed=mix32(seed + mix32(i)), row=row)
-        attn = lambda q, k, v: (attend(q, k, v, segment_ids, opts), None)
+
+        def attn(q, k, v):
+            return attend(q, k, v, segment_ids, opts), None
+
         return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, drop=drop, sp=sp,
-                             **hooks)[0]
+                             ops=ops)[0]
 
     x = run_layers(layer, x, params.layers, lora or Lora(), plan, positions, segment_ids, seed,
                    jax.lax.axis_index(DATA) * B)   # this device's first global row
@@ -1081,7 +1149,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
         # Padding queries see only themselves: finite values that no real query reads.
         allowed = (valid[:, None] & (slot[None, None] <= here)) | (slot[None, None] == here)
 
-        def layer(carry, w, ab, i, *, mlp_over, **hooks):
+        def layer(carry, w, ab, i, *, ops):
             x, cache = carry                                   # cache (L, 2, B, S, K/tp, H)
 
             def attn(q, k, v):   # write this step's keys and values into layer i's slots
@@ -1089,7 +1157,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
                 c = jax.lax.dynamic_update_slice(cache, new, (i, 0, 0, start, 0, 0))
                 return attend_masked(q, c[i, 0], c[i, 1], allowed), c
 
-            return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, **hooks)
+            return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, ops=ops)
 
         x, cache = run_layers(layer, (params.embed[tokens], cache), params.layers,
                               lora or Lora(), Plan())

@@ -12,6 +12,7 @@ needs around it, top to bottom:
 """
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -185,6 +186,28 @@ def _rows(examples, order, cursor, *, rows, seq_len, pack, most):
     return group, cursor
 
 
+def _arrays(group, rows: int, length: int):
+    """Rows of examples -> tokens, weights, segment_ids, each (rows, length); the examples of a
+    row follow each other (segment ids 1, 2, ...), and the rest is padding (segment id 0).
+    Rows past the group are all padding."""
+    out = [np.zeros((rows, length), dt) for dt in (np.int32, np.float32, np.int32)]
+    for i, row in enumerate(group):
+        at = 0
+        for j, ex in enumerate(row, 1):
+            n = len(ex.tokens)
+            out[0][i, at:at + n] = ex.tokens
+            out[1][i, at:at + n] = ex.weights
+            out[2][i, at:at + n] = j
+            at += n
+    return out
+
+
+def _most(pack: bool, max_segments: int) -> int | None:
+    """The most examples a packed row holds: max_segments - 1 (the padding tail is one run
+    more); None: no limit."""
+    return max_segments - 1 if pack and max_segments else None
+
+
 def batches(examples: list[Example], *, rows: int, seq_len: int, pack: bool, seed: int,
             position: tuple[int, int] = (0, 0), bucket: int = 64,
             max_segments: int = jora.Options.max_segments):
@@ -193,12 +216,12 @@ def batches(examples: list[Example], *, rows: int, seq_len: int, pack: bool, see
     Each array is (rows, T + 1). The order within epoch e is a permutation drawn from (seed, e);
     `position` = (epoch, examples consumed in it) is where to resume. With `pack`, consecutive
     examples share a row of seq_len + 1 tokens (segment ids 1, 2, ...), at most max_segments - 1
-    of them (the padding tail is one run more; 0: no limit); otherwise one example a row,
-    padded to the batch's longest, T rounded up by padded_length. Examples that cannot fill one
-    batch are refused here, at the call, not at the first next().
+    of them (the padding tail is one run more; 0: no limit): every batch has one shape. Without
+    it, one example a row, padded to the batch's longest, T rounded up by padded_length.
+    Examples that cannot fill one batch are refused here, at the call, not at the first next().
     """
     def endless(epoch, cursor):
-        most = max_segments - 1 if pack and max_segments else None
+        most = _most(pack, max_segments)
         while True:
             order = np.random.default_rng([seed, epoch]).permutation(len(examples))
             whole, yielded = cursor == 0, False   # an epoch from its start yielding nothing
@@ -209,15 +232,8 @@ def batches(examples: list[Example], *, rows: int, seq_len: int, pack: bool, see
                     break
                 n = max(sum(len(e.tokens) for e in row) for row in group)
                 T1 = 1 + (seq_len if pack else padded_length(n - 1, seq_len, bucket))
-                out = [np.zeros((rows, T1), dt) for dt in (np.int32, np.float32, np.int32)]
-                for i, row in enumerate(group):
-                    at = 0
-                    for j, ex in enumerate(row, 1):
-                        for a, v in zip(out, (ex.tokens, ex.weights, j)):
-                            a[i, at:at + len(ex.tokens)] = v
-                        at += len(ex.tokens)
                 yielded = True
-                yield *out, (epoch, cursor)
+                yield *_arrays(group, rows, T1), (epoch, cursor)
             if whole and not yielded:
                 raise ValueError(f"{len(examples)} examples cannot fill one batch of {rows} rows "
                                  f"(--batch-size x --grad-accum)" +
@@ -239,31 +255,114 @@ def batches_per_epoch(examples, *, rows: int, seq_len: int, pack: bool, seed: in
     return sum(1 for *_, (epoch, _) in itertools.takewhile(lambda b: b[3][0] == 0, data))
 
 
-def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, *, seq_len: int,
-                     eval_split: float, seed: int, rows: int, pack: bool,
-                     max_segments: int = jora.Options.max_segments, log=print):
+AUTO_SEQ_LENS = (2048, 4096, 8192, 16384)   # what --seq-len picks from
+STEP_POSITIONS = 4096   # packed positions a micro-batch that the default --batch-size aims at
+AUTO_SEGMENTS = (8, 16, 32, 64)   # what --max-segments picks from
+FULL = 0.9   # the share of positions the default --max-segments fills, where it can
+
+
+def auto_seq_len(lengths, longest: int) -> int:
+    """The shortest of AUTO_SEQ_LENS (at most `longest`, the model's max_positions) whose rows
+    hold 99% of the examples whole: an example of n tokens fills n - 1 positions."""
+    need = float(np.percentile(np.asarray(lengths) - 1, 99)) if len(lengths) else 0.0
+    fit = [n for n in AUTO_SEQ_LENS if n <= longest] or [longest]
+    return next((n for n in fit if n >= need), fit[-1])
+
+
+def auto_eval_split(n: int) -> float:
+    """The default held-out share of n examples: 2%, at most 200, none below 100 examples."""
+    return 0.0 if n < 100 else min(0.02, 200 / n)
+
+
+class Prepared(NamedTuple):
+    """Examples ready to train on, and the batch shape chosen for them."""
+    train: list               # Example
+    eval: list                # held out
+    per_epoch: float          # batches in one pass over `train`
+    seq_len: int              # positions a row
+    batch_size: int           # rows a micro-batch
+    max_segments: int         # packed rows hold at most max_segments - 1 examples
+    eval_split: float
+
+
+def _used(examples, per_epoch, rows, seq_len) -> float:   # the share of positions examples fill
+    return sum(len(e.tokens) for e in examples) / (per_epoch * rows * (seq_len + 1))
+
+
+def _count_batches(examples, *, rows: int, seq_len: int, pack: bool, seed: int, segments):
+    """-> (batches an epoch, max_segments): the first of `segments` whose packed rows are FULL,
+    else the last."""
+    for m in segments:
+        per_epoch = batches_per_epoch(examples, rows=rows, seq_len=seq_len, pack=pack, seed=seed,
+                                      max_segments=m)
+        if not pack or _used(examples, per_epoch, rows, seq_len) >= FULL:
+            break
+    return per_epoch, m
+
+
+def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, *, seq_len: int | None,
+                     eval_split: float | None, seed: int, batch_size: int | None,
+                     grad_accum: int = 1, pack: bool, max_segments: int | None = None,
+                     max_positions: int = AUTO_SEQ_LENS[-1], data_parallel: int = 1,
+                     log=print) -> Prepared:
     """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
-    from seed + 7) -> (train examples, eval examples, batches an epoch). Refuses, with the
+    from seed + 7), and choose what is None: seq_len (auto_seq_len), eval_split
+    (auto_eval_split), batch_size (packed: about STEP_POSITIONS positions a micro-batch; else
+    8) and max_segments (the least of AUTO_SEGMENTS whose rows are FULL). Refuses, with the
     numbers and the flags that decide them, a split that leaves too few to fill one batch."""
     records, fmt = read_records(path, fmt)
-    examples, report = tokenize_records(records, fmt, tok, seq_len, path, log)
+    limit = seq_len or min(AUTO_SEQ_LENS[-1], max_positions)
+    examples, report = tokenize_records(records, fmt, tok, limit, path, log)
+    if seq_len is None:   # tokenize again only if the length chosen cuts some examples
+        seq_len = auto_seq_len([len(e.tokens) for e in examples], limit)
+        if any(len(e.tokens) > seq_len + 1 for e in examples):
+            examples, report = tokenize_records(records, fmt, tok, seq_len, path, log)
     log(f"data: {path} ({fmt}) {len(records)} records -> {report}")
+    auto_split = eval_split is None
+    if auto_split:
+        eval_split = auto_eval_split(len(examples))
     n_eval = int(len(examples) * eval_split)
     if eval_split and not n_eval:
         raise ValueError(f"--eval-split {eval_split} of {len(examples)} examples holds out none")
+    if auto_split and n_eval:
+        log(f"held out {n_eval} examples to evaluate on (--eval-split 0: train on all)")
     split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
-    train_ex = [examples[i] for i in split[n_eval:]]
-    try:
-        per_epoch = batches_per_epoch(train_ex, rows=rows, seq_len=seq_len, pack=pack, seed=seed,
-                                      max_segments=max_segments)
-    except ValueError as e:
-        raise ValueError(f"{path}: {len(records)} records, {len(examples)} usable at --seq-len "
-                         f"{seq_len}, {n_eval} held out by --eval-split {eval_split}: "
-                         f"{e}") from None
-    if pack:   # how full the rows are: max_segments can leave them part empty
-        used = sum(len(e.tokens) for e in train_ex) / (per_epoch * rows * (seq_len + 1))
-        log(f"packed: {per_epoch:,} batches an epoch, {min(used, 1):.0%} of positions used")
-    return train_ex, [examples[i] for i in split[:n_eval]], per_epoch
+    train_ex, eval_ex = [examples[i] for i in split[n_eval:]], [examples[i] for i in split[:n_eval]]
+
+    auto_rows = batch_size is None
+    if auto_rows:   # rounded up to whole rows a data-parallel device
+        batch_size = max(1, STEP_POSITIONS // seq_len) if pack else 8
+        batch_size = -(-batch_size // data_parallel) * data_parallel
+    if not pack:
+        segments = [jora.Options.max_segments if max_segments is None else max_segments]
+    else:
+        segments = list(AUTO_SEGMENTS) if max_segments is None else [max_segments]
+    while True:
+        try:
+            per_epoch, m = _count_batches(train_ex, rows=batch_size * grad_accum,
+                                          seq_len=seq_len, pack=pack, seed=seed,
+                                          segments=segments)
+            break
+        except ValueError as e:
+            if auto_rows and batch_size > data_parallel:   # too few examples: fewer rows
+                batch_size = max(data_parallel, batch_size // 2 // data_parallel * data_parallel)
+                continue
+            raise ValueError(f"{path}: {len(records)} records, {len(examples)} usable at "
+                             f"--seq-len {seq_len}, {n_eval} held out by --eval-split "
+                             f"{eval_split}: {e}") from None
+    rows = batch_size * grad_accum
+    shape = f"{batch_size} rows x {seq_len:,} positions a micro-batch" + (
+        f", {grad_accum} micro-batches a step" if grad_accum > 1 else "")
+    if pack:
+        log(f"batches: {shape}, packed (at most {m - 1 if m else 'any number of'} examples a "
+            f"row): {min(_used(train_ex, per_epoch, rows, seq_len), 1):.0%} of positions used, "
+            f"{per_epoch:,} batches an epoch; the step compiles for this one shape")
+    else:
+        lengths = {padded_length(len(e.tokens) - 1, seq_len) for e in train_ex}
+        log(f"batches: {batch_size} rows a micro-batch, one example a row padded to the "
+            f"batch's longest: up to {len(lengths)} lengths, each compiles the step (--pack: "
+            f"one)")
+    return Prepared(train_ex, eval_ex, per_epoch, seq_len, batch_size, m, eval_split)
 
 
 # 2. Scoring RAFT answers ------------------------------------------------------------------------
@@ -643,13 +742,17 @@ def export_run(out: str, cfg, params, lora, lcfg, *, source: str, dtype=jnp.bflo
 
 def evaluate(params, lora, examples, cfg, lcfg, *, mesh, rows: int, seq_len: int,
              opts=jora.Options(), plan=jora.Plan()):
-    """Mean answer-token loss over `examples`, one pass (the last batch filled with empties)."""
+    """Mean answer-token loss over `examples`, one pass in order. Packed (opts.packed), every
+    batch has the training step's shape, rows past the last example all padding, so it compiles
+    once; else one example a row, padded as `batches` pads them."""
     nll = n = 0.0
-    empty = Example(np.zeros(1, np.int32), np.zeros(1, np.float32))   # predicts nothing
-    for i in range(0, len(examples), rows):
-        chunk = examples[i:i + rows]
-        tokens, weights, segs, _ = next(batches(chunk + [empty] * (rows - len(chunk)),
-                                                rows=rows, seq_len=seq_len, pack=False, seed=0))
+    order, cursor = range(len(examples)), 0
+    while cursor < len(examples):
+        group, cursor = _rows(examples, order, cursor, rows=rows, seq_len=seq_len,
+                              pack=opts.packed, most=_most(opts.packed, opts.max_segments))
+        longest = max(sum(len(e.tokens) for e in row) for row in group)
+        T1 = 1 + (seq_len if opts.packed else padded_length(longest - 1, seq_len))
+        tokens, weights, segs = _arrays(group, rows, T1)
         b = jora.shard(jora.make_batch(tokens, weights, segs), jora.batch_specs(), mesh)
         a, c = jora.loss_sums(params, lora, b, cfg, lcfg, opts=opts, plan=plan, mesh=mesh)
         nll, n = nll + float(a), n + float(c)
@@ -660,7 +763,7 @@ def evaluate(params, lora, examples, cfg, lcfg, *, mesh, rows: int, seq_len: int
 class Schedule:
     """When a run logs, evaluates and saves, in optimizer steps (0: never)."""
     log_every: int = 10
-    eval_every: int = 0       # the held-out loss
+    eval_every: int = 0       # the held-out loss, also before the first step (0: at the end)
     eval_generate: int = 0    # greedy answers to 8 held-out prompts, scored
     save_every: int = 0       # checkpoints besides the last (and one on a signal or an error)
     keep: int = 3             # checkpoints kept
@@ -686,6 +789,9 @@ class Run:
         self.position, self.start, self.done, self.saved = (0, 0), 0, 0, 0
         self.pending, self.tokens, self.flops, self.summary = [], 0, 0.0, {}
         self.t0 = self.t_start = time.time()
+        # Seconds spent apart from the steps: their clocks (t0, t_start) skip them.
+        self.apart = dict(compile=0.0, evaluation=0.0, checkpoint=0.0)
+        self.train_s = 0.0    # seconds of training steps, in the rows reported
         self.names = ["loss", "gradient"] + [f"lora.{t}.{p}" for t in lcfg.targets for p in "ab"]
 
     def count(self, metrics, position, segment_ids):
@@ -714,7 +820,10 @@ class Run:
                 (f"The last good checkpoint (every tensor finite) is {good}" if good else
                  "No good checkpoint was saved") + "; a lower --lr or --clip may help")
 
-    def checkpoint(self):
+    def checkpoint(self):   # timed apart from the steps
+        self.aside("checkpoint", self._save)
+
+    def _save(self):
         self.stop_if_bad()
         save_checkpoint(os.path.join(self.out, "checkpoints", f"step_{self.done:08d}"),
                         self.state, dict(self.meta, step=self.done,
@@ -723,12 +832,24 @@ class Run:
             shutil.rmtree(old)   # (keep >= 1: never this one)
         self.saved = self.done
 
+    def aside(self, what: str, f, *args):
+        """f(*args), timed apart from the steps (`what`: a key of self.apart): tokens/s and
+        the ETA count training steps only. -> (f's result, seconds)."""
+        jax.block_until_ready(self.state)   # the steps in flight count as training
+        t = time.time()
+        out = f(*args)
+        spent = time.time() - t
+        self.apart[what] += spent
+        self.t0, self.t_start = self.t0 + spent, self.t_start + spent
+        return out, spent
+
     def report(self):   # a metrics row for the steps since the last: the loop's only host sync
         self.stop_if_bad()
         ms, dt, tc = jax.device_get(self.pending), time.time() - self.t0, self.tcfg
+        self.train_s += dt
         row = dict(step=self.done, loss=float(np.mean([x["loss"] for x in ms])),
                    lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
-                   tokens_per_s=self.tokens / dt)
+                   tokens=self.tokens, tokens_per_s=self.tokens / dt)
         line = (f"step {self.done}/{tc.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
                 f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
         if (u := mfu(self.flops / dt, self.mesh.size)) is not None:
@@ -740,18 +861,23 @@ class Run:
         self.pending, self.tokens, self.flops, self.t0 = [], 0, 0.0, time.time()
 
     def evaluate(self, params, examples, opts, plan):
-        ev = evaluate(params, self.state.lora, examples, self.cfg, self.lcfg, mesh=self.mesh,
-                      rows=self.tcfg.batch_size, seq_len=self.tcfg.seq_len, opts=opts, plan=plan)
+        """The held-out loss, timed apart from the steps (its first call compiles)."""
+        ev, spent = self.aside("evaluation", functools.partial(
+            evaluate, params, self.state.lora, examples, self.cfg, self.lcfg, mesh=self.mesh,
+            rows=self.tcfg.batch_size, seq_len=self.tcfg.seq_len, opts=opts, plan=plan))
         self.log(f"step {self.done}/{self.tcfg.steps}  eval_loss {ev:.4f}  "
-                 f"perplexity {math.exp(ev):.2f}")
-        self.record(dict(step=self.done, eval_loss=ev, eval_perplexity=math.exp(ev)))
+                 f"perplexity {math.exp(ev):.2f}  ({len(examples)} examples in {spent:.1f} s)")
+        self.record(dict(step=self.done, eval_loss=ev, eval_perplexity=math.exp(ev),
+                         eval_s=round(spent, 3)))
 
     def score(self, params, examples, tokenizer):
-        s = generate_and_score(params, self.state.lora, examples[:8], self.cfg, self.lcfg,
-                               tok=tokenizer, mesh=self.mesh)
+        """Greedy answers to 8 held-out prompts, scored, timed apart from the steps."""
+        s, spent = self.aside("evaluation", functools.partial(
+            generate_and_score, params, self.state.lora, examples[:8], self.cfg, self.lcfg,
+            tok=tokenizer, mesh=self.mesh))
         self.log(f"step {self.done}/{self.tcfg.steps}  exact_match {s['exact_match']:.3f}  "
-                 f"token_f1 {s['token_f1']:.3f}")
-        self.record(dict(step=self.done, **s))
+                 f"token_f1 {s['token_f1']:.3f}  (8 answers in {spent:.1f} s)")
+        self.record(dict(step=self.done, **s, eval_s=round(spent, 3)))
 
     def save_on_error(self, e: Exception):
         """A crash (out of memory at a new length, ...): keep the steps done, if their state
@@ -836,9 +962,10 @@ def _step_fn(run: Run, params, key, *, opts, plan):
     rows = tcfg.batch_size * tcfg.grad_accum
     full = jora.accum_batch(jora.make_batch(np.zeros((rows, tcfg.seq_len + 1), np.int32)),
                             tcfg.grad_accum, mesh)
-    plan, step_fn, step, _ = choose_plan(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan,
-                                         state=run.state, params=params, batch=full, key=key,
-                                         log=run.log)
+    plan, step_fn, step, spent = choose_plan(cfg, lcfg, tcfg, mesh, opts=opts, plan=plan,
+                                             state=run.state, params=params, batch=full,
+                                             key=key, log=run.log)
+    run.apart["compile"] += spent
     run.meta["plan"] = dataclasses.asdict(plan)
     return plan, step_fn, {(rows, tcfg.seq_len + 1): step} if step else {}
 
@@ -874,19 +1001,24 @@ def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=()
                 tokens, weights, segs, after = next(data)
                 b = jora.accum_batch(jora.make_batch(tokens, weights, segs), tcfg.grad_accum,
                                      mesh)
-                if tokens.shape not in compiled:   # a new length: compiled in view, off the
-                    # clocks (minutes for 7B at long T, seconds from the compilation cache)
-                    run.log(f"compiling the training step for {tokens.shape[1] - 1} positions ...")
-                    compiled[tokens.shape], spent = compile_step(
-                        step_fn, (run.state, params, b, key), run.log)
-                    run.t0, run.t_start = run.t0 + spent, run.t_start + spent
+                if tokens.shape not in compiled:
+                    # A new shape (once when packed): minutes for 7B at long T, seconds from
+                    # the compilation cache; compiled in view, off the steps' clocks.
+                    run.log(f"compiling the training step for {tokens.shape[0]} rows x "
+                            f"{tokens.shape[1] - 1} positions ...")
+                    (step_now, _), _ = run.aside(
+                        "compile", compile_step, step_fn, (run.state, params, b, key), run.log)
+                    compiled[tokens.shape] = step_now
                 run.state, m = compiled[tokens.shape](run.state, params, b, key)
                 run.count(m, after, segs)
                 done = run.done
+                if step == run.start:   # the time to the first step: the run's start-up cost
+                    jax.block_until_ready(m)
+                    run.summary["first_step_done"] = time.time()
                 if done % s.log_every == 0 or done == tcfg.steps or interrupted:
                     run.report()
-                if s.eval_every and eval_examples and (done % s.eval_every == 0
-                                                       or done == tcfg.steps):
+                if eval_examples and ((s.eval_every and done % s.eval_every == 0)
+                                      or done == tcfg.steps):
                     run.evaluate(params, eval_examples, opts, plan)
                 if s.eval_generate and eval_examples and done % s.eval_generate == 0:
                     run.score(params, eval_examples, tokenizer)
@@ -905,4 +1037,128 @@ def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=()
     finally:
         if run.locked:
             unlock_run(out)
+    run.summary.update(train_s=round(run.train_s, 3),
+                       **{f"{k}_s": round(v, 3) for k, v in run.apart.items()})
     return run.state.lora, run.summary
+
+
+# 6. Flags that train.py and bench/benchmark.py share --------------------------------------------
+
+class Number(NamedTuple):
+    """A numeric flag: its default and the interval its value must lie in (NaN lies in none).
+    default None: no default, or one chosen at the start of a run from the model and the data."""
+    default: int | float | None
+    least: float = -math.inf
+    most: float = math.inf
+    above_least: bool = False     # the value must be > least, not only >= least
+    below_most: bool = False      # the value must be < most, not only <= most
+    kind: type = int              # what the command line's text is read as
+
+    def check(self, flag: str, value):
+        low_ok = value > self.least if self.above_least else value >= self.least
+        high_ok = value < self.most if self.below_most else value <= self.most
+        if low_ok and high_ok:
+            return
+        if self.most == math.inf:
+            want = f"> {self.least:g}" if self.above_least else f">= {self.least:g}"
+        else:
+            want = (f"in {'(' if self.above_least else '['}{self.least:g},{self.most:g}"
+                    f"{')' if self.below_most else ']'}")
+        raise ValueError(f"{flag} must be {want}, got {value}")
+
+
+def at_least(n, least=1):
+    return Number(n, least, kind=float if isinstance(n, float) else int)
+
+
+def positive(x):
+    return Number(x, 0, above_least=True, kind=float)
+
+
+def fraction(x):   # in [0, 1)
+    return Number(x, 0, 1, below_most=True, kind=float)
+
+
+# The numeric flags of train.py and the benchmark; --help lists each with its default.
+NUMBERS = dict(
+    batch_size=at_least(None), grad_accum=at_least(1), lora_r=at_least(16),
+    lora_alpha=positive(16.0), lora_dropout=fraction(0.05), tp=at_least(1),
+    loss_chunk=at_least(2048), mlp_chunk=at_least(0, 0), full_layers=at_least(0, 0),
+    chunk_layers=at_least(0, 0), max_segments=at_least(None, 0),
+    steps=at_least(None), epochs=positive(1.0), seq_len=at_least(None), lr=positive(2e-4),
+    warmup=at_least(10, 0), weight_decay=at_least(0.0, 0), clip=at_least(1.0, 0),
+    seed=at_least(0, 0), eval_split=fraction(None), save_every=at_least(0, 0),
+    eval_every=at_least(0, 0), eval_generate=at_least(0, 0), log_every=at_least(10),
+    keep=at_least(3), max_new_tokens=at_least(256), temperature=at_least(0.0, 0),
+    top_k=at_least(0, 0), top_p=Number(1.0, 0, 1, above_least=True, kind=float))
+
+HELP = dict(   # README's table says what every flag is for
+    batch_size="rows a micro-batch (default: packed rows of about 4,096 positions a "
+               "micro-batch; without packing 8)",
+    seq_len="positions a row (default: the shortest of 2,048, 4,096, 8,192 and 16,384 that "
+            "holds 99%% of the examples whole, at most the model's max_position_embeddings)",
+    max_segments="packed rows: at most N - 1 examples a row, whose offsets cuDNN attends "
+                 "within (default: the least of 8, 16, 32, 64 that fills 90%% of the "
+                 "positions; 0: a (T, T) mask)",
+    eval_split="fraction of the examples held out for evaluation (default: 2%%, at most 200, "
+               "none below 100 examples)",
+    eval_every="also evaluate every N steps, and before the first (default: at the end only)",
+    mlp_chunk="positions per MLP chunk (0: all)", tp="devices per tensor-parallel group",
+    chunk_layers="with --mlp-chunk: only the last N layers chunk their MLP (0: all)",
+    full_layers="the first N layers remat full whatever --remat says",
+    steps="optimizer steps (default: --epochs)",
+    eval_generate="every N steps, score answers to 8 held-out prompts",
+    epochs="passes over the training examples")
+
+
+def number_flag(add_argument, name: str):
+    spec = NUMBERS[name]
+    add_argument("--" + name.replace("_", "-"), type=spec.kind, default=spec.default,
+                 help=HELP.get(name, "") + " (%(default)s)")
+
+
+def check_numbers(args):
+    """Every numeric flag that is set lies in its interval: ValueError naming the flag."""
+    for name, spec in NUMBERS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            spec.check("--" + name.replace("_", "-"), value)
+
+
+def model_flags(add_argument):
+    """The flags train.py and bench/benchmark.py share: the model, LoRA and the devices."""
+    a = add_argument
+    for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "lora_dropout", "tp",
+                 "loss_chunk", "mlp_chunk", "full_layers", "chunk_layers", "max_segments"):
+        number_flag(a, name)
+    a("--targets", default="q,v", help="any of q,k,v,o,gate,up,down, or 'all'")
+    a("--remat", default="auto", choices=["auto", *jora.REMAT],
+      help="what the backward keeps (auto: the fastest plan whose memory fits the device, "
+           "said at start)")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "jora", "xla")
+    a("--compile-cache", default=cache,
+      help="jax's persistent compilation cache (default: %(default)s)")
+    a("--no-compile-cache", action="store_true", help="compile every run afresh")
+    a("--attention", default="auto", choices=["auto", "cudnn", "xla"])
+    a("--kernels", default="auto", choices=["auto", "pallas", "xla"],
+      help="LoRA projections: the fused Pallas kernels of kernels/ or XLA (auto: the Mosaic "
+           "GPU kernel on Hopper GPUs where the shapes fit, else XLA)")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a("--sequence-parallel", action="store_true", help="split positions over the tp group")
+    a("--coordinator", help="host:port of process 0, for several hosts")
+    for flag in ("--num-processes", "--process-id"):
+        a(flag, type=int)
+
+
+def configs(args):
+    """-> (LoraConfig, Options, Plan) from the flags (an unset --max-segments: Options')."""
+    targets = jora.PROJ if args.targets == "all" else tuple(args.targets.split(","))
+    lcfg = jora.LoraConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                           targets=targets)
+
+    def given(cls):   # the fields of a config class that have a flag with a value
+        return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+                if getattr(args, f.name, None) is not None}
+
+    return lcfg, jora.Options(**given(jora.Options)), jora.Plan(**given(jora.Plan))

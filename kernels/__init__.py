@@ -1,16 +1,7 @@
-"""Pallas kernels for jora.py: the fused LoRA projection (lora_matmul.py, on Hopper GPUs through
-hopper_gemm.py), the MLP gate's one-pass backward and the frozen gate and up projections with
-the gate in one GEMM kernel (swiglu.py)."""
-
-
-def ops(kernels: str = "auto"):
-    """(project, swiglu, gate_up) for jora.Plan(kernels=...), with jora's signatures, or None:
-    "pallas" everywhere, "auto" on Hopper GPUs only (where they were measured faster than XLA).
-    gate_up(h, w_gate, w_up) = swiglu(h @ w_gate, h @ w_up), for adapter-free gate and up."""
-    import jax
-    from kernels.lora_matmul import projection
-    from kernels.swiglu import gate_up, swiglu
-    proj = projection(kernels)   # None for "auto" off Hopper GPUs: then no kernel runs
-    interpret = jax.default_backend() != "gpu"   # "pallas" on a CPU: Pallas' interpreter
-    return None if proj is None else (proj, lambda g, u: swiglu(g, u, interpret),
-                                      lambda h, wg, wu: gate_up(h, wg, wu, interpret))
+"""Pallas kernels that jora.py uses where they are faster than XLA. Each takes plain operands
+(2-D where the GEMM sees 2-D), keeps a plain-jnp `reference` beside it, and knows nothing of
+the model; jora.py imports them lazily, only when its Plan asks for them:
+  lora_matmul.py   x @ w + scale * (x @ a) @ b, forward and backward as fused GEMMs
+  hopper_gemm.py   the warp-specialized Mosaic GPU GEMMs behind it on Hopper GPUs
+  swiglu.py        the MLP gate's one-pass backward, and gate + up + gate in one GEMM kernel
+"""

@@ -47,7 +47,8 @@ Constraints and what the wrapper does about them:
   * Under `jax.shard_map` the kernel works on the local blocks: column-parallel (w, b split
     on N, a replicated) and row-parallel (x, w, a split on K, b replicated, psum of y outside).
     Pallas' interpreter needs shard_map(check_vma=False); for GPU it also lowers with
-    check_vma=True. Take jax.grad outside the shard_map (exact in both modes).
+    check_vma=True, once the caller has cast the operands to one set of varying axes (a
+    custom_vjp's rule sees them alike). Take jax.grad outside the shard_map (exact in both).
 """
 import dataclasses
 import functools
@@ -55,11 +56,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from einops import rearrange
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
-
-import jora   # jora.vary_alike: operands alike in shard_map's varying axes; jora.project
 
 _MIN_DOT = 16   # Triton's smallest dot dimension; also the padding unit of R
 
@@ -316,7 +314,7 @@ def lora_matmul(x, w, a, b, scale: float, *, x_lora=None, tiles: Tiles | None = 
         raise ValueError(f"x_lora must be like x {x.shape} {x.dtype}, got {x_lora.shape} "
                          f"{x_lora.dtype}")
     tiles = Tiles.default(x.dtype) if tiles is None else tiles
-    x, w, a, b, xl = jora.vary_alike(x, w, a, b, x if x_lora is None else x_lora)
+    xl = x if x_lora is None else x_lora
     return _lora_matmul(x, w, a, b, xl, float(scale), x_lora is not None, tiles, bool(interpret))
 
 
@@ -361,25 +359,3 @@ def _bwd(scale, apart, tiles, interpret, residuals, dy):
 
 
 _lora_matmul.defvjp(_fwd, _bwd)
-
-
-def projection(kernels: str = "auto"):
-    """jora.project, (x (B, T, I), w, ab, lcfg, drop) -> (B, T, O), as `lora_matmul`, for
-    jora.Plan(kernels=...): "pallas" everywhere (on a GPU: the Mosaic GPU kernel where it fits,
-    else the Triton one); "auto" only where the Mosaic GPU kernel fits, which is faster than
-    XLA there, and jora.project elsewhere (the Triton kernel is slower than XLA). None for
-    "auto" when the device is no Hopper GPU. With dropout, the dropped-out x is the LoRA
-    branch's input (x_lora), with the mask jora.project would draw."""
-    if kernels == "auto" and not on_hopper():
-        return None
-    rows = lambda t: rearrange(t, "B T I -> (B T) I")   # noqa: E731
-
-    def project(x, w, ab, lcfg, drop=None):
-        xr = rows(x)
-        if ab is None or (kernels == "auto" and not fits_hopper(xr, w, ab.a)):
-            return jora.project(x, w, ab, lcfg, drop)
-        xl = rows(drop.apply(x, lcfg.dropout)) if drop is not None and lcfg.dropout > 0 else None
-        y = lora_matmul(xr, w, ab.a, ab.b, lcfg.scale, x_lora=xl,
-                        interpret=jax.default_backend() != "gpu")
-        return rearrange(y, "(B T) O -> B T O", B=x.shape[0])
-    return project

@@ -177,8 +177,14 @@ def test_triton_lowering_for_cuda_inside_shard_map():
     dev = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
     mesh = AbstractMesh((2,), ("tp",), (AxisType.Explicit,), abstract_device=dev)
     specs = (P(), P(None, "tp"), P(), P(None, "tp"))   # column-parallel
-    sharded = jax.shard_map(lambda *o: lora_matmul(*o, SCALE), mesh=mesh, in_specs=specs,
-                            out_specs=P(None, "tp"), check_vma=True)
+
+    def body(x, w, a, b):   # x and a are the same on every slice: cast them varying, as
+        #                     jora does before the custom_vjp (its rule sees operands alike)
+        x, a = (jax.lax.pcast(t, ("tp",), to="varying") for t in (x, a))
+        return lora_matmul(x, w, a, b, SCALE)
+
+    sharded = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(None, "tp"),
+                            check_vma=True)
 
     def step(x, w, a, b):
         return jax.value_and_grad(lambda x, a, b: jnp.sum(sharded(x, w, a, b)),

@@ -1,5 +1,6 @@
-"""jora.py and trainer.py read top to bottom: nothing uses a module-level name defined further
-down, and the line budgets hold (jora.py 1,500, train.py 250)."""
+"""The house's layout: jora.py and trainer.py read top to bottom (nothing uses a module-level
+name defined further down), imports run one way (train.py -> demo.py -> trainer.py -> jora.py
+-> kernels/, and bench/ -> the rest), and jora.py copied alone runs."""
 import ast
 import os
 
@@ -42,9 +43,57 @@ def test_nothing_uses_a_name_defined_further_down(module):
     assert forward_references(os.path.join(ROOT, module)) == []
 
 
-def test_line_budgets():
-    count = lambda f: sum(1 for _ in open(os.path.join(ROOT, f), encoding="utf-8"))
-    assert count("jora.py") <= 1500 and count("train.py") <= 250
+# Each module's level: a module imports only modules of lower levels (kernels/ also its own).
+LEVELS = {"kernels": 0, "jora": 1, "trainer": 2, "demo": 3, "train": 4, "bench": 5}
+
+
+def imported(path: str) -> set[str]:
+    """The project modules a file imports anywhere (lazy imports inside functions too), by the
+    first part of their dotted name: "kernels.ops" -> "kernels"."""
+    names = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(LEVELS)
+
+
+def backward_imports(root: str) -> list[str]:
+    """'file imports module' for each import against the direction of LEVELS."""
+    files = [f for f in ("jora.py", "trainer.py", "demo.py", "train.py")
+             if os.path.exists(os.path.join(root, f))]
+    for package in ("kernels", "bench"):
+        folder = os.path.join(root, package)
+        if os.path.isdir(folder):
+            files += [f"{package}/{f}" for f in sorted(os.listdir(folder)) if f.endswith(".py")]
+    bad = []
+    for f in files:
+        level = LEVELS[f.split("/")[0].removesuffix(".py")]
+        for name in sorted(imported(os.path.join(root, f))):
+            own_package = f.startswith(name + "/")
+            if LEVELS[name] >= level and not own_package:
+                bad.append(f"{f} imports {name}")
+    return bad
+
+
+def test_imports_run_one_way():
+    assert backward_imports(ROOT) == []
+
+
+def test_a_planted_back_import_is_caught(tmp_path):
+    """The check itself: a copy of the tree where the kernels import the model, lazily, and
+    where trainer.py imports train.py, fails it on both."""
+    import shutil
+    for f in ("jora.py", "trainer.py", "train.py"):
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    shutil.copytree(os.path.join(ROOT, "kernels"), tmp_path / "kernels")
+    with open(tmp_path / "kernels" / "swiglu.py", "a") as f:
+        f.write("\n\ndef planted():\n    import jora\n    return jora\n")
+    with open(tmp_path / "trainer.py", "a") as f:
+        f.write("\nfrom train import main  # noqa\n")
+    assert backward_imports(str(tmp_path)) == ["trainer.py imports train",
+                                                "kernels/swiglu.py imports jora"]
 
 
 def test_jora_copied_alone_runs_its_default_plan(tmp_path):

@@ -488,3 +488,46 @@ def test_an_epoch_of_packed_rows_counts_batches_not_examples():
     used = sum(len(np.unique(s[s > 0])) for _ in range(n) for s in next(b)[2])
     assert 60 - 2 * 7 < used <= 60 and n < 60 / 4   # the epoch, bar a short tail; ~4+ a row
     assert next(b)[3][0] == 1                         # the next batch is the next epoch's
+
+
+ALPACA = os.path.join(DATA, "alpaca", "alpaca_data_1k.json")
+
+
+@needs_data
+def test_the_first_real_run_compiles_its_step_once(tmp_path, capsys):
+    """train.py as a new user runs it, with only --model, --data and --steps: the examples pack
+    into rows of one shape, so the step compiles once; 2% of the examples are held out and
+    evaluated at the end, timed apart from the steps, and the run says its timeline."""
+    summary = train.main(["--model", os.path.join(STORIES, "hf"), "--data", ALPACA,
+                          "--steps", "3", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert out.count("compiling the training step") == 1, out
+    assert "remat auto: compiling" not in out   # (a CPU has no memory limit to fit)
+    assert "packed" in out and "the step compiles for this one shape" in out
+    assert "held out 20 examples" in out and "eval_loss" in out
+    assert summary["evaluation_s"] > 0 and summary["first_step_s"] > 0
+    assert "time: to the first step" in out and "evaluation" in out.splitlines()[-1]
+    run = json.load(open(tmp_path / "run" / "run.json"))["run"]
+    assert run["pack"] and run["seq_len"] == 512 and run["batch_size"] == 8   # 512: the model's
+    assert run["max_segments"] in trainer.AUTO_SEGMENTS                        # max_positions
+
+
+def test_tokens_per_s_counts_the_training_steps_alone(demo, tmp_path, monkeypatch):
+    """An evaluation in the middle of a log interval, slowed by 3 s, leaves the interval's
+    tokens/s alone: the seconds it reports for its tokens are the steps' (well under 3 s)."""
+    evaluate = trainer.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(3)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    summary = train.main(demo + ["--steps", "4", "--log-every", "4", "--eval-every", "2",
+                                 "--eval-split", "0.05", "--dtype", "float32",
+                                 "--out", str(tmp_path / "r")])
+    rows = [json.loads(x) for x in open(tmp_path / "r" / "metrics.jsonl")]
+    steps = [r for r in rows if "tokens_per_s" in r]
+    assert len(steps) == 1 and [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    seconds = steps[0]["tokens"] / steps[0]["tokens_per_s"]   # what tokens/s divided by
+    assert summary["evaluation_s"] >= 9 and seconds < 3, (seconds, summary)
+    assert seconds == pytest.approx(summary["train_s"], abs=2e-3)
