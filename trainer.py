@@ -1056,7 +1056,9 @@ class Number(NamedTuple):
 
     def check(self, flag: str, value):
         low_ok = value > self.least if self.above_least else value >= self.least
-        high_ok = value < self.most if self.below_most else value <= self.most
+        # Unbounded above still means finite: --lr inf is refused.
+        below = self.below_most or self.most == math.inf
+        high_ok = value < self.most if below else value <= self.most
         if low_ok and high_ok:
             return
         if self.most == math.inf:

@@ -154,7 +154,8 @@ CASES = {   # id: (argv from (tmp, files), what the line must say)
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
         (["--eval-split", "0.0001"], "--eval-split 0.0001 of 2000 examples holds out none"),
         (["--resume", "--overwrite"], "--resume and --overwrite: pick one"),
-        (["--eval-every", "5"], "--eval-every/--eval-generate need --eval-split > 0"),
+        (["--eval-split", "0", "--eval-every", "5"],
+         "--eval-every/--eval-generate need --eval-split > 0 (a held-out share of the data)"),
         (["--prompt", "x"], "--prompt/--prompts apply to --generate only")]},
     "no --data": (lambda t, fs: ["--model", fs.base], "no --data: training needs a model "
                                                       "folder and a data file"),
@@ -324,17 +325,17 @@ def test_a_dataset_that_cannot_fill_a_batch_is_refused_within_seconds(files, tmp
         one.write_text('{"prompt": "Spell 1:", "completion": " one"}\n')
         msg = refused(["--model", files.base, "--data", str(one), "--batch-size", "2",
                        "--out", str(tmp_path / "a")])
-        assert msg.endswith("one.jsonl: 1 records, 1 usable at --seq-len 1024, 0 held out by "
+        assert msg.endswith("one.jsonl: 1 records, 1 usable at --seq-len 256, 0 held out by "
                             "--eval-split 0.0: 1 examples cannot fill one batch of 2 rows "
-                            "(--batch-size x --grad-accum)"), msg
+                            "(--batch-size x --grad-accum) of --seq-len 256 packed tokens"), msg
         many = tmp_path / "many.jsonl"   # 270 left after length filtering, batch 150 x 2
         many.write_text('{"prompt": "Spell 1:", "completion": " one"}\n' * 270 +
                         '{"prompt": "Spell 1 2 3 4 5 6 7 8 9:", "completion": " one"}\n' * 30)
         msg = refused(["--model", files.base, "--data", str(many), "--batch-size", "150",
                        "--grad-accum", "2", "--seq-len", "16", "--pack",
                        "--out", str(tmp_path / "b")])
-        assert ("many.jsonl: 300 records, 270 usable at --seq-len 16, 0 held out by "
-                "--eval-split 0.0: 270 examples cannot fill one batch of 300 rows "
+        assert ("many.jsonl: 300 records, 270 usable at --seq-len 16, 5 held out by "
+                "--eval-split 0.02: 265 examples cannot fill one batch of 300 rows "
                 "(--batch-size x --grad-accum) of --seq-len 16 packed tokens") in msg, msg
         ex = [trainer.Example(np.ones(5, np.int32), np.ones(5, np.float32))] * 3
         for pack, position in ((False, (0, 0)), (True, (0, 0)), (True, (4, 2))):
@@ -348,8 +349,8 @@ def test_a_second_signal_stops_at_once(files, tmp_path):
     mesh = jora.make_mesh(1)
     cfg, params = jora.load_hf(files.base, jnp.float32, mesh)
     tok = jora.Tokenizer(files.base)
-    ex, _, _ = trainer.prepare_examples(files.data, "auto", tok, seq_len=48, eval_split=0.0,
-                                        seed=0, rows=8, pack=False, log=lambda *_: None)
+    ex = trainer.prepare_examples(files.data, "auto", tok, seq_len=48, eval_split=0.0, seed=0,
+                                  batch_size=8, pack=False, log=lambda *_: None).train
 
     def log(line):   # two Ctrl-C while step 2 is logged
         if line.startswith("step 2/"):

@@ -185,7 +185,7 @@ def demo(tmp_path):
     base, data = demo_module.demo_setup(str(tmp_path / "demo"))
     return ["--model", base, "--data", data, "--seq-len", "48", "--batch-size", "8",
             "--lora-r", "4", "--targets", "q,v,o", "--lr", "3e-3", "--warmup", "2",
-            "--log-every", "1", "--lora-dropout", "0.1"]
+            "--log-every", "1", "--lora-dropout", "0.1", "--eval-split", "0"]
 
 
 def losses(out):
@@ -245,14 +245,17 @@ def _train_with_log(args, log, log_every=1):
                                jax.numpy.bfloat16, mesh)
     params = jora.unstack_layers(params, free=True)   # as train.main: the same programs
     tok = jora.Tokenizer(args.model)
-    records, fmt = trainer.read_records(args.data)
-    examples, _ = trainer.tokenize_records(records, fmt, tok, args.seq_len)
-    split = jax.random.permutation(jax.random.key(args.seed + 7), len(examples)).tolist()
-    examples = [examples[i] for i in split]
+    data = trainer.prepare_examples(args.data, args.format, tok, seq_len=args.seq_len,
+                                    eval_split=args.eval_split, seed=args.seed,
+                                    batch_size=args.batch_size, pack=args.pack,
+                                    max_segments=args.max_segments, log=lambda *_: None)
+    args.max_segments = data.max_segments
     tcfg = jora.TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                             lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed)
-    _, summary = trainer.train(cfg, params, train.configs(args)[0], tcfg, examples, args.out,
-                               mesh, schedule=trainer.Schedule(log_every=log_every), log=log)
+    lcfg, opts, _ = trainer.configs(args)
+    _, summary = trainer.train(cfg, params, lcfg, tcfg, data.train, args.out, mesh,
+                               eval_examples=data.eval, opts=opts, pack=args.pack,
+                               schedule=trainer.Schedule(log_every=log_every), log=log)
     return summary
 
 
@@ -261,7 +264,7 @@ def test_progress_says_compiling_and_throughput_leaves_compile_out(demo, tmp_pat
     args = train.parser().parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "3",
                                     "--lora-r", "7"])
     _train_with_log(args, lines.append)
-    assert lines[0].startswith("compiling the training step for 48 positions")
+    assert lines[0].startswith("compiling the training step for 8 rows x 48 positions")
     assert lines[1].startswith("compiled in ")
     assert [line.split()[1] for line in lines[2:5]] == ["1/3", "2/3", "3/3"]
     assert all("tokens/s" in line and "ETA" in line for line in lines[2:5]), lines
@@ -336,7 +339,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(demo, tmp_path):
     assert latest is not None
     cfg, _ = jora.load_hf(demo[1])
     args = train.parser().parse_args(demo + ["--lora-dropout", "0"])
-    state, meta = trainer.load_checkpoint(latest, cfg, train.configs(args)[0], jora.make_mesh(1))
+    state, meta = trainer.load_checkpoint(latest, cfg, trainer.configs(args)[0], jora.make_mesh(1))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.lora))
 
 
@@ -393,7 +396,8 @@ def test_demo_loss_falls_below_half(tmp_path):
 
 
 def test_benchmark_mode_reports_each_length(capsys):
-    rows = train.main(["--benchmark", "--size", "tiny", "--seq-len", "64,128", "--batch-size",
+    from bench import benchmark
+    rows = benchmark.main(["--size", "tiny", "--seq-len", "64,128", "--batch-size",
                        "8", "--bench-steps", "1", "--bench-warmup", "1", "--remat", "min"])
     assert [r["seq"] for r in rows] == [64, 128]
     out, err = capsys.readouterr()   # rows as JSON lines on stdout, progress on stderr
@@ -402,11 +406,11 @@ def test_benchmark_mode_reports_each_length(capsys):
     assert all(r["tokens_per_s"] > 0 and r["compile_s"] >= 0 and "error" not in r for r in rows)
     assert all(r["planned_gib"] > 0 for r in rows)   # XLA's memory plan, on any backend
     assert all(r["lora_dropout"] == 0.05 for r in rows)   # train.py's default, recorded
-    plans = train.main(["--benchmark", "--size", "tiny", "--seq-len", "128", "--batch-size", "8",
+    plans = benchmark.main(["--size", "tiny", "--seq-len", "128", "--batch-size", "8",
                         "--bench-steps", "0", "--remat", "full", "--mlp-chunk", "32"])
     assert plans[0]["planned_gib"] > 0 and plans[0]["mlp_chunk"] == 32
     assert "tokens_per_s" not in plans[0] and "error" not in plans[0]
-    packed = train.main(["--benchmark", "--size", "tiny", "--seq-len", "64,128", "--batch-size",
+    packed = benchmark.main(["--size", "tiny", "--seq-len", "64,128", "--batch-size",
                          "8", "--bench-steps", "0", "--bench-doc", "16", "--max-segments", "5"])
     assert packed[0]["packed"] and packed[0]["doc"] == 16 and "error" not in packed[0]  # 4 runs
     assert "8 runs" in packed[1]["error"] and "max_segments=5" in packed[1]["error"]  # 8 > 5
@@ -436,7 +440,8 @@ def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
 
 def test_mfu_counts_attention_at_the_batch_length_not_seq_len(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "PEAK_FLOPS", {jax.default_backend(): 1e12})
-    args = train.parser().parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "2"])
+    args = train.parser().parse_args(demo + ["--out", str(tmp_path / "run"), "--steps", "2",
+                                             "--no-pack"])
     args.seq_len = 400   # the demo's examples are < 64 tokens: rows are padded to 64, not 400
     _train_with_log(args, lambda line: None)
     with open(os.path.join(str(tmp_path / "run"), "metrics.jsonl")) as f:
