@@ -221,7 +221,8 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What the model attends to, and with which kernel (how fast it runs is a Plan: section 4)."""
+    """What the model attends to, and with which attention kernel. (How fast the layers run,
+    and in how much memory, is a Plan.)"""
     attention: str = "auto"   # auto (cudnn on GPU, xla elsewhere) | cudnn | xla
     packed: bool = True       # rows hold several examples: attend within each segment only.
                               # False (one example a row, padding at the end) needs no mask,
@@ -240,7 +241,10 @@ class Options:
 
 # 2. Parameters, and how each is split over the mesh ---------------------------------------------
 
-class Layer(NamedTuple):      # stacked: each leaf (L, ...); see unstack_layers for the other form
+class Layer(NamedTuple):
+    """One field per weight of a decoder layer, stacked over the L layers: each leaf (L, ...).
+    Unrolled (unstack_layers, what train.py runs), each leaf is instead a tuple of L one-layer
+    slices (1, ...)."""
     attn_norm: jax.Array      # (L, D)
     wq: jax.Array             # (L, D, N*H)   stored (in, out): HF's weight transposed
     wk: jax.Array             # (L, D, K*H)
@@ -308,9 +312,14 @@ def param_shapes(cfg: Config) -> Params:
 def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
     """Random weights (normal, std 0.02; norms 1) for tests and benchmarks. Jit it with
     out_shardings to create a large model directly in its sharded layout."""
-    shapes, keys = param_shapes(cfg), iter(jax.random.split(key, 4 + len(Layer._fields)))
-    init = lambda name, shape: (jnp.ones(shape, dtype) if name.endswith("norm") else
-                                0.02 * jax.random.normal(next(keys), shape, dtype))
+    shapes = param_shapes(cfg)
+    keys = iter(jax.random.split(key, 4 + len(Layer._fields)))
+
+    def init(name, shape):
+        if name.endswith("norm"):
+            return jnp.ones(shape, dtype)
+        return 0.02 * jax.random.normal(next(keys), shape, dtype)
+
     return Params(embed=init("embed", shapes.embed), final_norm=init("norm", shapes.final_norm),
                   lm_head=init("lm_head", shapes.lm_head),
                   layers=Layer(**{f: init(f, s) for f, s in shapes.layers._asdict().items()}))
@@ -409,7 +418,10 @@ class Dropout(NamedTuple):
     def apply(self, x, p: float):
         """x (B, T, I) with each element zeroed with probability p, survivors scaled by 1/(1-p)."""
         B, T, I = x.shape
-        iota = lambda n, at: jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(at).astype(jnp.uint32)
+
+        def iota(n, at):   # the global indices at, at + 1, ..., at + n - 1
+            return jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(at).astype(jnp.uint32)
+
         row = mix32(self.seed ^ mix32(iota(B, self.row)))[:, None, None]             # (B, 1, 1)
         pos = mix32(row + iota(T, self.pos)[None, :, None])                           # (B, T, 1)
         bits = mix32(pos ^ (iota(I, self.feat) * jnp.uint32(0x9E3779B9)))             # (B, T, I)
@@ -630,7 +642,7 @@ class Plan:
                               # there, where every earlier layer's saved tensors are alive
     full_layers: int = 0      # the first N layers remat "full" whatever `remat` says
     sequence_parallel: bool = False   # split positions over "model" between parallel regions
-    kernels: str = "auto"     # LoRA projections, MLP gate: xla | pallas | auto (see kernel_ops)
+    kernels: str = "auto"     # LoRA projections and MLP gate: xla | pallas | auto (kernel_ops)
 
     def __post_init__(self):
         if self.remat not in (*REMAT, "auto"):
@@ -652,7 +664,10 @@ def unstack_layers(params: Params, free: bool = False) -> Params:
     each GEMM reads its weight in place (faster steps, longer compiles). Slices keep their
     ranks, so param_specs() holds. free: delete each stacked leaf once split (peak: one leaf
     more, not two models), only if no other array shares its buffer."""
-    split = jax.jit(lambda a: tuple(a[i:i + 1] for i in range(a.shape[0])))
+    def slices(a):   # (L, ...) -> L slices (1, ...)
+        return tuple(a[i:i + 1] for i in range(a.shape[0]))
+
+    split = jax.jit(slices)
     layers = {}
     for f, leaf in params.layers._asdict().items():
         layers[f] = leaf if isinstance(leaf, tuple) else split(leaf)
@@ -788,9 +803,11 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
     key: dropout's (None: none), whose masks depend on the global row, not on the device."""
     x = params.embed[tokens]                                                # (B, T, D)
     B, T = tokens.shape
-    seed = None if key is None else functools.reduce(lambda s, w: mix32(s ^ w),
-                                                     jax.random.key_data(key).ravel(),
-                                                     jnp.uint32(0))
+    seed = None
+    if key is not None:   # the key's words hashed into one uint32
+        seed = jnp.uint32(0)
+        for word in jax.random.key_data(key).ravel():
+            seed = mix32(seed ^ word)
     tp = jax.lax.axis_size(MODEL)
     sp = plan.sequence_parallel and tp > 1
     if sp:   # keep only this device's slice of the positions between the parallel regions
@@ -826,11 +843,16 @@ def _logits_bwd(res, g):                                                    # g 
     h, w = res
     g = g.astype(h.dtype)
     dh = jnp.einsum("...V,DV->...D", g, w, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("...D,...V->DV", h, g, preferred_element_type=jnp.float32)  # (XLA drops it
-    return dh.astype(h.dtype), dw.astype(w.dtype)                                # when frozen)
+    # lm_head is frozen: XLA drops dw, which nothing uses.
+    dw = jnp.einsum("...D,...V->DV", h, g, preferred_element_type=jnp.float32)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
 
 
-logits_matmul.defvjp(lambda h, w: (logits_matmul(h, w), (h, w)), _logits_bwd)
+def _logits_fwd(h, w):
+    return logits_matmul(h, w), (h, w)
+
+
+logits_matmul.defvjp(_logits_fwd, _logits_bwd)
 
 
 def vocab_logits(h, lm_head, vocab_size: int):
@@ -864,13 +886,14 @@ def _local_loss_sums(params, lora, batch: Batch, key, *, cfg, lcfg, opts, plan):
     chunks = [rearrange(jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)),
                         "B (n C) ... -> n B C ...", C=C) for a in (h, batch.targets, batch.weights)]
 
-    # Each chunk's logits are computed again in the backward (one more (T, D) x (D, V) GEMM),
-    # unless the plan keeps everything: remat "none" keeps them, (B, T, V/tp) fp32 in all.
-    @(lambda f: f if plan.remat == "none" else jax.checkpoint(f))
     def chunk_loss(_, xs):
         hc, tc, wc = xs
         return None, jnp.sum(token_nll(hc, params.lm_head, tc, cfg.vocab_size) * wc)
 
+    # Each chunk's logits are computed again in the backward (one more (T, D) x (D, V) GEMM),
+    # unless the plan keeps everything: remat "none" keeps them, (B, T, V/tp) fp32 in all.
+    if plan.remat != "none":
+        chunk_loss = jax.checkpoint(chunk_loss)
     nll = jax.lax.scan(chunk_loss, None, chunks)[1]                         # (n,)
     return jax.lax.psum(jnp.sum(nll), DATA), jax.lax.psum(jnp.sum(batch.weights), DATA)
 
@@ -903,7 +926,8 @@ def check_runs(segment_ids, opts: Options):
             or isinstance(segment_ids, jax.core.Tracer)
             or not getattr(segment_ids, "is_fully_addressable", True)):
         return
-    if (n := count_runs(segment_ids)) > opts.max_segments:
+    n = count_runs(segment_ids)
+    if n > opts.max_segments:
         raise ValueError(f"a packed row holds {n} runs of one segment id (examples and "
                          f"padding), more than Options.max_segments={opts.max_segments}: "
                          f"raise it, or pack fewer examples a row")
@@ -978,7 +1002,8 @@ class AdamW(NamedTuple):
 
 
 def adamw_init(lora: Lora) -> AdamW:
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), lora)
+    def zeros():   # fp32 moments shaped like the factors
+        return jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), lora)
     return AdamW(step=jnp.zeros((), jnp.int32), mu=zeros(), nu=zeros())
 
 
@@ -1002,9 +1027,12 @@ def adamw_update(lora: Lora, grads: Lora, opt: AdamW, lr, tcfg: TrainConfig):
     step = opt.step + 1
     mu = jax.tree.map(lambda m, g: tcfg.b1 * m + (1 - tcfg.b1) * g, opt.mu, grads)
     nu = jax.tree.map(lambda n, g: tcfg.b2 * n + (1 - tcfg.b2) * g * g, opt.nu, grads)
-    c1, c2 = 1 - tcfg.b1 ** step, 1 - tcfg.b2 ** step   # moments start at 0: undo that bias
-    new = lambda p, m, n: p - lr * ((m / c1) / (jnp.sqrt(n / c2) + tcfg.eps)
-                                    + tcfg.weight_decay * p)
+    # The moments start at 0: dividing by these undoes that bias.
+    c1, c2 = 1 - tcfg.b1 ** step, 1 - tcfg.b2 ** step
+
+    def new(p, m, n):
+        return p - lr * ((m / c1) / (jnp.sqrt(n / c2) + tcfg.eps) + tcfg.weight_decay * p)
+
     return jax.tree.map(new, lora, mu, nu), AdamW(step, mu, nu)
 
 
@@ -1031,9 +1059,12 @@ def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, *,
 
         def accumulate(carry, xs):   # the gradient of the *sum* of token losses, outside shard_map
             batch, k = xs
-            f = lambda l: loss_sums(params, l, batch, cfg, lcfg, opts=opts, plan=plan,
-                                    key=k if lcfg.dropout else None, mesh=mesh)
-            (nll, n), g = jax.value_and_grad(f, has_aux=True)(state.lora)
+
+            def sums(lora):
+                return loss_sums(params, lora, batch, cfg, lcfg, opts=opts, plan=plan,
+                                 key=k if lcfg.dropout else None, mesh=mesh)
+
+            (nll, n), g = jax.value_and_grad(sums, has_aux=True)(state.lora)
             return jax.tree.map(jnp.add, carry, (nll, n, g)), None
 
         zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.lora))
@@ -1050,7 +1081,10 @@ def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, *,
         finite = jnp.stack([jnp.isfinite(nll), jnp.isfinite(norm)] +
                            [jnp.isfinite(x).all() for x in jax.tree.leaves(lora)])
         ok = finite.all()
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        def keep(new, old):   # the new tree if the step was finite, else the old one
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
         bad = jnp.where(ok | (state.bad_step > 0), state.bad_step, state.opt.step + 1)
         new = TrainState(lora=keep(lora, state.lora), opt=keep(opt, state.opt), bad_step=bad)
         return new, dict(loss=nll / n, grad_norm=norm, lr=lr, tokens=n, finite=finite)
@@ -1060,8 +1094,11 @@ def make_train_step(cfg: Config, lcfg: LoraConfig, tcfg: TrainConfig, mesh, *,
 
 def accum_batch(b: Batch, grad_accum: int, mesh) -> Batch:
     """(A * B, T) rows -> A micro-batches (A, B, T), split over "data": what the step takes."""
-    split = lambda x: rearrange(np.asarray(x), "(A B) T -> A B T", A=grad_accum)
-    return shard(Batch(*map(split, b)), Batch(*[P(None, DATA, None)] * len(Batch._fields)), mesh)
+    def split(x):
+        return rearrange(np.asarray(x), "(A B) T -> A B T", A=grad_accum)
+
+    specs = Batch(*[P(None, DATA, None)] * len(Batch._fields))
+    return shard(Batch(*map(split, b)), specs, mesh)
 
 
 # 7. Data: the tokenizer, and next-token batches of packed rows ---------------------------------
@@ -1178,7 +1215,12 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
     logits, cache = run(tokens, 0, cache)
     out = jnp.full((B, s.max_new_tokens), cfg.eos_id, jnp.int32)
     init = (jnp.int32(0), logits, cache, jnp.zeros((B,), bool), out)
-    return jax.lax.while_loop(lambda c: (c[0] < s.max_new_tokens) & ~jnp.all(c[3]), step, init)[-1]
+
+    def running(c):   # tokens left to sample, and a row not yet finished
+        i, _, _, done, _ = c
+        return (i < s.max_new_tokens) & ~jnp.all(done)
+
+    return jax.lax.while_loop(running, step, init)[-1]
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "s", "mesh"))
@@ -1322,7 +1364,8 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     if unexpected:
         raise ValueError(f"{folder}: unexpected tensor '{unexpected[0]}' "
                          f"({len(unexpected)} in all) for config {cfg}")
-    if missing := sorted(expected - set(files)):
+    missing = sorted(expected - set(files))
+    if missing:
         raise ValueError(f"{folder}: checkpoint has no tensor '{missing[0]}' "
                          f"({len(missing)} missing in all)")
 
@@ -1453,19 +1496,28 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     dt, lora = jnp.dtype(dtype), lora or Lora()
     items = [("model.embed_tokens.weight", params.embed.shape,
               lambda: merge_lora(params.embed, None, lcfg, dt))]
+
+    def layer_weight(w, i, ab, matrix):   # layer i's slice, taken and merged only when written
+        def get():
+            return merge_lora(layer_at(w, i), ab and LoraAB(ab.a[i], ab.b[i]), lcfg, dt,
+                              hf=matrix)
+        return get
+
     for i in range(cfg.n_layers):
-        for f, hf in HF_NAME.items():   # layer i's slice is taken only when written
+        for f, hf in HF_NAME.items():
             w, ab = getattr(params.layers, f), getattr(lora, TARGET.get(f, "_"), None)
-            get = (lambda w=w, i=i, ab=ab, matrix=not f.endswith("norm"): merge_lora(
-                layer_at(w, i), ab and LoraAB(ab.a[i], ab.b[i]), lcfg, dt, hf=matrix))
             items.append((f"model.layers.{i}.{hf}.weight",
-                          getattr(param_shapes(cfg).layers, f)[1:][::-1], get))
+                          getattr(param_shapes(cfg).layers, f)[1:][::-1],
+                          layer_weight(w, i, ab, matrix=not f.endswith("norm"))))
     items.append(("model.norm.weight", params.final_norm.shape,
                   lambda: merge_lora(params.final_norm, None, lcfg, dt)))
     if not cfg.tie_embeddings:   # (V, D): the padding columns stay behind
         items.append(("lm_head.weight", params.embed.shape, lambda: merge_lora(
             params.lm_head, None, lcfg, dt, hf=True)[:cfg.vocab_size]))
-    nbytes = lambda shape: math.prod(shape) * dt.itemsize
+
+    def nbytes(shape):
+        return math.prod(shape) * dt.itemsize
+
     files, size = [[]], 0      # plan the files from the shapes alone
     for item in items:
         if files[-1] and size + nbytes(item[1]) > shard_bytes:
@@ -1537,8 +1589,12 @@ def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
             raise ValueError(f"{path}: field '{key}' is {c.get(key, 'missing')!r}; it must be a "
                              f"number > 0")
     w = load_tensors(os.path.join(folder, "adapter_model.safetensors"))
-    layers = {int(i) for n in w if ".layers." in n
-              if (i := n.split(".layers.")[1].split(".")[0]).isdigit()}
+    layers = set()   # the layer numbers in the tensor names: base_model.model.layers.{i}. ...
+    for name in w:
+        if ".layers." in name:
+            i = name.split(".layers.")[1].split(".")[0]
+            if i.isdigit():
+                layers.add(int(i))
     if layers and max(layers) >= cfg.n_layers:
         raise ValueError(f"{folder}: adapter has factors for layer {max(layers)}, the model has "
                          f"{cfg.n_layers} layers: it was made for another model")
@@ -1561,8 +1617,9 @@ def load_adapter(folder: str, cfg: Config) -> tuple[Lora, LoraConfig]:
             raise ValueError(f"{folder}: '{name}' has shape {w[name].shape}, expected {want}")
         return w[name].astype(np.float32).T
 
-    stack = lambda t, part, want: jnp.asarray(np.stack([factor(t, i, part, want)
-                                                         for i in range(cfg.n_layers)]))
+    def stack(t, part, want):   # (L, ...) from each layer's factor
+        return jnp.asarray(np.stack([factor(t, i, part, want) for i in range(cfg.n_layers)]))
+
     return Lora(**{t: LoraAB(a=stack(t, "lora_A", (lcfg.r, proj_shape(cfg, t)[0])),
                              b=stack(t, "lora_B", (proj_shape(cfg, t)[1], lcfg.r)))
                    for t in lcfg.targets}), lcfg
