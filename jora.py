@@ -92,36 +92,56 @@ def read_json(path: str, expect=dict, shape: str = "a JSON object"):
 
 # 1. Config --------------------------------------------------------------------------------------
 
+# The families Config.from_hf reads: HF model_type -> the architecture its exports name.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Architecture of a Llama-2-family model. Frozen, hence hashable: a static jit argument."""
+    """Architecture of a Llama-family model: Llama-2 and 3.x, Mistral, Qwen2 and Qwen2.5, Qwen3.
+    They share one decoder; the fields after max_positions say where they differ. Frozen, hence
+    hashable: a static jit argument."""
     vocab_size: int = 32_000      # V
     d_model: int = 4096           # D
     d_ff: int = 11_008            # F
     n_layers: int = 32            # L
     n_heads: int = 32             # N
-    n_kv_heads: int = 32          # K (Llama-2 70B: 8, grouped-query attention)
-    head_dim: int = 128           # H
+    n_kv_heads: int = 32          # K (fewer than N: grouped-query attention)
+    head_dim: int = 128           # H (Qwen3: N * H need not be D)
     rope_theta: float = 10_000.0
-    rope_scale: float = 1.0       # linear RoPE scaling: positions are divided by this
+    rope_scale: float = 1.0       # linear: positions are divided by it; llama3: its `factor`
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # lm_head = embed^T (small models)
     max_positions: int = 4096
     bos_id: int = 1
     eos_id: int = 2
+    family: str = "llama"         # HF model_type, a key of FAMILIES
+    rope_type: str = "default"    # default | linear | llama3 (Llama-3.1's frequency scaling)
+    rope_low_freq: float = 1.0    # llama3: low_freq_factor
+    rope_high_freq: float = 4.0   # llama3: high_freq_factor
+    rope_original: int = 8192     # llama3: original_max_position_embeddings
+    qkv_bias: bool = False        # Qwen2: a bias on the q, k and v projections
+    qk_norm: bool = False         # Qwen3: RMSNorm over each head of q and of k, before RoPE
+    sliding_window: int = 0       # Mistral v0.1: attend to the last W positions only (0: all)
+    stop_ids: tuple[int, ...] = ()   # generation also stops at these (Llama-3's <|eot_id|>)
 
     @property
     def padded_vocab(self) -> int:   # lm_head columns: a multiple of 128, so any tp divides it
         return -(-self.vocab_size // 128) * 128
 
+    @property
+    def end_ids(self) -> tuple[int, ...]:   # every id that ends a generation
+        return (self.eos_id, *[i for i in self.stop_ids if i != self.eos_id])
+
     @classmethod
     def from_hf(cls, config) -> "Config":
-        """Read an HF `LlamaForCausalLM` config.json (a path, a folder or a dict), as written by
-        transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`, `head_dim`)."""
+        """Read an HF config.json (a path, a folder or a dict) of a model_type in FAMILIES, as
+        written by transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`)."""
         src = "config"
         if not isinstance(config, dict):
             src = os.path.join(config, "config.json") if os.path.isdir(config) else config
-            config = read_json(src, dict, "a JSON object (an HF LlamaForCausalLM config)")
+            config = read_json(src, dict, "a JSON object (an HF model's config)")
 
         def get(key, default=...):
             if config.get(key) is None:
@@ -133,41 +153,60 @@ class Config:
         def refuse(key, value, why):
             raise ValueError(f"{src}: unsupported {key}={value!r} ({why})")
 
-        def number(key, default=..., kind=int, least=1):   # an integer >= least, or a float > 0
-            v = get(key, default)
+        def number(key, default=..., kind=int, least=1, value=...):
+            """An integer >= least, or a float > 0: config[key], or `value` when given."""
+            v = get(key, default) if value is ... else value
             if (isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int)
                     or not (least <= v if kind is int else 0 < v < math.inf)):
                 raise ValueError(f"{src}: field '{key}' is {v!r}; it must be " +
                                  (f"an integer >= {least}" if kind is int else "a number > 0"))
             return kind(v)
 
-        if get("model_type", "llama") != "llama":
-            refuse("model_type", config["model_type"], "only Llama is supported")
+        family = get("model_type", "llama")
+        if family not in FAMILIES:
+            refuse("model_type", family, f"supported: {', '.join(FAMILIES)}")
         if get("hidden_act", "silu") != "silu":
-            refuse("hidden_act", config["hidden_act"], "Llama uses silu")
-        for key in ("attention_bias", "mlp_bias"):
+            refuse("hidden_act", config["hidden_act"], "these families use silu")
+        for key in ("attention_bias", "mlp_bias"):   # (Qwen2's q, k, v biases need no flag)
             if get(key, False):
-                refuse(key, True, "Llama-2 projections have no bias")
+                refuse(key, True, f"{family} projections here have no bias")
+        if get("use_sliding_window", False):
+            refuse("use_sliding_window", True, "Qwen's sliding window is not implemented")
+        window = get("sliding_window", None) if family == "mistral" else None
         scaling = dict(get("rope_scaling", None) or {})   # transformers 5: rope_parameters
         scaling.update(get("rope_parameters", None) or {})
-        config = dict(config, rope_theta=scaling.get("rope_theta", get("rope_theta", 10_000.0)),
-                      rope_factor=scaling.get("factor", 1.0))
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ("default", "linear"):
-            refuse("rope_scaling.rope_type", kind, "only default and linear RoPE are implemented")
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            refuse("rope_scaling.rope_type", rope_type, "default, linear and llama3 are "
+                   "implemented")
+        llama3 = rope_type == "llama3"
         d, n = number("hidden_size"), number("num_attention_heads")
-        eos = get("eos_token_id", 2)   # may be a list in HF configs
-        config["eos_token_id"] = eos[0] if isinstance(eos, list) and eos else eos
+        eos = get("eos_token_id", 2)   # a list in Llama-3's configs: all of them end a reply
+        ends = eos if isinstance(eos, list) and eos else [eos]
         cfg = cls(vocab_size=number("vocab_size"), d_model=d, d_ff=number("intermediate_size"),
                   n_layers=number("num_hidden_layers"), n_heads=n,
                   n_kv_heads=number("num_key_value_heads", n),
-                  head_dim=number("head_dim", d // n), rope_theta=number("rope_theta", kind=float),
-                  rope_scale=number("rope_factor", kind=float) if kind == "linear" else 1.0,
+                  head_dim=number("head_dim", d // n),
+                  rope_theta=number("rope_theta", kind=float,
+                                    value=scaling.get("rope_theta", get("rope_theta", 1e4))),
+                  rope_scale=1.0 if rope_type == "default" else
+                  number("rope_scaling.factor", kind=float, value=scaling.get("factor")),
                   norm_eps=number("rms_norm_eps", 1e-6, float),
                   tie_embeddings=bool(get("tie_word_embeddings", False)),
                   max_positions=number("max_position_embeddings", 4096),
                   bos_id=number("bos_token_id", 1, least=0),
-                  eos_id=number("eos_token_id", least=0))
+                  eos_id=number("eos_token_id", least=0, value=ends[0]),
+                  family=family, rope_type=rope_type,
+                  rope_low_freq=number("rope_scaling.low_freq_factor", kind=float,
+                                       value=scaling.get("low_freq_factor")) if llama3 else 1.0,
+                  rope_high_freq=number("rope_scaling.high_freq_factor", kind=float,
+                                        value=scaling.get("high_freq_factor")) if llama3 else 4.0,
+                  rope_original=number("rope_scaling.original_max_position_embeddings",
+                                       value=scaling.get("original_max_position_embeddings"))
+                  if llama3 else 8192,
+                  qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+                  sliding_window=0 if window is None else number("sliding_window", value=window),
+                  stop_ids=tuple(number("eos_token_id", least=0, value=i) for i in ends[1:]))
         if cfg.n_heads % cfg.n_kv_heads:
             refuse("num_key_value_heads", cfg.n_kv_heads,
                    f"must divide num_attention_heads={cfg.n_heads}")
@@ -175,25 +214,49 @@ class Config:
 
     def to_hf(self) -> dict:
         """The config.json that transformers needs to load an exported model."""
-        return dict(architectures=["LlamaForCausalLM"], model_type="llama",
-                    vocab_size=self.vocab_size, hidden_size=self.d_model,
-                    intermediate_size=self.d_ff, num_hidden_layers=self.n_layers,
-                    num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
-                    head_dim=self.head_dim, rope_theta=self.rope_theta,
-                    rope_scaling=None if self.rope_scale == 1.0 else
-                    {"type": "linear", "rope_type": "linear", "factor": self.rope_scale},
-                    rms_norm_eps=self.norm_eps, tie_word_embeddings=self.tie_embeddings,
-                    max_position_embeddings=self.max_positions, hidden_act="silu",
-                    bos_token_id=self.bos_id, eos_token_id=self.eos_id,
-                    attention_bias=False, mlp_bias=False, torch_dtype="bfloat16")
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
+        if self.rope_type != "default":
+            rope["factor"] = self.rope_scale
+        if self.rope_type == "llama3":
+            rope.update(low_freq_factor=self.rope_low_freq, high_freq_factor=self.rope_high_freq,
+                        original_max_position_embeddings=self.rope_original)
+        out = dict(architectures=[FAMILIES[self.family]], model_type=self.family,
+                   vocab_size=self.vocab_size, hidden_size=self.d_model,
+                   intermediate_size=self.d_ff, num_hidden_layers=self.n_layers,
+                   num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads,
+                   head_dim=self.head_dim, rope_theta=self.rope_theta,
+                   rope_scaling=None if self.rope_type == "default" else
+                   dict(rope, type=self.rope_type),   # transformers 4 reads these two,
+                   rope_parameters=rope,              # 5 this one
+                   rms_norm_eps=self.norm_eps, tie_word_embeddings=self.tie_embeddings,
+                   max_position_embeddings=self.max_positions, hidden_act="silu",
+                   bos_token_id=self.bos_id, eos_token_id=list(self.end_ids)
+                   if self.stop_ids else self.eos_id, torch_dtype="bfloat16")
+        if self.family in ("llama", "qwen3"):
+            out.update(attention_bias=False)
+        if self.family == "llama":
+            out.update(mlp_bias=False)
+        if self.family == "mistral":
+            out.update(sliding_window=self.sliding_window or None)
+        if self.family in ("qwen2", "qwen3"):
+            out.update(use_sliding_window=False, sliding_window=None)
+        return out
 
 
 LLAMA2_7B = Config()
 LLAMA2_13B = Config(d_model=5120, d_ff=13_824, n_layers=40, n_heads=40, n_kv_heads=40)
 LLAMA2_70B = Config(d_model=8192, d_ff=28_672, n_layers=80, n_heads=64, n_kv_heads=8)
+LLAMA31_8B = Config(vocab_size=128_256, d_model=4096, d_ff=14_336, n_layers=32, n_heads=32,
+                    n_kv_heads=8, rope_theta=5e5, rope_type="llama3", rope_scale=8.0,
+                    max_positions=131_072, bos_id=128_000, eos_id=128_001,
+                    stop_ids=(128_008, 128_009))
+QWEN25_7B = Config(vocab_size=152_064, d_model=3584, d_ff=18_944, n_layers=28, n_heads=28,
+                   n_kv_heads=4, rope_theta=1e6, norm_eps=1e-6, max_positions=32_768,
+                   bos_id=151_643, eos_id=151_645, family="qwen2", qkv_bias=True)
 TINY = Config(vocab_size=256, d_model=64, d_ff=160, n_layers=2, n_heads=4, n_kv_heads=2,
               head_dim=16, max_positions=512)   # tests and the built-in demo
-PRESETS = {"7b": LLAMA2_7B, "13b": LLAMA2_13B, "70b": LLAMA2_70B, "tiny": TINY}
+PRESETS = {"7b": LLAMA2_7B, "13b": LLAMA2_13B, "70b": LLAMA2_70B, "llama3-8b": LLAMA31_8B,
+           "qwen2.5-7b": QWEN25_7B, "tiny": TINY}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +317,20 @@ class Layer(NamedTuple):
     w_gate: jax.Array         # (L, D, F)
     w_up: jax.Array           # (L, D, F)
     w_down: jax.Array         # (L, F, D)
+    bq: jax.Array | None = None       # (L, N*H) Qwen2's biases (qkv_bias); None elsewhere
+    bk: jax.Array | None = None       # (L, K*H)
+    bv: jax.Array | None = None       # (L, K*H)
+    q_norm: jax.Array | None = None   # (L, H) Qwen3's per-head norms (qk_norm); None elsewhere
+    k_norm: jax.Array | None = None   # (L, H)
+
+
+BIASES, HEAD_NORMS = ("bq", "bk", "bv"), ("q_norm", "k_norm")
+
+
+def layer_fields(cfg: Config) -> tuple[str, ...]:
+    """The Layer fields a model of this config has (the rest stay None)."""
+    extra = BIASES * cfg.qkv_bias + HEAD_NORMS * cfg.qk_norm
+    return Layer._fields[:9] + extra
 
 
 class Params(NamedTuple):
@@ -282,12 +359,17 @@ WEIGHT = dict(q="wq", k="wk", v="wv", o="wo", gate="w_gate", up="w_up", down="w_
 TARGET = {w: t for t, w in WEIGHT.items()}
 
 
-def param_specs() -> Params:
-    """Params-shaped tree of PartitionSpecs: how each weight is laid out on the "model" axis."""
+def param_specs(cfg: Config | None = None) -> Params:
+    """Params-shaped tree of PartitionSpecs: how each weight is laid out on the "model" axis.
+    cfg: which optional fields the model has (None: a Llama, which has none of them)."""
     col, row = P(None, None, MODEL), P(None, MODEL, None)
+    fields = layer_fields(cfg or Config())
+    extra = dict(bq=P(None, MODEL), bk=P(None, MODEL), bv=P(None, MODEL),   # like q, k, v
+                 q_norm=P(), k_norm=P())
     return Params(embed=P(), final_norm=P(), lm_head=P(None, MODEL),
                   layers=Layer(attn_norm=P(), mlp_norm=P(), wq=col, wk=col, wv=col, wo=row,
-                               w_gate=col, w_up=col, w_down=row))
+                               w_gate=col, w_up=col, w_down=row,
+                               **{f: spec for f, spec in extra.items() if f in fields}))
 
 
 def lora_specs(lcfg: LoraConfig) -> Lora:
@@ -305,15 +387,20 @@ def proj_shape(cfg: Config, target: str) -> tuple[int, int]:   # (I, O) of one p
 def param_shapes(cfg: Config) -> Params:
     L, D, V = cfg.n_layers, cfg.d_model, cfg.vocab_size
     w = {WEIGHT[t]: (L, *proj_shape(cfg, t)) for t in PROJ}
+    extra = dict(bq=(L, proj_shape(cfg, "q")[1]), bk=(L, proj_shape(cfg, "k")[1]),
+                 bv=(L, proj_shape(cfg, "v")[1]), q_norm=(L, cfg.head_dim),
+                 k_norm=(L, cfg.head_dim))
+    fields = layer_fields(cfg)
     return Params(embed=(V, D), final_norm=(D,), lm_head=(D, cfg.padded_vocab),
-                  layers=Layer(attn_norm=(L, D), mlp_norm=(L, D), **w))
+                  layers=Layer(attn_norm=(L, D), mlp_norm=(L, D), **w,
+                               **{f: shape for f, shape in extra.items() if f in fields}))
 
 
 def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
     """Random weights (normal, std 0.02; norms 1) for tests and benchmarks. Jit it with
     out_shardings to create a large model directly in its sharded layout."""
     shapes = param_shapes(cfg)
-    keys = iter(jax.random.split(key, 4 + len(Layer._fields)))
+    keys = iter(jax.random.split(key, 4 + len(layer_fields(cfg))))
 
     def init(name, shape):
         if name.endswith("norm"):
@@ -322,7 +409,8 @@ def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
 
     return Params(embed=init("embed", shapes.embed), final_norm=init("norm", shapes.final_norm),
                   lm_head=init("lm_head", shapes.lm_head),
-                  layers=Layer(**{f: init(f, s) for f, s in shapes.layers._asdict().items()}))
+                  layers=Layer(**{f: init(f, getattr(shapes.layers, f))
+                                  for f in layer_fields(cfg)}))
 
 
 def init_lora(key, cfg: Config, lcfg: LoraConfig) -> Lora:
@@ -384,13 +472,32 @@ def rms_norm(x, w, eps):
     return w * y.astype(x.dtype)   # HF multiplies in the activation dtype
 
 
+def llama3_frequencies(inv_freq, cfg: Config):
+    """Llama-3.1's RoPE scaling of the rotation frequencies (H/2,): wavelengths longer than the
+    original context / low_freq_factor are stretched by `factor` (slowed down), those shorter
+    than original / high_freq_factor are kept, and those between move smoothly from one to
+    the other. Positions themselves are not scaled."""
+    wavelength = 2 * math.pi / inv_freq
+    long = wavelength > cfg.rope_original / cfg.rope_low_freq
+    short = wavelength < cfg.rope_original / cfg.rope_high_freq
+    # 0 at the long end of the band, 1 at the short end.
+    smooth = ((cfg.rope_original / wavelength - cfg.rope_low_freq)
+              / (cfg.rope_high_freq - cfg.rope_low_freq))
+    between = (1 - smooth) * inv_freq / cfg.rope_scale + smooth * inv_freq
+    return jnp.where(long, inv_freq / cfg.rope_scale, jnp.where(short, inv_freq, between))
+
+
 def rope(x, positions, cfg: Config):
     """Rotary embedding in HF's rotate-half layout: pairs (x[i], x[i + H/2]) are rotated.
     x (B, T, X, H), positions (B, T) -> (B, T, X, H). HF checkpoints store q/k rows in this
-    layout, so their weights load unpermuted."""
+    layout, so their weights load unpermuted. Linear scaling divides the positions by
+    rope_scale; Llama-3's scales the frequencies instead."""
     H = x.shape[-1]
     inv_freq = cfg.rope_theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)    # (H/2,)
-    angle = (positions.astype(jnp.float32) / cfg.rope_scale)[..., None] * inv_freq  # (B, T, H/2)
+    if cfg.rope_type == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, cfg)
+    divide = cfg.rope_scale if cfg.rope_type == "linear" else 1.0
+    angle = (positions.astype(jnp.float32) / divide)[..., None] * inv_freq        # (B, T, H/2)
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
@@ -589,7 +696,13 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
         return rearrange(y, "B T (X H) -> B T X H", H=cfg.head_dim)
 
     h = gather(rms_norm(x, w.attn_norm, cfg.norm_eps))
-    q, k, v = heads(linear("q", h)), heads(linear("k", h)), heads(linear("v", h))
+    def heads_of(t, bias):   # projection t of h, plus its bias (Qwen2's q, k, v), as heads
+        y = linear(t, h)
+        return heads(y if bias is None else y + bias)
+
+    q, k, v = heads_of("q", w.bq), heads_of("k", w.bk), heads_of("v", w.bv)
+    if w.q_norm is not None:   # Qwen3: each head of q and k normalised on its own
+        q, k = rms_norm(q, w.q_norm, cfg.norm_eps), rms_norm(k, w.k_norm, cfg.norm_eps)
     # Tags mark what remat "min" keeps: every matmul output the backward needs.
     q, k, v = tag(rope(q, positions, cfg), "q"), tag(rope(k, positions, cfg), "k"), tag(v, "v")
     o, aux = attn(q, k, v)                                                 # (B, T, N/tp, H)
@@ -670,6 +783,8 @@ def unstack_layers(params: Params, free: bool = False) -> Params:
     split = jax.jit(slices)
     layers = {}
     for f, leaf in params.layers._asdict().items():
+        if leaf is None:   # a field this family does not have
+            continue
         layers[f] = leaf if isinstance(leaf, tuple) else split(leaf)
         if free and isinstance(leaf, jax.Array):
             leaf.delete()
@@ -681,7 +796,10 @@ def unstacked(layers: Layer) -> bool:
 
 
 def layer_at(leaf, i: int):
-    """Layer i of a stacked (L, ...) or unstacked (tuple of (1, ...)) leaf, as (...)."""
+    """Layer i of a stacked (L, ...) or unstacked (tuple of (1, ...)) leaf, as (...); None for
+    a field the family does not have."""
+    if leaf is None:
+        return None
     return leaf[i][0] if isinstance(leaf, tuple) else leaf[i]
 
 
@@ -898,19 +1016,19 @@ def _local_loss_sums(params, lora, batch: Batch, key, *, cfg, lcfg, opts, plan):
     return jax.lax.psum(jnp.sum(nll), DATA), jax.lax.psum(jnp.sum(batch.weights), DATA)
 
 
-def on_mesh(f, mesh, lcfg, lora, *specs, out_specs, plan: Plan):
+def on_mesh(f, mesh, cfg, lcfg, lora, *specs, out_specs, plan: Plan):
     """f(params, lora, *rest) under jax.shard_map, the rest split as `specs` say. The Pallas
     kernels cannot carry shard_map's varying-axis types: they run with its check off (exact
     either way, as gradients are taken outside the shard_map)."""
     lspecs = None if lora is None else lora_specs(lcfg)
-    return jax.shard_map(f, mesh=mesh, in_specs=(param_specs(), lspecs, *specs),
+    return jax.shard_map(f, mesh=mesh, in_specs=(param_specs(cfg), lspecs, *specs),
                          out_specs=out_specs, check_vma=kernel_ops(plan) is None)
 
 
 @jax.jit(static_argnames=("cfg", "lcfg", "opts", "plan", "mesh"))
 def _loss_sums(params, lora, batch, key, *, cfg, lcfg, opts, plan, mesh):
     f = functools.partial(_local_loss_sums, cfg=cfg, lcfg=lcfg, opts=opts, plan=plan)
-    return on_mesh(f, mesh, lcfg, lora, batch_specs(), P(), out_specs=(P(), P()),
+    return on_mesh(f, mesh, cfg, lcfg, lora, batch_specs(), P(), out_specs=(P(), P()),
                    plan=plan)(params, lora, batch, key)
 
 
@@ -957,7 +1075,7 @@ def _forward(params, lora, tokens, positions, segment_ids, *, cfg, lcfg, opts, p
         h = hidden_states(p, l, t, pos, seg, cfg=cfg, lcfg=lcfg, opts=opts, plan=plan)
         return vocab_logits(h, p.lm_head, cfg.vocab_size)
     row = P(DATA, None)
-    f = on_mesh(local, mesh, lcfg, lora, row, row, None if segment_ids is None else row,
+    f = on_mesh(local, mesh, cfg, lcfg, lora, row, row, None if segment_ids is None else row,
                 out_specs=P(DATA, None, MODEL), plan=plan)
     return f(params, lora, tokens, positions, segment_ids)[..., :cfg.vocab_size]
 
@@ -1226,7 +1344,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
 @jax.jit(static_argnames=("cfg", "lcfg", "s", "mesh"))
 def _generate(params, lora, tokens, pad, key, *, cfg, lcfg, s, mesh):
     f = functools.partial(_generate_local, cfg=cfg, lcfg=lcfg, s=s)
-    return on_mesh(f, mesh, lcfg, lora, P(), P(), P(), out_specs=P(), plan=Plan())(
+    return on_mesh(f, mesh, cfg, lcfg, lora, P(), P(), P(), out_specs=P(), plan=Plan())(
         params, lora, tokens, pad, key)
 
 
@@ -1254,6 +1372,13 @@ HF_NAME = dict(wq="self_attn.q_proj", wk="self_attn.k_proj", wv="self_attn.v_pro
                w_down="mlp.down_proj", attn_norm="input_layernorm",
                mlp_norm="post_attention_layernorm")
 PEFT_NAME = {t: HF_NAME[w] for t, w in WEIGHT.items()}   # q -> "self_attn.q_proj", ...
+HF_EXTRA = dict(bq="self_attn.q_proj.bias", bk="self_attn.k_proj.bias",
+                bv="self_attn.v_proj.bias", q_norm="self_attn.q_norm.weight",
+                k_norm="self_attn.k_norm.weight")
+
+
+def hf_tensor(field: str) -> str:   # a Layer field's tensor in each layer of an HF checkpoint
+    return HF_EXTRA.get(field) or HF_NAME[field] + ".weight"
 
 
 def load_tensors(path: str) -> dict[str, np.ndarray]:
@@ -1355,10 +1480,11 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     mesh = make_mesh(1, jax.devices()[:1]) if mesh is None else mesh
     check_tp(cfg, mesh.shape[MODEL])
     files = _hf_files(folder)
-    shapes, specs, dt = param_shapes(cfg), param_specs(), jnp.dtype(dtype)
+    shapes, specs, dt = param_shapes(cfg), param_specs(cfg), jnp.dtype(dtype)
     head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
     expected = {"model.embed_tokens.weight", "model.norm.weight", head} | {
-        f"model.layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in HF_NAME.values()}
+        f"model.layers.{i}.{hf_tensor(f)}" for i in range(cfg.n_layers)
+        for f in layer_fields(cfg)}
     unexpected = sorted(set(files) - expected - {"lm_head.weight"}
                         - {k for k in files if "rotary_emb" in k})
     if unexpected:
@@ -1370,11 +1496,11 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
                          f"({len(missing)} missing in all)")
 
     def stacked(field):   # (L, I, O) from model.layers.{i}.<name>.weight (O, I), layer by layer
-        shape = getattr(shapes.layers, field)
+        shape = getattr(shapes.layers, field)   # (or (L, X) from a bias or a norm (X,))
 
         def fill(index):
             for j, i in enumerate(range(*index[0].indices(shape[0]))):
-                name = f"model.layers.{i}.{HF_NAME[field]}.weight"
+                name = f"model.layers.{i}.{hf_tensor(field)}"
                 yield _read(files, name, shape[1:][::-1], index[1:][::-1])[None], j, 0
         return _place(shape, getattr(specs.layers, field), mesh, dt, fill, hf=len(shape) == 3)
 
@@ -1390,7 +1516,7 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     return cfg, Params(
         embed=_place(shapes.embed, specs.embed, mesh, dt,
                      whole("model.embed_tokens.weight", shapes.embed)),
-        layers=Layer(**{f: stacked(f) for f in Layer._fields}),
+        layers=Layer(**{f: stacked(f) for f in layer_fields(cfg)}),
         final_norm=_place(shapes.final_norm, specs.final_norm, mesh, dt,
                           whole("model.norm.weight", shapes.final_norm)),
         lm_head=_place(shapes.lm_head, specs.lm_head, mesh, dt, lm_head, hf=True))
@@ -1504,11 +1630,11 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
         return get
 
     for i in range(cfg.n_layers):
-        for f, hf in HF_NAME.items():
+        for f in layer_fields(cfg):
             w, ab = getattr(params.layers, f), getattr(lora, TARGET.get(f, "_"), None)
-            items.append((f"model.layers.{i}.{hf}.weight",
+            items.append((f"model.layers.{i}.{hf_tensor(f)}",
                           getattr(param_shapes(cfg).layers, f)[1:][::-1],
-                          layer_weight(w, i, ab, matrix=not f.endswith("norm"))))
+                          layer_weight(w, i, ab, matrix=f in TARGET)))
     items.append(("model.norm.weight", params.final_norm.shape,
                   lambda: merge_lora(params.final_norm, None, lcfg, dt)))
     if not cfg.tie_embeddings:   # (V, D): the padding columns stay behind
