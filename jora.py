@@ -623,10 +623,11 @@ def segment_runs(segment_ids, max_runs: int):
     return jnp.where(present, starts, -1), lengths
 
 
-def attend(q, k, v, segment_ids, opts: Options):
+def attend(q, k, v, segment_ids, opts: Options, window: int = 0):
     """Causal self-attention. q (B, T, N, H), k/v (B, T, K, H) -> like q. segment_ids (B, T) or
-    None: a position attends only within its own segment (packed rows). cuDNN with
-    max_segments > 0 attends within each row's runs of one segment id, given as offsets,
+    None: a position attends only within its own segment (packed rows). window > 0 (Mistral
+    v0.1's sliding window): position t attends to positions t - window + 1 ... t only. cuDNN
+    with max_segments > 0 attends within each row's runs of one segment id, given as offsets,
     skipping the blocks across runs; else a (T, T) mask (flash attention: an additive bias)."""
     impl = opts.attention
     if impl == "auto":
@@ -636,16 +637,20 @@ def attend(q, k, v, segment_ids, opts: Options):
         from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
         starts, lengths = segment_runs(segment_ids, opts.max_segments)
         o = dot_product_attention(q, k, v, None, None, lengths, lengths, starts, starts,
-                                  scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL)
+                                  scale=q.shape[-1] ** -0.5, mask_type=MaskType.CAUSAL,
+                                  sliding_window_length=window or None)
         # A row with more runs than the offsets hold spoils other rows too: all NaN, so that
         # the step's finiteness check flags it instead of training on attention across examples.
         return jnp.where(jnp.any(starts[:, -1] >= 0), jnp.nan, o)
     same = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
     if impl == "cudnn":   # flash attention: (T, T) scores are never stored
         return jax.nn.dot_product_attention(q, k, v, mask=None if same is None else
-                                            same[:, None], is_causal=True, implementation="cudnn")
+                                            same[:, None], is_causal=True, implementation="cudnn",
+                                            local_window_size=(window - 1, 0) if window else None)
     T = q.shape[1]
     allowed = jnp.tril(jnp.ones((T, T), bool))[None]                               # s <= t
+    if window:
+        allowed = allowed & ~jnp.tril(jnp.ones((T, T), bool), -window)[None]       # t - s < W
     return attend_masked(q, k, v, allowed if same is None else allowed & same)
 
 
@@ -937,7 +942,7 @@ def hidden_states(params: Params, lora: Lora | None, tokens, positions, segment_
         drop = None if seed is None else Dropout(seed=mix32(seed + mix32(i)), row=row)
 
         def attn(q, k, v):
-            return attend(q, k, v, segment_ids, opts), None
+            return attend(q, k, v, segment_ids, opts, cfg.sliding_window), None
 
         return decoder_layer(x, w, ab, positions, attn, cfg=cfg, lcfg=lcfg, drop=drop, sp=sp,
                              ops=ops)[0]
@@ -1303,6 +1308,8 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
         here = start + jnp.arange(t)[None, :, None]                             # (1, t, 1)
         # Padding queries see only themselves: finite values that no real query reads.
         allowed = (valid[:, None] & (slot[None, None] <= here)) | (slot[None, None] == here)
+        if cfg.sliding_window:   # a real token's slot is its position plus the row's padding
+            allowed = allowed & (here - slot[None, None] < cfg.sliding_window)
 
         def layer(carry, w, ab, i, *, ops):
             x, cache = carry                                   # cache (L, 2, B, S, K/tp, H)
@@ -1328,7 +1335,8 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
         i, logits, cache, done, out = c
         nxt = jnp.where(done, cfg.eos_id, sample(logits, jax.random.fold_in(key, i), s))
         logits, cache = run(nxt[:, None], T0 + i, cache)
-        return i + 1, logits, cache, done | (nxt == cfg.eos_id), out.at[:, i].set(nxt)
+        ended = jnp.isin(nxt, jnp.asarray(cfg.end_ids, jnp.int32))   # EOS or a stop id
+        return i + 1, logits, cache, done | ended, out.at[:, i].set(nxt)
 
     logits, cache = run(tokens, 0, cache)
     out = jnp.full((B, s.max_new_tokens), cfg.eos_id, jnp.int32)
@@ -1361,8 +1369,12 @@ def generate(params: Params, prompts: list[list[int]], cfg: Config, lora: Lora |
     out = _generate(params, lora, tokens, pad, jax.random.key(sampling.seed), cfg=cfg,
                     lcfg=lcfg, s=dataclasses.replace(sampling, seed=0),
                     mesh=mesh_of(params) if mesh is None else mesh)
-    return [row[:row.index(cfg.eos_id) + 1] if cfg.eos_id in row else row
-            for row in np.asarray(out).tolist()]
+
+    def until_end(row):   # up to and with the first end id
+        ends = [j for j, t in enumerate(row) if t in cfg.end_ids]
+        return row[:ends[0] + 1] if ends else row
+
+    return [until_end(row) for row in np.asarray(out).tolist()]
 
 
 # 9. Hugging Face files: safetensors checkpoints in, merged models and PEFT adapters out ---------

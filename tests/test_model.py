@@ -61,7 +61,8 @@ def test_llama2_tokenizer():
 # ---- an independent NumPy transcription ----------------------------------------------------
 
 def numpy_forward(params, lora, lcfg, cfg, tokens):
-    """Loop-heavy float64 Llama forward, written from the HF formulas, LoRA merged into W."""
+    """Loop-heavy float64 Llama forward, written from the HF formulas, LoRA merged into W;
+    with cfg.sliding_window = W > 0, position t attends to t - W + 1 ... t (Mistral v0.1)."""
     p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
     T, H, G = len(tokens), cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
 
@@ -93,9 +94,10 @@ def numpy_forward(params, lora, lcfg, cfg, tokens):
         for n in range(cfg.n_heads):
             for t in range(T):
                 qt = rot(q[t, n], t)
-                s = np.array([qt @ rot(k[u, n // G], u) for u in range(t + 1)]) / np.sqrt(H)
+                first = max(0, t - cfg.sliding_window + 1) if cfg.sliding_window else 0
+                s = np.array([qt @ rot(k[u, n // G], u) for u in range(first, t + 1)]) / np.sqrt(H)
                 e = np.exp(s - s.max())
-                o[t, n] = (e / e.sum()) @ v[:t + 1, n // G]
+                o[t, n] = (e / e.sum()) @ v[first:t + 1, n // G]
         x = x + o.reshape(T, -1) @ w("wo", "o", i)
         h = norm(x, p.layers.mlp_norm[i])
         g, u = h @ w("w_gate", "gate", i), h @ w("w_up", "up", i)
@@ -460,3 +462,33 @@ def test_too_many_segments_are_refused_by_name():
     assert np.isfinite(jora.loss(params, None, batch, GQA, opts=jora.Options(max_segments=6)))
     with pytest.raises(ValueError, match="max_segments must be 0"):
         jora.Options(max_segments=1)
+
+
+def test_sliding_window_matches_numpy_in_training_packing_and_generation():
+    """A tiny Mistral of our own with a window of 5 positions, shorter than the 14 inputs,
+    against the float64 transcription: the training forward, the same example packed after
+    another in one row, and greedy generation over the KV cache."""
+    import dataclasses
+    cfg = dataclasses.replace(GQA, family="mistral", sliding_window=5)
+    key = jax.random.key(5)
+    params = random_params(key, cfg)
+    lcfg = jora.LoraConfig(r=4, alpha=8.0, targets=jora.PROJ)
+    lora = random_lora(jax.random.fold_in(key, 1), cfg, lcfg)
+    tokens = np.asarray(jax.random.randint(jax.random.fold_in(key, 2), (14,), 0, cfg.vocab_size))
+    want = numpy_forward(params, lora, lcfg, cfg, tokens)
+    got = jora.forward(params, tokens[None], cfg, lora, lcfg)[0]
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-4)
+    unwindowed = numpy_forward(params, lora, lcfg, dataclasses.replace(cfg, sliding_window=0),
+                               tokens)
+    assert np.abs(unwindowed - want).max() > 1e-2   # the window changes the logits
+    other = np.asarray(jax.random.randint(jax.random.fold_in(key, 3), (6,), 0, cfg.vocab_size))
+    row = np.concatenate([other, tokens])[None]
+    segs = np.concatenate([np.ones(6, np.int32), np.full(14, 2, np.int32)])[None]
+    pos = np.concatenate([np.arange(6), np.arange(14)])[None]
+    packed = jora.forward(params, row, cfg, lora, lcfg, segment_ids=segs, positions=pos)[0, 6:]
+    np.testing.assert_allclose(np.asarray(packed), want, atol=2e-4, rtol=1e-4)
+    out = jora.generate(params, [tokens[:9].tolist()], cfg, lora, lcfg, jora.Sampling(5))[0]
+    seq = list(tokens[:9])
+    for _ in range(len(out)):   # greedy, each next token from the transcription
+        seq.append(int(np.argmax(numpy_forward(params, lora, lcfg, cfg, np.asarray(seq))[-1])))
+    assert out == seq[9:]
