@@ -1,11 +1,12 @@
-"""jora.py: tensor-parallel LoRA fine-tuning of Llama-2-family models in JAX, in one file.
+"""jora.py: tensor-parallel LoRA fine-tuning of Llama-family models in JAX, in one file.
 
 SPDX-License-Identifier: MIT.  Last checked with Python 3.12 and jax 0.11.2.
 
 Read it top to bottom (nothing calls anything defined further down): 1 config, 2 parameters,
 3 model, 4 speed and memory, 5 loss, 6 AdamW and the step, 7 data, 8 generation, 9 Hugging Face
 files. trainer.py runs a whole training run on it. Copy this file alone into a project: it needs
-jax, numpy and einops (safetensors and sentencepiece only to read and write files).
+jax, numpy and einops (safetensors, and sentencepiece or tokenizers, only to read and write
+files).
 
 Letters used in every shape comment and einsum:
   B batch            T positions (query)   S positions (key)   V vocab
@@ -183,6 +184,11 @@ class Config:
         d, n = number("hidden_size"), number("num_attention_heads")
         eos = get("eos_token_id", 2)   # a list in Llama-3's configs: all of them end a reply
         ends = eos if isinstance(eos, list) and eos else [eos]
+        generation = os.path.join(os.path.dirname(src), "generation_config.json")
+        if src != "config" and os.path.exists(generation):   # its end ids stop generation too
+            more = read_json(generation).get("eos_token_id")
+            more = more if isinstance(more, list) else [] if more is None else [more]
+            ends = list(dict.fromkeys(ends + more))
         cfg = cls(vocab_size=number("vocab_size"), d_model=d, d_ff=number("intermediate_size"),
                   n_layers=number("num_hidden_layers"), n_heads=n,
                   n_kv_heads=number("num_key_value_heads", n),
@@ -1227,28 +1233,104 @@ def accum_batch(b: Batch, grad_accum: int, mesh) -> Batch:
 # 7. Data: the tokenizer, and next-token batches of packed rows ---------------------------------
 
 class Tokenizer:
-    """A sentencepiece `tokenizer.model` (Llama-2's, or any other); BOS/EOS ids from the model."""
+    """A model's tokenizer: its `tokenizer.json`, read by Hugging Face's `tokenizers` (the code
+    transformers runs), when the folder has one, else a sentencepiece `tokenizer.model`.
+    bos_id is None where the model's tokenizer adds no BOS (Qwen). eos_id ends each trained
+    example: tokenizer_config.json's eos_token, else generation_config.json's first eos_token_id,
+    else the model's own. stop_ids are all the model's end ids (generation_config.json's list,
+    e.g. Llama-3's <|end_of_text|> and <|eot_id|>), eos_id included."""
 
     def __init__(self, path: str):
+        folder = path if os.path.isdir(path) else os.path.dirname(path)
+        if os.path.isdir(path):   # tokenizer.json first: Llama-3's tokenizer.model is tiktoken's
+            path = next((os.path.join(path, n) for n in ("tokenizer.json", "tokenizer.model")
+                         if os.path.isfile(os.path.join(path, n))), path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model at {path}")
+        self.path, self.sp, self.hf = path, None, None
+        config = self._json(folder, "tokenizer_config.json")
+        if path.endswith(".json"):
+            bos = self._load_hf(path)
+            # add_bos_token, where the config sets it, wins over the post-processor (transformers
+            # rebuilds a Llama tokenizer's post-processor from it).
+            if config.get("add_bos_token") is False:
+                bos = None
+            elif config.get("add_bos_token") and bos is None:
+                bos = self._id(config.get("bos_token"))
+        else:
+            bos = self._load_sentencepiece(path)
+        ends = self._json(folder, "generation_config.json").get("eos_token_id")
+        ends = [ends] if isinstance(ends, int) else list(ends or [])
+        eos = self._id(config.get("eos_token"))
+        if eos is None:
+            eos = ends[0] if ends else self.sp.eos_id() if self.sp is not None else -1
+        if eos < 0:
+            raise ValueError(f"{path}: no EOS id: put the model's tokenizer_config.json "
+                             "(eos_token) or generation_config.json (eos_token_id) next to it")
+        self.bos_id, self.eos_id = bos, eos
+        self.stop_ids = tuple(dict.fromkeys([eos] + ends))
+
+    def _load_hf(self, path: str) -> int | None:
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError(f"{path}: reading it needs `pip install tokenizers`") from None
+        try:
+            self.hf = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:   # the Rust parser's message, e.g. an unknown field
+            raise ValueError(f"{path}: not a tokenizers file ({str(e)[:200]})") from None
+        # max + 1, not the count: added tokens may leave gaps in the ids.
+        self.vocab_size = max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
+        # The BOS is whatever the post-processor puts before a text (none for Qwen).
+        plain = self.hf.encode("a", add_special_tokens=False).ids
+        full = self.hf.encode("a").ids
+        return full[0] if len(full) > len(plain) and full[1:1 + len(plain)] == plain else None
+
+    def _load_sentencepiece(self, path: str) -> int | None:
+        # Llama-3 ships tiktoken's `base64 rank` lines as tokenizer.model (a sentencepiece model
+        # is a protobuf: its first byte is a newline); sentencepiece would only say "parse error".
+        with open(path, "rb") as f:
+            first = f.readline(256).split()
+        if len(first) == 2 and first[1].isdigit():
+            raise ValueError(f"{path} is a tiktoken file (lines of `base64 rank`), not "
+                             "sentencepiece: the folder needs the model's tokenizer.json")
         import sentencepiece
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.model")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no tokenizer at {path}")
         try:
             self.sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except Exception as e:   # RuntimeError or OSError, with sentencepiece's C++ message
             raise ValueError(f"{path}: not a sentencepiece tokenizer model "
                              f"({str(e).splitlines()[0][:200]})") from None
-        self.path = path
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    @staticmethod
+    def _json(folder: str, name: str) -> dict:   # a config beside the tokenizer, or {}
+        path = os.path.join(folder, name)
+        return read_json(path) if os.path.exists(path) else {}
+
+    def _id(self, token) -> int | None:   # a config's special token (text or {"content": text})
+        token = token.get("content") if isinstance(token, dict) else token
+        if not token:
+            return None
+        if self.hf is not None:
+            return self.hf.token_to_id(token)
+        i = self.sp.piece_to_id(token)   # sentencepiece answers unk for a missing piece
+        return i if self.sp.id_to_piece(i) == token else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
+        """The text's ids, no special ids added by the library; BOS only where the model's
+        tokenizer adds one, and never a second (a rendered chat may begin with it already)."""
+        ids = (self.sp.encode(text) if self.sp is not None else
+               self.hf.encode(text, add_special_tokens=False).ids)
+        if bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids = [self.bos_id] + ids
+        return ids + [self.eos_id] * eos
 
     def decode(self, ids) -> str:   # ids past the tokenizer (a padded model vocab) are dropped
-        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=True)
 
 
 def make_batch(tokens, weights=None, segment_ids=None) -> Batch:

@@ -247,7 +247,8 @@ def test_config_from_hf_transformers_4_and_5():
 
 @pytest.mark.parametrize("change, message", [
     (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling.rope_type='yarn'"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}), "'llama3'"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5}),   # with no factor
+     "field 'rope_scaling.factor' is None"),
     (dict(hidden_size=None), "missing field 'hidden_size'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
     (dict(num_key_value_heads=3), "num_key_value_heads=3"),
