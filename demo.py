@@ -29,8 +29,11 @@ def records(n: int = 2000) -> list[dict]:   # 1 to 3 digits each
 def held_out(n: int = 60) -> list[dict]:
     """n three-digit examples whose prompts are not among the training records."""
     seen = {r["prompt"] for r in records()}
-    unseen = [r for i in range(1000)
-              if (r := example([int(c) for c in f"{i:03d}"]))["prompt"] not in seen]
+    unseen = []
+    for i in range(1000):
+        r = example([int(c) for c in f"{i:03d}"])
+        if r["prompt"] not in seen:
+            unseen.append(r)
     return random.Random(1).sample(unseen, n)
 
 

@@ -96,13 +96,15 @@ TIMELINE = (("to the first step", "first_step_s"), ("load", "load_s"), ("data", 
 
 
 def generate(args, params, cfg, tok, mesh):
-    lora, lc = jora.load_adapter(args.adapter, cfg) if args.adapter else (None, None)
-    lora = lora and jora.shard(lora, jora.lora_specs(lc), mesh)
+    lora, lc = None, None
+    if args.adapter:
+        lora, lc = jora.load_adapter(args.adapter, cfg)
+        lora = jora.shard(lora, jora.lora_specs(lc), mesh)
     prompts = args.prompt + (jora.read_text(args.prompts).splitlines() if args.prompts else [])
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts (one a line)")
-    t, s = time.time(), jora.Sampling(args.max_new_tokens, args.temperature, args.top_k,
-                                      args.top_p, args.seed)
+    t = time.time()
+    s = jora.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg, lora, lc, s)
     for p, o in zip(prompts, outs):
         print(f"### {p}\n{tok.decode(o)}\n")
@@ -116,20 +118,26 @@ def run(args, given, out) -> dict:
     trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
+
+    def quiet(*_, **__):   # processes other than 0 say nothing
+        return None
+
+    say = print if jax.process_index() == 0 else quiet
     if args.resume is not None:
         trainer.resume_settings(args, given, out, say)
     elif not args.generate and args.model is None:
         demo.configure(args, out, given)   # (refuses an --out holding another run)
     elif not args.generate:
         trainer.check_out(out, False, args.overwrite)   # before minutes of loading a model
-    if (missing := [f"--{f}" for f in ("model", "data") if not getattr(args, f)]) and \
-            not args.generate:   # (--resume: not in an old checkpoint either)
+    # (--resume: an old checkpoint may not name them either)
+    missing = [f"--{f}" for f in ("model", "data") if not getattr(args, f)]
+    if missing and not args.generate:
         raise ValueError(f"no {missing[0]}: training needs a model folder and a data file "
                          f"(Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL)")
     if not args.generate and os.path.isdir(out) and jax.process_index() == 0:
         trainer.lock_run(out)   # another run in OUT is refused now, not after loading the model
-    mesh, dtype = jora.make_mesh(args.tp), jnp.dtype(args.dtype)
+    mesh = jora.make_mesh(args.tp)
+    dtype = jnp.dtype(args.dtype)
     t = time.time()
     say(f"loading {args.model} ...", flush=True)   # 7B: 13 GB read from the safetensors files
     cfg, params = jora.load_hf(args.model, dtype, mesh)
@@ -184,7 +192,8 @@ def run(args, given, out) -> dict:
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args, given = parser().parse_args(argv), given_flags(argv)
+    args = parser().parse_args(argv)
+    given = given_flags(argv)
     out = args.resume or args.out
     try:
         return run(args, given, out)

@@ -131,7 +131,9 @@ def tokenize_records(records, fmt: str, tok: jora.Tokenizer, seq_len: int, path:
     are truncated at the end of the answer if the prompt fits, else skipped. Nothing silent:
     `report` counts every such case. log: called with a progress line every 10 s."""
     report = dict(examples=0, dropped_distractors=0, shortened_raft=0, truncated=0, skipped=0)
-    out, limit, shown = [], seq_len + 1, time.time()
+    out = []
+    limit = seq_len + 1
+    shown = time.time()
     for i, r in enumerate(records):
         if log and time.time() - shown > 10:   # ~700 long RAFT records a second
             log(f"{path}: tokenized {i:,} of {len(records):,} records")
@@ -139,11 +141,13 @@ def tokenize_records(records, fmt: str, tok: jora.Tokenizer, seq_len: int, path:
         answer = tok.encode(r[FORMAT_KEYS[fmt][1]]) + [tok.eos_id]
         prompt = _prompt(r, fmt, tok)
         if fmt == "raft":
-            docs, oracle, dropped = list(r.get("context", {}).get("sentences", [[]])[0]), \
-                r.get("oracle_context"), 0
+            docs = list(r.get("context", {}).get("sentences", [[]])[0])
+            oracle = r.get("oracle_context")
+            dropped = 0
             while len(prompt) + len(answer) > limit and any(d != oracle for d in docs):
                 docs.remove(max((d for d in docs if d != oracle), key=len))
-                prompt, dropped = _prompt(r, fmt, tok, docs), dropped + 1
+                prompt = _prompt(r, fmt, tok, docs)
+                dropped += 1
             report["dropped_distractors"] += dropped
             report["shortened_raft"] += dropped > 0
         if len(prompt) + len(answer) > limit:
@@ -252,7 +256,11 @@ def batches_per_epoch(examples, *, rows: int, seq_len: int, pack: bool, seed: in
                    max_segments=max_segments)
     if not pack:
         return len(examples) / rows
-    return sum(1 for *_, (epoch, _) in itertools.takewhile(lambda b: b[3][0] == 0, data))
+
+    def in_first_epoch(batch):   # the data continues in epoch 0 after this batch
+        return batch[3][0] == 0
+
+    return sum(1 for _ in itertools.takewhile(in_first_epoch, data))
 
 
 AUTO_SEQ_LENS = (2048, 4096, 8192, 16384)   # what --seq-len picks from
@@ -327,7 +335,8 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, *, seq_len: int |
     if auto_split and n_eval:
         log(f"held out {n_eval} examples to evaluate on (--eval-split 0: train on all)")
     split = jax.random.permutation(jax.random.key(seed + 7), len(examples)).tolist()
-    train_ex, eval_ex = [examples[i] for i in split[n_eval:]], [examples[i] for i in split[:n_eval]]
+    train_ex = [examples[i] for i in split[n_eval:]]
+    eval_ex = [examples[i] for i in split[:n_eval]]
 
     auto_rows = batch_size is None
     if auto_rows:   # rounded up to whole rows a data-parallel device
@@ -381,7 +390,8 @@ def _normal_words(text: str) -> list[str]:   # SQuAD's normalisation: case, punc
 
 def answer_scores(prediction: str, reference: str) -> dict:
     """Exact match and token F1 (as in SQuAD) of the final answers of two completions."""
-    p, r = _normal_words(extract_answer(prediction)), _normal_words(extract_answer(reference))
+    p = _normal_words(extract_answer(prediction))
+    r = _normal_words(extract_answer(reference))
     common = sum(min(p.count(w), r.count(w)) for w in set(p))
     f1 = 0.0 if not common else 2 * common / (len(p) + len(r))
     return dict(exact_match=float(p == r), token_f1=f1 if p or r else 1.0)
@@ -412,7 +422,11 @@ def compile_step(step_fn, args, log=print):
     """step_fn.lower(*args).compile() -> (compiled, seconds), saying how long it took and
     whether jax's persistent compilation cache (jax_compilation_cache_dir, if set) served it."""
     hits = []
-    listen = lambda event, **_: hits.append(1) if event.endswith("/cache_hits") else None
+
+    def listen(event, **_):   # counts the persistent cache's hits
+        if event.endswith("/cache_hits"):
+            hits.append(1)
+
     jax.monitoring.register_event_listener(listen)
     t = time.time()
     try:
@@ -437,8 +451,11 @@ def planned_bytes(compiled) -> int | None:
 
 
 def describe(plan: jora.Plan) -> str:
-    chunks = "" if not plan.mlp_chunk else f" + MLP chunks of {plan.mlp_chunk}" + (
-        f" in the last {plan.chunk_layers} layers" if plan.chunk_layers else "")
+    if not plan.mlp_chunk:
+        return plan.remat
+    chunks = f" + MLP chunks of {plan.mlp_chunk}"
+    if plan.chunk_layers:
+        chunks += f" in the last {plan.chunk_layers} layers"
     return plan.remat + chunks
 
 
@@ -456,7 +473,10 @@ def choose_plan(cfg, lcfg, tcfg, mesh, *, opts, plan, state, params, batch, key,
     The line it logs says why."""
     local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     limit = limit or (local.memory_stats() or {}).get("bytes_limit")
-    step_of = lambda p: jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=p)
+
+    def step_of(p):   # the training step with plan p
+        return jora.make_train_step(cfg, lcfg, tcfg, mesh, opts=opts, plan=p)
+
     if not limit:   # nothing to fit, so nothing to compile yet
         p = dataclasses.replace(plan, **AUTO_PLANS[0])
         log(f"remat auto: {describe(p)} (no device memory limit to fit here)")
@@ -520,7 +540,8 @@ def save_checkpoint(folder: str, state: jora.TrainState, meta: dict):
     tensors = {**_flat(state.lora, "lora"), **_flat(state.opt.mu, "mu"),
                **_flat(state.opt.nu, "nu"), "step": state.opt.step, "bad_step": state.bad_step}
     tensors = {k: np.ascontiguousarray(jora.to_host(v)) for k, v in tensors.items()}
-    if bad := next((k for k, v in tensors.items() if not np.isfinite(v).all()), None):
+    bad = next((k for k, v in tensors.items() if not np.isfinite(v).all()), None)
+    if bad:
         raise FloatingPointError(f"{folder}: not saved, tensor '{bad}' is not finite")
 
     def write(tmp):
@@ -540,7 +561,8 @@ def read_checkpoint(folder: str) -> tuple[dict, dict]:
         if key not in meta:
             raise ValueError(f"{folder}/state.json: missing field '{key}'")
     t = jora.load_tensors(os.path.join(folder, "state.safetensors"))
-    if bad := next((k for k, v in t.items() if not np.isfinite(v).all()), None):
+    bad = next((k for k, v in t.items() if not np.isfinite(v).all()), None)
+    if bad:
         raise ValueError(f"{folder}/state.safetensors: tensor '{bad}' is not finite")
     return t, meta
 
@@ -557,20 +579,30 @@ def load_checkpoint(folder: str, cfg, lcfg, mesh) -> tuple[jora.TrainState, dict
             raise ValueError(f"{folder}: checkpoint was made with {key}.{k}={a!r}, this run has "
                              f"{b!r} ({len(diff)} difference(s)); use another --out or the same "
                              f"model and LoRA settings")
-    tree = lambda p: jora.Lora(**{x: jora.LoraAB(a=t[f"{p}.{x}.a"], b=t[f"{p}.{x}.b"])
-                                  for x in lcfg.targets})
-    scalar = lambda name: t[name].reshape(())   # safetensors stores a scalar as shape (1,)
-    state = jora.TrainState(lora=tree("lora"), opt=jora.AdamW(scalar("step"), tree("mu"),
-                                                              tree("nu")),
-                            bad_step=scalar("bad_step"))
+
+    def tree(p):
+        """The jora.Lora saved under prefix p ("lora", "mu" or "nu")."""
+        return jora.Lora(**{x: jora.LoraAB(a=t[f"{p}.{x}.a"], b=t[f"{p}.{x}.b"])
+                            for x in lcfg.targets})
+
+    def scalar(name):   # safetensors stores a scalar as shape (1,)
+        return t[name].reshape(())
+
+    lora = tree("lora")
+    opt = jora.AdamW(scalar("step"), tree("mu"), tree("nu"))
+    state = jora.TrainState(lora=lora, opt=opt, bad_step=scalar("bad_step"))
     return jora.shard(state, jora.state_specs(lcfg), mesh), meta
 
 
 def _steps(out: str, ext=("",)) -> list[str]:   # OUT/checkpoints/step_N(.tmp, .old), sorted
     root = os.path.join(out, "checkpoints")
     names = os.listdir(root) if os.path.isdir(root) else []
-    return [os.path.join(root, n) for n in sorted(names) if (p := n.partition("."))[0][:5] ==
-            "step_" and p[0][5:].isdigit() and p[2] in ext]
+    paths = []
+    for n in sorted(names):
+        stem, _, suffix = n.partition(".")
+        if stem[:5] == "step_" and stem[5:].isdigit() and suffix in ext:
+            paths.append(os.path.join(root, n))
+    return paths
 
 
 def checkpoints(out: str) -> list[str]:   # OUT/checkpoints/step_N folders, oldest first
@@ -598,8 +630,8 @@ def check_out(out: str, resume: bool = False, overwrite: bool = False):
     """Refuse an `out` holding another run (unless resume or overwrite), and a resume with no
     good checkpoint; -> (the checkpoint to resume from or None, why each newer one is not
     good). Reads only: call it before writing."""
-    if (os.path.exists(os.path.join(out, "metrics.jsonl")) or checkpoints(out)) and not (
-            resume or overwrite):
+    holds_run = os.path.exists(os.path.join(out, "metrics.jsonl")) or checkpoints(out)
+    if holds_run and not (resume or overwrite):
         raise FileExistsError(f"--out {out} holds another run; pass --resume to continue it or "
                               f"--overwrite to start again there")
     if not resume:
@@ -628,7 +660,9 @@ def resume_settings(args, given: set, out: str, say=print):
     """--resume: the run's model, data and settings (RESUMED) from its checkpoint into `args`
     (train.py's flags), except those `given` on the command line, warned about if they differ."""
     path, run = resume_info(out)
-    for k in (k for k in RESUMED if k in run):
+    for k in RESUMED:
+        if k not in run:
+            continue
         if k not in given:
             setattr(args, k, run[k])
         elif run[k] != getattr(args, k):
@@ -636,8 +670,8 @@ def resume_settings(args, given: set, out: str, say=print):
                 f"{run[k]} ({path})")
 
 
-RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "merged")   # what a run writes in OUT,
-                                                    # besides checkpoints/step_N (.tmp, .old)
+# What a run writes in OUT, besides checkpoints/step_N (.tmp, .old).
+RUN_FILES = ("run.json", "metrics.jsonl", "adapter", "merged")
 
 
 def run_info(out: str) -> dict | None:
@@ -696,7 +730,8 @@ def lock_run(out: str) -> bool:
 
 
 def unlock_run(out: str):
-    if f := _LOCKS.pop(os.path.abspath(os.path.join(out, ".lock")), None):
+    f = _LOCKS.pop(os.path.abspath(os.path.join(out, ".lock")), None)
+    if f is not None:
         f.close()
 
 
@@ -727,7 +762,8 @@ def export_run(out: str, cfg, params, lora, lcfg, *, source: str, dtype=jnp.bflo
                log=print):
     """OUT/adapter (PEFT) and OUT/merged (HF). An old merged/ goes first: a crash between the two
     leaves a new adapter/ and no merged/, never a merged/ of other factors beside it."""
-    merged, t = os.path.join(out, "merged"), time.time()
+    merged = os.path.join(out, "merged")
+    t = time.time()
     size = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
     log(f"writing {out}/adapter (PEFT) and {merged} (HF, {jnp.dtype(dtype).name}, "
         f"{size / 2**20:,.0f} MiB) ...")
@@ -782,12 +818,18 @@ class Run:
 
     def __init__(self, out, cfg, lcfg, tcfg, *, mesh, schedule: Schedule, log):
         self.out, self.cfg, self.lcfg, self.tcfg, self.mesh = out, cfg, lcfg, tcfg, mesh
-        self.schedule, self.main = schedule, jax.process_index() == 0
-        self.log = log if self.main else (lambda *_: None)
+        self.schedule = schedule
+        self.main = jax.process_index() == 0
+
+        def quiet(*_):   # processes other than 0 say nothing
+            return None
+
+        self.log = log if self.main else quiet
         self.state = self.meta = None
         self.locked = False
         self.position, self.start, self.done, self.saved = (0, 0), 0, 0, 0
-        self.pending, self.tokens, self.flops, self.summary = [], 0, 0.0, {}
+        self.pending, self.tokens, self.flops = [], 0, 0.0
+        self.summary = {}
         self.t0 = self.t_start = time.time()
         # Seconds spent apart from the steps: their clocks (t0, t_start) skip them.
         self.apart = dict(compile=0.0, evaluation=0.0, checkpoint=0.0)
@@ -845,14 +887,17 @@ class Run:
 
     def report(self):   # a metrics row for the steps since the last: the loop's only host sync
         self.stop_if_bad()
-        ms, dt, tc = jax.device_get(self.pending), time.time() - self.t0, self.tcfg
+        ms = jax.device_get(self.pending)
+        dt = time.time() - self.t0
+        tc = self.tcfg
         self.train_s += dt
         row = dict(step=self.done, loss=float(np.mean([x["loss"] for x in ms])),
                    lr=float(ms[-1]["lr"]), grad_norm=float(ms[-1]["grad_norm"]),
                    tokens=self.tokens, tokens_per_s=self.tokens / dt)
         line = (f"step {self.done}/{tc.steps}  loss {row['loss']:.4f}  lr {row['lr']:.2e}"
                 f"  grad_norm {row['grad_norm']:.3f}  tokens/s {row['tokens_per_s']:,.0f}")
-        if (u := mfu(self.flops / dt, self.mesh.size)) is not None:
+        u = mfu(self.flops / dt, self.mesh.size)
+        if u is not None:
             row["mfu"] = u
             line += f"  MFU {u:.1%}"
         eta = (time.time() - self.t_start) / (self.done - self.start) * (tc.steps - self.done)
@@ -906,7 +951,8 @@ def _start(run: Run, examples, *, opts, resume, overwrite, run_info, pack, plan)
                     plan=dataclasses.asdict(plan), pack=pack, run=run_info or {})
     if resume:
         run.state, saved = load_checkpoint(path, cfg, lcfg, mesh)
-        run.position, run.start = tuple(saved["data_position"]), int(saved["step"])
+        run.position = tuple(saved["data_position"])
+        run.start = int(saved["step"])
     data = batches(examples, rows=tcfg.batch_size * tcfg.grad_accum, seq_len=tcfg.seq_len,
                    pack=pack, seed=tcfg.seed, position=run.position,
                    max_segments=opts.max_segments)   # refuses here
@@ -984,7 +1030,8 @@ def train(cfg, params, lcfg, tcfg, examples, out: str, mesh, *, eval_examples=()
     optimizer state). plan.remat "auto" picks the plan at the longest rows (choose_plan).
     schedule.eval_generate needs `tokenizer`, to score the decoded answers.
     """
-    opts, s = dataclasses.replace(opts, packed=pack), schedule
+    opts = dataclasses.replace(opts, packed=pack)
+    s = schedule
     run = Run(out, cfg, lcfg, tcfg, mesh=mesh, schedule=s, log=log)
     data = _start(run, examples, opts=opts, resume=resume, overwrite=overwrite,
                   run_info=run_info, pack=pack, plan=plan)

@@ -55,7 +55,12 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
         jax.random.key(0))   # created already split: no device ever holds the whole model
     params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place
     lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
-    results, rows = [], tcfg.batch_size * tcfg.grad_accum
+    results = []
+    rows = tcfg.batch_size * tcfg.grad_accum
+
+    def say(s):   # a progress line on stderr (stdout holds the JSON rows alone)
+        print(s, file=sys.stderr, flush=True)
+
     for seq in seq_lens:
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
@@ -67,13 +72,13 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
             state = jora.shard(jora.TrainState(lora, jora.adamw_init(lora), np.int32(0)),
                                jora.state_specs(lcfg), mesh)
             segs = np.arange(seq + 1)[None].repeat(rows, 0) // doc + 1 if doc else None
-            b = jora.make_batch(np.random.default_rng(0).integers(0, cfg.vocab_size,
-                                                                  (rows, seq + 1)), None, segs)
+            tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (rows, seq + 1))
+            b = jora.make_batch(tokens, None, segs)
             jora.check_runs(b.segment_ids, opts)   # the step is jitted: it cannot refuse them
             b = jora.accum_batch(b, tc.grad_accum, mesh)
             if jax.process_index() == 0:   # progress on stderr; stdout keeps one JSON row a line
                 print(f"seq {seq}: compiling ...", file=sys.stderr, flush=True)
-            key, say = jax.random.key(2), lambda s: print(s, file=sys.stderr, flush=True)
+            key = jax.random.key(2)
             if plan.remat == "auto":   # what train.py would pick for this shape
                 o, step_fn, step, spent = trainer.choose_plan(
                     cfg, lcfg, tc, mesh, opts=opts, plan=plan, state=state, params=params,
@@ -81,11 +86,12 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
                 row.update(remat=o.remat, mlp_chunk=o.mlp_chunk, chunk_layers=o.chunk_layers,
                            auto=True)
             if plan.remat != "auto" or step is None:   # (auto compiles nothing off the GPU)
-                step_fn = step_fn if plan.remat == "auto" else jora.make_train_step(
-                    cfg, lcfg, tc, mesh, opts=opts, plan=plan)
+                if plan.remat != "auto":
+                    step_fn = jora.make_train_step(cfg, lcfg, tc, mesh, opts=opts, plan=plan)
                 step, spent = trainer.compile_step(step_fn, (state, params, b, key), say)
             row["compile_s"] = round(spent, 1)
-            if (planned := trainer.planned_bytes(step)) is not None:   # XLA plans, before running
+            planned = trainer.planned_bytes(step)   # XLA plans, before running
+            if planned is not None:
                 row["planned_gib"] = round(planned / 2**30, 3)
             if steps > 0:   # (--bench-steps 0: compile and plan only: what would fit?)
                 row.update(_time_steps(step, state, (params, b, key), steps, warmup,
@@ -119,7 +125,11 @@ def main(argv=None) -> list[dict]:
     trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    say = print if jax.process_index() == 0 else (lambda *_, **__: None)
+
+    def quiet(*_, **__):   # processes other than 0 say nothing
+        return None
+
+    say = print if jax.process_index() == 0 else quiet
     tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
     tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
     lcfg, opts, plan = trainer.configs(args)

@@ -13,7 +13,9 @@ import jora
 
 
 def main():
-    out, tok, size = (sys.argv[1:] + [None, "7b"][len(sys.argv) - 2:])[:3]
+    given = sys.argv[1:]   # OUT_FOLDER [TOKENIZER_FOLDER [SIZE]]
+    defaults = [None, "7b"]   # TOKENIZER_FOLDER, SIZE where not given
+    out, tok, size = (given + defaults[len(given) - 1:])[:3]
     cfg = jora.PRESETS[size]
     mesh = jora.make_mesh(1, jax.devices()[:1])
     shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())

@@ -9,7 +9,8 @@ import time
 
 def main():
     proc = subprocess.Popen(sys.argv[1:])
-    peak, t = {}, time.time()
+    peak = {}   # field -> the most bytes seen
+    t = time.time()
     while proc.poll() is None:
         try:
             with open(f"/proc/{proc.pid}/status") as f:

@@ -117,12 +117,20 @@ def bench_swiglu(ms, f: int, interpret: bool) -> bool:
     for m in ms:
         g, u, dh = (jax.random.normal(k, (m, f), jnp.bfloat16)
                     for k in jax.random.split(jax.random.key(0), 3))
-        xla = jax.jit(lambda g, u, dh: jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh))
+
+        def xla_grads(g, u, dh):
+            """XLA's autodiff of silu(g) * u: (dg, du) for the cotangent dh."""
+            return jax.vjp(lambda g, u: jax.nn.silu(g) * u, g, u)[1](dh)
+
+        xla = jax.jit(xla_grads)
         tx = seconds_per_call(xla, g, u, dh) * 1e6
         want = swiglu.reference(g, u, dh)
         for block in (1024, 2048, 4096, 8192):
-            k = jax.jit(lambda g, u, dh, b=block: swiglu.swiglu_grads(g, u, dh, block=b,
-                                                                      interpret=interpret))
+            def kernel_grads(g, u, dh, b=block):
+                """The kernel's (dg, du) at block size b."""
+                return swiglu.swiglu_grads(g, u, dh, block=b, interpret=interpret)
+
+            k = jax.jit(kernel_grads)
             err = max(rel(p, q) for p, q in zip(k(g, u, dh), want))
             failed |= not err < TOL
             tk = seconds_per_call(k, g, u, dh) * 1e6
@@ -145,16 +153,34 @@ def bench_gate_up(ms, d: int, f: int, interpret: bool) -> bool:
         wg, wu = ((jax.random.normal(k, (d, f)) / np.sqrt(d)).astype(jnp.bfloat16)
                   for k in (kg, ku))
         dh = jax.random.normal(kd, (m, f), jnp.bfloat16)
-        plain = lambda x, wg, wu: jax.nn.silu(x @ wg) * (x @ wu)   # noqa: E731
-        fused = lambda x, wg, wu: swiglu.gate_up(x, wg, wu, interpret)   # noqa: E731
-        pairs = [(jax.jit(h), jax.jit(lambda x, wg, wu, dh, h=h: jax.vjp(
-            lambda x: h(x, wg, wu), x)[1](dh)[0])) for h in (plain, fused)]
+
+        def plain(x, wg, wu):
+            """XLA's two GEMMs and the elementwise gate."""
+            return jax.nn.silu(x @ wg) * (x @ wu)
+
+        def fused(x, wg, wu):
+            """kernels/swiglu.gate_up."""
+            return swiglu.gate_up(x, wg, wu, interpret)
+
+        pairs = []   # (forward, forward + backward) of plain, then of fused, each jitted
+        for h in (plain, fused):
+            def dx(x, wg, wu, dh, h=h):
+                """x's gradient of h for the cotangent dh."""
+                return jax.vjp(lambda x: h(x, wg, wu), x)[1](dh)[0]
+
+            pairs.append((jax.jit(h), jax.jit(dx)))
         f32 = [a.astype(jnp.float32) for a in (x, wg, wu, dh)]
-        want = (plain(*f32[:3]), jax.vjp(lambda x: plain(x, *f32[1:3]), f32[0])[1](f32[3])[0])
+        want_h = plain(*f32[:3])
+        want_dx = jax.vjp(lambda x: plain(x, *f32[1:3]), f32[0])[1](f32[3])[0]
+        want = (want_h, want_dx)
         err = max(rel(pairs[1][0](x, wg, wu), want[0]), rel(pairs[1][1](x, wg, wu, dh), want[1]))
         failed |= not err < TOL
-        (xf, xb), (kf, kb) = ((seconds_per_call(fw, x, wg, wu) * 1e6,
-                               seconds_per_call(fb, x, wg, wu, dh) * 1e6) for fw, fb in pairs)
+        times = []   # (forward us, forward + backward us) of plain, then of fused
+        for fw, fb in pairs:
+            t_fwd = seconds_per_call(fw, x, wg, wu) * 1e6
+            t_fwd_bwd = seconds_per_call(fb, x, wg, wu, dh) * 1e6
+            times.append((t_fwd, t_fwd_bwd))
+        (xf, xb), (kf, kb) = times
         print(f"| {m:5d} | {d:5d} | {f:5d} | {xf:10.1f} | {kf:10.1f} | {kf / xf:5.3f} | "
               f"{xb:10.1f} | {kb:10.1f} | {kb / xb:5.3f} | {err:7.1e}"
               f"{' FAIL' if err >= TOL else ''} |", flush=True)
@@ -181,28 +207,47 @@ def main(argv=None):
     if args.swiglu:   # (M, 11008) on a GPU; tiny shapes in the interpreter elsewhere
         print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, bf16, interpret={not gpu}"
               + ("" if gpu else " (its times mean nothing)"), flush=True)
-        ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else LLAMA_MS if gpu else (40,)
+        if args.ms:
+            ms = tuple(int(v) for v in args.ms.split(","))
+        else:
+            ms = LLAMA_MS if gpu else (40,)
         return 1 if bench_swiglu(ms, 11008 if gpu else 96, interpret=not gpu) else 0
     if args.gate_up:   # the 7B MLP on a GPU; tiny shapes (XLA's forward) elsewhere
         print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, bf16, interpret={not gpu}"
               + ("" if gpu else " (its times mean nothing)"), flush=True)
-        ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else LLAMA_MS if gpu else (40,)
+        if args.ms:
+            ms = tuple(int(v) for v in args.ms.split(","))
+        else:
+            ms = LLAMA_MS if gpu else (40,)
         return 1 if bench_gate_up(ms, *((4096, 11008) if gpu else (64, 96)),
                                   interpret=not gpu) else 0
-    if gpu:
-        ms, kns, ranks = ((2048,), ((4096, 4096),), (16,)) if args.quick else (
-            LLAMA_MS, LLAMA_KN, LLAMA_RANKS)
+    if gpu and args.quick:
+        ms = (2048,)
+        kns = ((4096, 4096),)
+        ranks = (16,)
+    elif gpu:
+        ms = LLAMA_MS
+        kns = LLAMA_KN
+        ranks = LLAMA_RANKS
     else:
         if not args.quick:
             print("No GPU: the Llama-2-7B shapes need one. Running the --quick subset at tiny "
                   "shapes in Pallas' interpreter instead (its times mean nothing).")
-        ms, kns, ranks = (200,), ((64, 96), (96, 64)), (8, 64)
-    ms = tuple(int(v) for v in args.ms.split(",")) if args.ms else ms
-    ranks = tuple(int(v) for v in args.ranks.split(",")) if args.ranks else ranks
-    kns = tuple(tuple(int(d) for d in kn.split("x")) for kn in args.kn.split(",")) \
-        if args.kn else kns
-    tiles = Tiles(*(int(v) for v in args.tiles.split(","))) if args.tiles else (
-        Tiles.default(dtype) if gpu else Tiles(32, 32, 16))
+        ms = (200,)
+        kns = ((64, 96), (96, 64))
+        ranks = (8, 64)
+    if args.ms:
+        ms = tuple(int(v) for v in args.ms.split(","))
+    if args.ranks:
+        ranks = tuple(int(v) for v in args.ranks.split(","))
+    if args.kn:
+        kns = tuple(tuple(int(d) for d in kn.split("x")) for kn in args.kn.split(","))
+    if args.tiles:
+        tiles = Tiles(*(int(v) for v in args.tiles.split(",")))
+    elif gpu:
+        tiles = Tiles.default(dtype)
+    else:
+        tiles = Tiles(32, 32, 16)
     interpret = not gpu
     hopper = None if interpret else _hopper_tiles(128, 64, 256, 16, dtype)
     backend = f"Mosaic GPU (kernels/hopper_gemm.py) {hopper}" if hopper else f"Triton {tiles}"
@@ -236,9 +281,9 @@ def main(argv=None):
                     for cfg in SWEEP:
                         f = functions(cfg, interpret)
                         e = check(f, xs)
-                        sweep_rows.append((m, k, n, r, cfg, seconds_per_call(f["kernel"][0], *xs)
-                                           * 1e6, seconds_per_call(f["kernel"][1], *xs) * 1e6,
-                                           fb, xb, e))
+                        sweep_fwd = seconds_per_call(f["kernel"][0], *xs) * 1e6
+                        sweep_fwd_bwd = seconds_per_call(f["kernel"][1], *xs) * 1e6
+                        sweep_rows.append((m, k, n, r, cfg, sweep_fwd, sweep_fwd_bwd, fb, xb, e))
                         failed |= not e < TOL
                 del xs, fns
     if ratios:

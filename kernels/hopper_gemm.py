@@ -143,8 +143,8 @@ class Tiles:
         return (ring + epilogue + lowrank) * itemsize
 
     def __str__(self):
-        s = f"{self.tile_m}x{self.tile_n}x{self.tile_k} s{self.stages} {self.split}-split " \
-            f"g{self.group}{self.group_dim}"
+        s = (f"{self.tile_m}x{self.tile_n}x{self.tile_k} s{self.stages} {self.split}-split "
+             f"g{self.group}{self.group_dim}")
         s += f" f{self.in_flight}" if self.in_flight else ""
         s += f" c{self.cluster}" if self.cluster != 1 else ""
         return s + (f" e{self.epi_buffers}" if self.epi_buffers != 2 else "")
@@ -406,7 +406,12 @@ def _kernel(x_gmem, w_gmem, *refs, tiles: Tiles, w_transposed: bool, block, mode
 
             x_rows = x_gmem.at[cta_rows, :]
             w_cols = w_gmem.at[cta_cols, :] if w_transposed else w_gmem.at[:, cta_cols]
-            extra = [lr_gmem] if inloop else [w2_gmem.at[:, cta_cols]] if gated else []
+            if inloop:
+                extra = [lr_gmem]
+            elif gated:
+                extra = [w2_gmem.at[:, cta_cols]]
+            else:
+                extra = []
             make_pipeline(step, context)(x_rows, w_cols, *extra, allocations=ring)
 
         plgpu.wait_smem_to_gmem(0)   # every store done before the CTA exits
@@ -529,7 +534,11 @@ def _check_tail(x, w, tiles: Tiles, tail, w_transposed: bool, rank: int = 0,
     tile; explicit tail tiles must divide it, and pass `_check`."""
     if tail is None:
         return None
-    divides = lambda t: tiles.cta_m % t.cta_m == 0 and tiles.cta_n % t.cta_n == 0   # noqa: E731
+
+    def divides(t):
+        """Whether t's CTA tile divides tiles' CTA tile."""
+        return tiles.cta_m % t.cta_m == 0 and tiles.cta_n % t.cta_n == 0
+
     if isinstance(tail, str):
         if tail != "auto":
             raise ValueError(f"tail must be Tiles, 'auto' or None, got {tail!r}")

@@ -128,8 +128,9 @@ def _kernel(p_ref, q_ref, u_ref, v_ref, o_ref, *, bk: int, q_transposed: bool,
     whole = (c or p_ref.shape[1]) // bk
     acc = jax.lax.fori_loop(0, whole, lambda i, acc: step(i * bk, acc, None),
                             jnp.zeros((bm, bn), jnp.float32))
-    if c % bk:   # the ragged last step, peeled out of the loop; a loop of one keeps its
-        #          start traced (a static start past C fails Pallas' static bounds check)
+    # The ragged last step, peeled out of the loop; a loop of one keeps its start traced (a
+    # static start past C fails Pallas' static bounds check).
+    if c % bk:
         acc = jax.lax.fori_loop(
             whole, whole + 1,
             lambda i, acc: step(i * bk, acc, i * bk + jnp.arange(bk) < c), acc)
@@ -213,7 +214,9 @@ def fits_hopper(x, w, a) -> bool:
     """Whether lora_matmul(x, w, a, ...) runs both its GEMMs (y, and dx in the backward) as the
     Mosaic GPU kernel, not the Triton one: every Llama projection on a Hopper GPU at M a
     multiple of 128."""
-    (m, k), n, rp = x.shape, w.shape[1], a.shape[1] + -a.shape[1] % _MIN_DOT
+    m, k = x.shape
+    n = w.shape[1]
+    rp = a.shape[1] + -a.shape[1] % _MIN_DOT   # R padded to a multiple of 16
     return (_hopper_tiles(m, k, n, rp, x.dtype) is not None
             and _hopper_tiles(m, n, k, rp, x.dtype) is not None)
 
@@ -239,9 +242,11 @@ def gemm_lowrank(p, q, u, v, *, q_transposed: bool = False, tiles: Tiles | None 
 @functools.partial(jax.jit, static_argnames=("q_transposed", "tiles", "interpret"))
 def _triton_gemm_lowrank(p, q, u, v, *, q_transposed: bool, tiles: Tiles, interpret: bool):
     """gemm_lowrank as one generic `pl.pallas_call` (Triton on a GPU)."""
-    (M, C), Rp = p.shape, u.shape[1]
+    M, C = p.shape
+    Rp = u.shape[1]
     N = q.shape[0] if q_transposed else q.shape[1]
-    if (q.shape[1] if q_transposed else q.shape[0]) != C or u.shape[0] != M or v.shape != (Rp, N):
+    q_c = q.shape[1] if q_transposed else q.shape[0]   # q's contraction dimension
+    if q_c != C or u.shape[0] != M or v.shape != (Rp, N):
         raise ValueError(f"shapes do not chain: p {p.shape} q {q.shape} (q_transposed="
                          f"{q_transposed}) u {u.shape} v {v.shape}")
     if Rp % _MIN_DOT or not (p.dtype == q.dtype == u.dtype == v.dtype):
@@ -250,8 +255,15 @@ def _triton_gemm_lowrank(p, q, u, v, *, q_transposed: bool, tiles: Tiles, interp
     bm, bn, bk = _fit(tiles.bm, M), _fit(tiles.bn, N), _fit(tiles.bk, C)
     gm, gn = pl.cdiv(M, bm), pl.cdiv(N, bn)
     grid = (gm, gn, min(tiles.group_m, gm))
-    i_of = lambda t: _tile_of(t, *grid)[0]   # noqa: E731  (block indices of program t)
-    j_of = lambda t: _tile_of(t, *grid)[1]   # noqa: E731
+
+    def i_of(t):
+        """The row block index of program t."""
+        return _tile_of(t, *grid)[0]
+
+    def j_of(t):
+        """The column block index of program t."""
+        return _tile_of(t, *grid)[1]
+
     q_spec = (pl.BlockSpec((bn, C), lambda t: (j_of(t), 0)) if q_transposed else
               pl.BlockSpec((C, bn), lambda t: (0, j_of(t))))
     kernel = functools.partial(

@@ -56,7 +56,13 @@ def _kernel(g_ref, u_ref, dh_ref, dg_ref, du_ref, *, n: int):
     # every ref (block,); n: the true length where the last block overhangs it, else 0
     block = g_ref.shape[0]
     mask = pl.program_id(0) * block + jnp.arange(block) < n if n else None
-    load = (lambda r: r[...]) if mask is None else (lambda r: plt.load(r, mask=mask, other=0))
+
+    def load(r):
+        """The block of r; with a mask, what lies past n reads as 0."""
+        if mask is None:
+            return r[...]
+        return plt.load(r, mask=mask, other=0)
+
     f32 = jnp.float32
     dg, du = _grads32(load(g_ref).astype(f32), load(u_ref).astype(f32), load(dh_ref).astype(f32))
     for ref, val in ((dg_ref, dg), (du_ref, du)):
@@ -142,7 +148,8 @@ def _gate_up(x, w_gate, w_up, interpret):
         from kernels.hopper_gemm import gemm_swiglu
         return tuple(y.reshape(*x.shape[:-1], -1)
                      for y in gemm_swiglu(x2, w_gate, w_up, tiles=tiles))
-    g, u = jnp.einsum("...D,DF->...F", x, w_gate), jnp.einsum("...D,DF->...F", x, w_up)
+    g = jnp.einsum("...D,DF->...F", x, w_gate)
+    u = jnp.einsum("...D,DF->...F", x, w_up)
     return g, u, jax.nn.silu(g) * u
 
 
