@@ -93,3 +93,61 @@ def test_unsupported_families_are_refused_in_one_line():
         jora.Config.from_hf(dict(base, rope_scaling=dict(rope_type="yarn", factor=4.0)))
     cfg = jora.Config.from_hf(dict(base, eos_token_id=[128001, 128008, 128009]))
     assert cfg.eos_id == 128001 and cfg.end_ids == (128001, 128008, 128009)
+
+
+def write_tokenizer(folder, *, bos: bool):
+    """A byte-level BPE tokenizer.json of under 512 ids (the tiny models' vocabulary), trained
+    on the Alpaca file's text: <unk> 0, <s> 1 (BOS, added only if `bos`, as Qwen adds none),
+    </s> 2 (EOS), as the tiny configs say."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    records = json.load(open(os.path.join(DATA, "alpaca", "alpaca_data_1k.json")))
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((r["instruction"] + " " + r["output"] for r in records), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+            ("<s>", 1)])
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>", "bos_token": "<s>" if bos else None}, f)
+
+
+@needs_families
+@pytest.mark.parametrize("name", NAMES)
+def test_train_py_end_to_end_then_generate_and_reload(name, tmp_path):
+    """train.py on each family's tiny folder (with a tokenizer of its vocabulary), then
+    --generate with the adapter it wrote, then the merged export reloaded: its logits equal
+    the base model's with the adapter."""
+    import shutil
+    import train
+    folder = str(tmp_path / name)
+    shutil.copytree(os.path.join(FAMILIES, name), folder, ignore=shutil.ignore_patterns(
+        "adapter", "ref*"))
+    write_tokenizer(folder, bos=not name.startswith("qwen"))
+    data = tmp_path / "alpaca.json"
+    records = json.load(open(os.path.join(DATA, "alpaca", "alpaca_data_1k.json")))[:40]
+    data.write_text(json.dumps(records))
+    out = str(tmp_path / "run")
+    summary = train.main(["--model", folder, "--data", str(data), "--steps", "2", "--out", out,
+                          "--targets", "all", "--dtype", "float32", "--seq-len", "256",
+                          "--lora-dropout", "0", "--lr", "0.05", "--warmup", "0"])
+    assert np.isfinite(summary["loss"])
+    written = json.load(open(os.path.join(out, "merged", "config.json")))
+    assert written["model_type"] == name.rstrip("_tied").replace("llama3", "llama")
+    assert os.path.exists(os.path.join(out, "merged", "tokenizer.json"))
+    result = train.main(["--generate", "--model", folder, "--adapter", os.path.join(out, "adapter"),
+                         "--prompt", "Give three tips", "--max-new-tokens", "6"])
+    assert len(result["outputs"][0]) >= 1
+    cfg, params = jora.load_hf(folder, jnp.float32)
+    lora, lcfg = jora.load_adapter(os.path.join(out, "adapter"), cfg)
+    ids = np.arange(1, 17)[None]
+    opts = jora.Options(attention="xla", packed=False)
+    want = np.asarray(jora.forward(params, ids, cfg, lora, lcfg, opts=opts))
+    _, merged = jora.load_hf(os.path.join(out, "merged"), jnp.float32)   # written in bf16
+    err = rel(np.asarray(jora.forward(merged, ids, cfg, opts=opts)), want)
+    moved = rel(np.asarray(jora.forward(params, ids, cfg, opts=opts)), want)
+    assert err < 3e-2 and moved > 5 * err, (err, moved)   # the adapter is in the merged weights
