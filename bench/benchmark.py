@@ -50,7 +50,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
     MFU counts every position attending to the whole row (flops_per_token) either way."""
     jora.check_tp(cfg, mesh.shape[jora.MODEL])
     opts = dataclasses.replace(opts, packed=doc > 0)   # else one sequence a row: no mask at all
-    shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs())
+    shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs(cfg))
     params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
         jax.random.key(0))   # created already split: no device ever holds the whole model
     params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place

@@ -32,7 +32,11 @@ import torch
 
 PEAK_FLOPS = 800e12
 SIZES = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)}
+                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+         # Llama-3.1-8B's shape (its RoPE scaling does not change the cost)
+         "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                           rope_theta=5e5)}
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
