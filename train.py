@@ -1,4 +1,4 @@
-"""Fine-tune a Llama-2-family model with LoRA: a thin command line over jora.py and trainer.py.
+"""Fine-tune a Llama-family model (Llama-2 and 3.x, Mistral, Qwen2.5, Qwen3) with LoRA: a thin command line over jora.py and trainer.py.
 
   python train.py                                          # built-in demo, ~1 minute on a CPU
   python train.py --model llama-2-7b-hf --data alpaca.json --out run1 --tp 4 --steps 1000
@@ -32,10 +32,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", help="HF Llama folder (config.json, safetensors, tokenizer.model); none: demo")
+    a("--model", help="HF model folder of a Llama, Mistral, Qwen2 or Qwen3 (config.json, "
+                      "safetensors, tokenizer.json or tokenizer.model); none: the demo")
     a("--data", help="Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL")
     a("--format", default="auto", choices=["auto", "alpaca", "raft", "completion"])
-    a("--tokenizer", help="sentencepiece tokenizer.model (default: the model's)")
+    a("--tokenizer", help="a folder, tokenizer.json or sentencepiece tokenizer.model "
+                          "(default: the model's)")
     a("--out", default="out", help="run folder: checkpoints, metrics, exports")
     a("--pack", action=argparse.BooleanOptionalAction, default=True,
       help="pack examples into rows of --seq-len positions, so that every step has one shape "
