@@ -1,4 +1,5 @@
-"""Fine-tune a Llama-family model (Llama-2 and 3.x, Mistral, Qwen2.5, Qwen3) with LoRA: a thin command line over jora.py and trainer.py.
+"""Fine-tune a Llama-family model (Llama-2 and 3.x, Mistral, Qwen2.5, Qwen3) with LoRA: a thin
+command line over jora.py and trainer.py.
 
   python train.py                                          # built-in demo, ~1 minute on a CPU
   python train.py --model llama-2-7b-hf --data alpaca.json --out run1 --tp 4 --steps 1000
