@@ -69,11 +69,12 @@ JSON_KIND = {dict: "a JSON object", list: "a JSON list", str: "a JSON string", i
 
 
 def read_text(path: str) -> str:
-    """A UTF-8 text file's contents; an error names the file."""
+    """A UTF-8 text file's contents, without the byte-order mark some editors write first; an
+    error names the file."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (gzipped?): byte {e.start} is "
                          f"{raw[e.start]:#04x}") from None
@@ -1614,6 +1615,14 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
         final_norm=_place(shapes.final_norm, specs.final_norm, mesh, dt,
                           whole("model.norm.weight", shapes.final_norm)),
         lm_head=_place(shapes.lm_head, specs.lm_head, mesh, dt, lm_head, hf=True))
+
+
+def first_non_finite(tree, prefix: str = "params") -> str | None:
+    """The path of the first array of `tree` holding a NaN or an infinity, or None."""
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if x is not None and not bool(jnp.isfinite(x).all()):
+            return prefix + jax.tree_util.keystr(path)
+    return None
 
 
 def to_host(x) -> np.ndarray:

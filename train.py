@@ -99,10 +99,17 @@ TIMELINE = (("to the first step", "first_step_s"), ("load", "load_s"), ("data", 
 
 
 def generate(args, params, cfg, tok, mesh):
+    bad = jora.first_non_finite(params)   # such a model would print tokens all the same
+    if bad:
+        raise ValueError(f"{args.model}: {bad} holds NaN or infinite values: the model cannot "
+                         f"generate")
     lora, lc = None, None
     if args.adapter:
         lora, lc = jora.load_adapter(args.adapter, cfg)
         lora = jora.shard(lora, jora.lora_specs(lc), mesh)
+        bad = jora.first_non_finite(lora, "adapter")
+        if bad:
+            raise ValueError(f"{args.adapter}: {bad} holds NaN or infinite values")
     prompts = args.prompt + (jora.read_text(args.prompts).splitlines() if args.prompts else [])
     if not prompts:
         raise ValueError(f"{args.prompts}: no prompts (one a line)")
@@ -149,6 +156,9 @@ def run(args, given, out) -> dict:
     say(f"loaded {sum(x.size for x in jax.tree.leaves(params)) / 1e6:,.1f}M parameters "
         f"({cfg.n_layers} layers, {dtype.name}) in {load_s:.1f} s")
     tok = jora.Tokenizer(args.tokenizer or args.model)
+    if args.seq_len and args.seq_len > cfg.max_positions:
+        say(f"warning: --seq-len {args.seq_len} is beyond the model's max_position_embeddings "
+            f"{cfg.max_positions}: positions past it were never trained (RoPE extrapolates)")
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
                          f"vocabulary is {cfg.vocab_size}: they do not belong together")

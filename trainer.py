@@ -293,6 +293,24 @@ class Prepared(NamedTuple):
     eval_split: float
 
 
+def check_answers(records, fmt: str, path: str, log=print):
+    """Refuse a file whose every answer is empty (it would train the end token alone); warn of
+    some empty answers, and of RAFT answers without the `<ANSWER>:` tag that scoring reads."""
+    key = FORMAT_KEYS[fmt][1]
+    answers = [r[key] for r in records]
+    empty = sum(1 for a in answers if not a.strip())
+    if empty == len(answers):
+        raise ValueError(f"{path}: every record's '{key}' is empty: training would teach the "
+                         f"end token alone")
+    if empty:
+        log(f"warning: {path}: {empty} of {len(answers)} records have an empty '{key}': they "
+            f"train the end token alone")
+    untagged = sum(1 for a in answers if "<ANSWER>:" not in a) if fmt == "raft" else 0
+    if untagged:
+        log(f"warning: {path}: {untagged} of {len(answers)} answers have no '<ANSWER>:' tag: "
+            f"scoring (--eval-generate) compares their whole text, not a final answer")
+
+
 def _used(examples, per_epoch, rows, seq_len) -> float:   # the share of positions examples fill
     return sum(len(e.tokens) for e in examples) / (per_epoch * rows * (seq_len + 1))
 
@@ -319,6 +337,7 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, *, seq_len: int |
     8) and max_segments (the least of AUTO_SEGMENTS whose rows are FULL). Refuses, with the
     numbers and the flags that decide them, a split that leaves too few to fill one batch."""
     records, fmt = read_records(path, fmt)
+    check_answers(records, fmt, path, log)
     limit = seq_len or min(AUTO_SEQ_LENS[-1], max_positions)
     examples, report = tokenize_records(records, fmt, tok, limit, path, log)
     if seq_len is None:   # tokenize again only if the length chosen cuts some examples
