@@ -12,11 +12,13 @@ needs around it, top to bottom:
 """
 import contextlib
 import dataclasses
+import datetime
 import functools
 import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -80,6 +82,472 @@ def _parse_records(path: str, text: str) -> list:
     return records
 
 
+# Chat: conversations rendered by the model's own template, trained on the assistant's turns.
+# A chat record is {"messages": [{"role", "content"}, ...]} (OpenAI) or {"conversations":
+# [{"from", "value"}, ...]} (ShareGPT). The template renders the whole conversation; its ids are
+# the example, and the weights are 1 exactly on each assistant turn's content and the end-of-turn
+# token that closes it.
+
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
+# Tokens that close a turn in the chat formats of the families jora reads, besides the
+# tokenizer's own stop ids: Llama-3's <|eot_id|> (<|eom_id|> after a tool call), ChatML's
+# <|im_end|> (Qwen), Phi-3's <|end|>, Gemma's <end_of_turn>, Llama-2/Mistral's </s>.
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "</s>")
+
+
+def chat_template(folder: str, override: str | None = None) -> str | None:
+    """The chat template (Jinja source) for a model: the file `override` (--chat-template) if
+    given, else `chat_template.jinja` in the model's folder, else tokenizer_config.json's
+    `chat_template` (a string, or a list of {name, template} of which "default" is taken).
+    folder may be the model folder or a file in it. None if there is none."""
+    if override is not None:
+        if not os.path.isfile(override):
+            raise ValueError(f"--chat-template {override}: no such file")
+        return jora.read_text(override)
+    folder = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        return jora.read_text(path)
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    value = jora.read_json(path).get("chat_template")
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise ValueError(f"{path}: chat_template is a list of templates without one named "
+                         f"'default' (names: {sorted(map(str, named))}); pass --chat-template")
+    raise ValueError(f"{path}: chat_template is {_kind(value)}, not a string or a list")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str):
+    """The template compiled as transformers compiles it (cached: compiling takes milliseconds,
+    rendering a conversation far less)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.nodes
+    import jinja2.sandbox
+
+    class Generation(jinja2.ext.Extension):
+        # transformers' {% generation %} ... {% endgeneration %} marks assistant text for its
+        # assistant masks; it renders the body unchanged, in a scope of its own, as here.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # transformers' filter: Jinja's own tojson escapes HTML characters and sorts keys.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
+                          separators=separators, sort_keys=sort_keys)
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat(template: str, messages: list[dict], *, bos_token, eos_token,
+                add_generation_prompt: bool = False, now: datetime.datetime | None = None) -> str:
+    """The conversation as the chat template writes it, rendered exactly as transformers'
+    apply_chat_template(tokenize=False) does: a sandboxed Jinja environment with trim_blocks and
+    lstrip_blocks, transformers' tojson, raise_exception (raises ValueError with the
+    template's message) and strftime_now (formats `now`, default the clock). Like transformers
+    it passes tools=None and documents=None (a template may test `tools is defined`)."""
+    now = now or datetime.datetime.now()
+    return _compiled_template(template).render(
+        messages=messages, tools=None, documents=None, bos_token=bos_token, eos_token=eos_token,
+        add_generation_prompt=add_generation_prompt, strftime_now=now.strftime)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_config(folder: str) -> dict:
+    path = os.path.join(folder, "tokenizer_config.json")
+    return jora.read_json(path) if os.path.isfile(path) else {}
+
+
+def chat_special_tokens(tok: jora.Tokenizer) -> tuple[str | None, str | None]:
+    """(bos_token, eos_token): the strings a chat template gets. tokenizer_config.json's
+    bos_token and eos_token where it sets them (null stays None: Qwen has no BOS), else the
+    text of the tokenizer's BOS and EOS ids (sentencepiece: their pieces, <s> and </s>)."""
+    config = _tokenizer_config(os.path.dirname(tok.path))
+
+    def text(key, i):
+        if key in config:
+            value = config[key]
+            return value.get("content") if isinstance(value, dict) else value
+        if i is None:
+            return None
+        return tok.sp.id_to_piece(i) if tok.sp is not None else tok.hf.id_to_token(i)
+
+    return text("bos_token", tok.bos_id), text("eos_token", tok.eos_id)
+
+
+def _check_roles(roles: list[str], where: str):
+    """An optional system message first, then user and assistant alternating, starting with the
+    user; at least one assistant message (the text to train on)."""
+    if not roles:
+        raise ValueError(f"{where} has no messages")
+    for n, role in enumerate(roles, 1):
+        if role not in CHAT_ROLES:
+            raise ValueError(f"{where} message {n} has role {role!r}; chat data takes "
+                             f"system, user and assistant")
+    start = 1 if roles[0] == "system" else 0
+    for n, role in enumerate(roles[start:], start + 1):
+        want = "user" if (n - start) % 2 == 1 else "assistant"
+        if role != want:
+            raise ValueError(f"{where} message {n} is {role!r} where {want!r} was expected "
+                             f"(an optional system message first, then user and assistant "
+                             f"alternating, starting with user)")
+    if "assistant" not in roles:
+        raise ValueError(f"{where} has no assistant message (nothing to train on)")
+
+
+def chat_messages(record: dict, i: int, path: str) -> list[dict]:
+    """The record's conversation as OpenAI-style messages [{"role", "content"}], from `messages`
+    ([{role, content}], roles system/user/assistant) or ShareGPT `conversations` ([{from,
+    value}], from system/human/user/gpt/assistant). i is the record's number in the file (from
+    1). Refuses, in one line naming the file and record: a bad shape, an unknown role, roles out
+    of order, an empty assistant message, no assistant message."""
+    where = f"{path}: record {i}"
+    if "messages" in record:
+        key, role_key, text_key, names = "messages", "role", "content", {r: r for r in CHAT_ROLES}
+    elif "conversations" in record:
+        key, role_key, text_key, names = "conversations", "from", "value", SHAREGPT_ROLES
+    else:
+        raise ValueError(f"{where} has neither 'messages' nor 'conversations' (keys "
+                         f"{sorted(record)})")
+    turns = record[key]
+    if not isinstance(turns, list):
+        raise ValueError(f"{where} field '{key}' is {_kind(turns)}, not a list of messages")
+    messages = []
+    for n, m in enumerate(turns, 1):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where} {key}[{n}] is {_kind(m)}, not an object")
+        for k in (role_key, text_key):
+            if k not in m:
+                raise ValueError(f"{where} {key}[{n}] has no '{k}'")
+            if not isinstance(m[k], str):
+                raise ValueError(f"{where} {key}[{n}] field '{k}' is {_kind(m[k])}, not a string")
+        if m[role_key] not in names:
+            raise ValueError(f"{where} {key}[{n}] has {role_key} {m[role_key]!r}; expected one "
+                             f"of {', '.join(names)}")
+        role = names[m[role_key]]
+        if role == "assistant" and not m[text_key].strip():
+            raise ValueError(f"{where} {key}[{n}] is an empty assistant message")
+        messages.append({"role": role, "content": m[text_key]})
+    _check_roles([m["role"] for m in messages], where)
+    return messages
+
+
+@functools.lru_cache(maxsize=8)
+def _sentencepiece_specials(tok: jora.Tokenizer):
+    """(regex matching the text of the model's control pieces and unk, whether sentencepiece
+    adds its dummy-prefix space)."""
+    sp = tok.sp
+    texts = [sp.id_to_piece(i) for i in range(sp.get_piece_size())
+             if sp.IsControl(i) or sp.IsUnknown(i)]
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+    return pattern, sp.encode("a", out_type=str)[0].startswith("\u2581")
+
+
+def _sentencepiece_text_ids(tok: jora.Tokenizer, text: str, prefix: bool) -> list[int]:
+    if not text:
+        return []
+    if prefix and text.startswith(" "):   # the text's own space is the prefix: no second one
+        return tok.sp.encode(text[1:]) if len(text) > 1 else [tok.sp.piece_to_id("\u2581")]
+    return tok.sp.encode(text)
+
+
+def encode_rendered(tok: jora.Tokenizer, text: str) -> list[int]:
+    """The ids of a rendered chat, special-token text (<|im_end|>, <s>, [INST]) as its ids, and
+    no BOS added (the template writes its own). tokenizers: encode(text, add_special_tokens=
+    False), as transformers' apply_chat_template(tokenize=True). sentencepiece never reads
+    control-token text, so the text is split at each control piece (and <unk>); each piece of
+    text between is encoded with sentencepiece's dummy-prefix space unless it already starts
+    with a space, which then serves as that prefix. That gives Meta's Llama-2 chat encoding
+    (<s>, ▁[INST] …) and mistral-common's v3 one (<s>, [INST], ▁What … [/INST], ▁The … </s>)."""
+    if tok.sp is None:
+        return tok.hf.encode(text, add_special_tokens=False).ids
+    pattern, prefix = _sentencepiece_specials(tok)
+    ids, start = [], 0
+    for m in pattern.finditer(text):
+        ids += _sentencepiece_text_ids(tok, text[start:m.start()], prefix)
+        ids.append(tok.sp.piece_to_id(m.group()))
+        start = m.end()
+    return ids + _sentencepiece_text_ids(tok, text[start:], prefix)
+
+
+def token_text(tok: jora.Tokenizer, ids) -> str:
+    """The text that ids stand for, special tokens written out (jora.Tokenizer.decode drops
+    them), and every space kept (sentencepiece's decode drops a leading one)."""
+    ids = [int(i) for i in ids]
+    if tok.sp is None:
+        return tok.hf.decode(ids, skip_special_tokens=False)
+    out, raw = [], bytearray()
+    for i in ids:
+        piece = tok.sp.id_to_piece(i)
+        if tok.sp.IsByte(i):   # <0xNN>: bytes gather until they form characters
+            raw.append(int(piece[3:5], 16))
+            continue
+        if raw:
+            out.append(raw.decode("utf-8", "replace"))
+            raw.clear()
+        special = tok.sp.IsControl(i) or tok.sp.IsUnknown(i)
+        out.append(piece if special else piece.replace("\u2581", " "))
+    return "".join(out) + raw.decode("utf-8", "replace")
+
+
+def _single_id(tok: jora.Tokenizer, text: str | None) -> int | None:
+    """The id of a token's text, None if the text is not one token."""
+    ids = encode_rendered(tok, text) if text else []
+    return ids[0] if len(ids) == 1 and token_text(tok, ids) == text else None
+
+
+def _end_ids(tok: jora.Tokenizer, eos_token) -> set[int]:
+    """Ids that may close an assistant turn: the tokenizer's stop ids, the template's eos_token,
+    and each END_OF_TURN token the vocabulary has as one id."""
+    ids = (_single_id(tok, text) for text in (eos_token, *END_OF_TURN))
+    return set(tok.stop_ids) | {i for i in ids if i is not None}
+
+
+def _sentinel(content: str, text: str) -> str:
+    """Text to put in place of an assistant turn's content: it must differ from the content in
+    its first and last character (else the ids around the content could agree with the
+    sentinel's and the content's first or last token go untrained), carry no whitespace at its
+    ends (templates trim content) and not occur in the rendered conversation."""
+    first, last = content.strip()[:1], content.strip()[-1:]
+    for a in "~@#%":
+        for b in "~@#%":
+            s = f"{a}jora-sentinel{b}"
+            if a != first and b != last and s not in text:
+                return s
+    raise AssertionError("no sentinel")   # 16 candidates: only a crafted text exhausts them
+
+
+def _common_ends(a: list[int], b: list[int]) -> tuple[int, int]:
+    """(length of the common prefix, length of the common suffix that does not overlap it)."""
+    n = min(len(a), len(b))
+    p = 0
+    while p < n and a[p] == b[p]:
+        p += 1
+    s = 0
+    while s < n - p and a[-1 - s] == b[-1 - s]:
+        s += 1
+    return p, s
+
+
+def _answer(content: str) -> str:
+    """An assistant message's answer: its text after a closing </think>, if any, stripped
+    (Qwen3's template drops earlier turns' reasoning)."""
+    return content.split("</think>")[-1].strip()
+
+
+def _chat_warnings(messages, tokens, text, render, tok) -> list[str]:
+    """What an example is silently missing, one line each (no file or record, so that a caller
+    can count identical ones)."""
+    warnings = []
+    if messages[0]["role"] == "system" and messages[0]["content"].strip() not in text:
+        warnings.append("the chat template drops the system message (its text is not in the "
+                        "rendered conversation)")
+    # The prompt of the last assistant turn: the conversation up to the user message before it.
+    last = max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = encode_rendered(tok, render(messages[:last], True))
+    if list(tokens[:len(prompt)]) != prompt:
+        warnings.append("the generation prompt (the conversation up to the user message before "
+                        "its last assistant message, rendered with add_generation_prompt) is "
+                        "not a prefix of the training text: the model trains on a context it "
+                        "is not prompted with")
+    return warnings
+
+
+def _renderer(template, tok, where, now):
+    """render(messages, add_generation_prompt) -> text, with one-line errors naming the record."""
+    bos_token, eos_token = chat_special_tokens(tok)
+
+    def render(messages, add_generation_prompt=False):
+        try:
+            return render_chat(template, messages, bos_token=bos_token, eos_token=eos_token,
+                               add_generation_prompt=add_generation_prompt, now=now)
+        except ValueError as e:   # the template's raise_exception
+            raise ValueError(f"{where}: the chat template refuses it: {e}") from None
+        except Exception as e:    # jinja2's errors: undefined names, sandbox, syntax
+            first = (str(e).splitlines() or [""])[0]
+            raise ValueError(f"{where}: the chat template failed ({type(e).__name__}: "
+                             f"{first})") from None
+
+    return render, eos_token
+
+
+def _content_by_sentinel(messages, k, tokens, text, render, tok,
+                         turn) -> tuple[int, int] | None:
+    """(start, stop) of the ids of assistant message k's content, or None where this method
+    cannot tell them. Renders the conversation again with that content replaced by a sentinel:
+    the two id lists agree up to the first token the content touches and again after its last,
+    so the ids between are the content, whatever the template writes around it. A token that
+    joins template text to the content (Mistral's ' ' + content is one ▁The) is the content's
+    when the joined text is whitespace; any other difference outside the content (Qwen3 moves a
+    <think> block of the content into its own markup) gives None. Refuses a template that
+    does not write the content at all."""
+    m = messages[k]
+    sentinel = _sentinel(m["content"], text)
+    other = render(messages[:k] + [{**m, "content": sentinel}] + messages[k + 1:])
+    if sentinel not in other:
+        raise ValueError(f"{turn}: the chat template drops its content")
+    other = encode_rendered(tok, other)
+    start, same_after = _common_ends(tokens, other)
+    stop = len(tokens) - same_after
+    around = token_text(tok, other[start:len(other) - same_after]).split(sentinel)
+    got = token_text(tok, tokens[start:stop])
+    if (len(around) != 2 or around[0].strip() or around[1].strip()
+            or not got.startswith(around[0]) or not got.endswith(around[1])
+            or len(got) < len(around[0]) + len(around[1])):
+        return None
+    return start, stop
+
+
+def _turn_by_prefix(messages, k, tokens, render, tok) -> int | None:
+    """Where assistant message k starts: after the ids of the conversation before it rendered
+    with add_generation_prompt, if those are a prefix of the conversation's ids; else None."""
+    prompt = encode_rendered(tok, render(messages[:k], True))
+    return len(prompt) if tokens[:len(prompt)] == prompt else None
+
+
+def chat_example(messages: list[dict], tok: jora.Tokenizer, template: str, *, record: int,
+                 path: str) -> tuple[Example, dict]:
+    """-> (Example, info). The example's tokens are the ids of the whole conversation as the
+    template renders it (encode_rendered: no BOS added; the template writes its own). Its weights
+    are 1 exactly on each assistant turn's content and on the end-of-turn token that follows it
+    (with any whitespace tokens between, e.g. Llama-2's ' ' before </s>), 0 elsewhere: never on
+    the template's text around it (headers, Qwen3's empty <think></think>, Qwen's '\\n' after
+    <|im_end|>). info: {"spans": [(start, stop)] per assistant turn, "methods": how each was
+    found, "text": the rendered conversation, "warnings": _chat_warnings' lines}. Refuses (one
+    line naming the file and record) roles out of order, a template that raises, an assistant
+    turn whose content or end-of-turn token the rendered ids lack."""
+    where = f"{path}: record {record}"
+    _check_roles([m["role"] for m in messages], where)
+    render, eos_token = _renderer(template, tok, where, datetime.datetime.now())
+    text = render(messages)
+    tokens = encode_rendered(tok, text)
+    ends = _end_ids(tok, eos_token)
+    weights = np.zeros(len(tokens), np.float32)
+    spans, methods = [], []
+    # Each assistant turn's span comes from rendered ids, two ways. First the sentinel (see
+    # _content_by_sentinel): it finds the content exactly, wherever the template puts it, and
+    # rendering prefix by prefix cannot serve every template: Mistral v0.3 moves the system
+    # prompt into the last user turn, so a shorter conversation is not a prefix of the whole,
+    # and Qwen3 writes an empty <think></think> after the generation prompt of the final turn
+    # only, which is template text, not the content. Where the sentinel cannot separate the
+    # content (Qwen3 moves a final turn's <think> reasoning into its own markup), the turn
+    # starts after its generation prompt (_turn_by_prefix), so that the reasoning is trained
+    # with the answer, as the model writes both.
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        turn = f"{where} message {k + 1} (assistant)"
+        found = _content_by_sentinel(messages, k, tokens, text, render, tok, turn)
+        if found is not None:
+            start, stop = found
+            if not token_text(tok, tokens[start:stop]).strip():
+                raise ValueError(f"{turn}: the chat template drops its content")
+            end = stop   # the end token: the first id after the content, past whitespace
+            while end < len(tokens) and tokens[end] not in ends and not token_text(
+                    tok, tokens[end:end + 1]).strip():
+                end += 1
+            methods.append("sentinel")
+        else:
+            start = _turn_by_prefix(messages, k, tokens, render, tok)
+            if start is None:
+                raise ValueError(f"{turn}: cannot find its content in the rendered ids (the "
+                                 f"template changes other text with it, and the conversation "
+                                 f"before it, with the generation prompt, is not a prefix)")
+            end = next((j for j in range(start, len(tokens)) if tokens[j] in ends), len(tokens))
+            if _answer(m["content"]) not in token_text(tok, tokens[start:end]):
+                raise ValueError(f"{turn}: the rendered ids lack its content (it is not "
+                                 f"after its generation prompt)")
+            methods.append("prefix")
+        if end == len(tokens) or tokens[end] not in ends:
+            names = sorted(token_text(tok, [i]) for i in ends)
+            raise ValueError(f"{turn}: no end-of-turn token ({', '.join(names)}) follows its "
+                             f"content in the rendered conversation")
+        if spans and start < spans[-1][1]:
+            raise ValueError(f"{turn}: its tokens overlap the previous assistant turn's")
+        spans.append((start, end + 1))
+        weights[start:end + 1] = 1
+    example = Example(np.asarray(tokens, np.int32), weights)
+    info = dict(spans=spans, methods=methods, text=text,
+                warnings=_chat_warnings(messages, tokens, text, render, tok))
+    return example, info
+
+
+def _trained_runs(weights) -> list[tuple[int, int]]:
+    """[(start, stop)] of each run of nonzero weights."""
+    on = np.concatenate([[0], (np.asarray(weights) > 0).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(on))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def audit_chat(example: Example, messages: list[dict], tok: jora.Tokenizer, template: str, *,
+               record: int, path: str) -> list[str]:
+    """Checks a chat example against its conversation; -> warnings (one line each: the template
+    drops the system message; the generation prompt is not a prefix of the training text).
+    Raises ValueError (one line naming the file and record) where: roles are out of order; the
+    example starts with two BOS ids; an assistant turn has no trained span, its span does not
+    end with a trained end-of-turn token (absent, or present but untrained), or its content is
+    not among its trained tokens."""
+    where = f"{path}: record {record}"
+    _check_roles([m["role"] for m in messages], where)
+    render, eos_token = _renderer(template, tok, where, datetime.datetime.now())
+    tokens = [int(t) for t in example.tokens]
+    bos = {tok.bos_id, _single_id(tok, chat_special_tokens(tok)[0])} - {None}
+    if len(tokens) > 1 and tokens[0] == tokens[1] and tokens[0] in bos:
+        raise ValueError(f"{where}: the example starts with two BOS tokens "
+                         f"({token_text(tok, tokens[:2])!r}): the template writes one, so the "
+                         f"rendered text must be tokenized without adding another")
+    ends = _end_ids(tok, eos_token)
+    runs = _trained_runs(example.weights)
+    assistant = [(k, m) for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(runs) < len(assistant):
+        raise ValueError(f"{where}: {len(assistant)} assistant turns but {len(runs)} trained "
+                         f"spans: an assistant turn is untrained")
+    if len(runs) > len(assistant):
+        raise ValueError(f"{where}: {len(runs)} trained spans but {len(assistant)} assistant "
+                         f"turns: text outside the assistant turns is trained")
+    for (k, m), (start, stop) in zip(assistant, runs):
+        turn = f"{where} message {k + 1} (assistant)"
+        if tokens[stop - 1] not in ends:
+            if stop < len(tokens) and tokens[stop] in ends:
+                raise ValueError(f"{turn}: its end-of-turn token "
+                                 f"{token_text(tok, tokens[stop:stop + 1])!r} is untrained")
+            raise ValueError(f"{turn}: no end-of-turn token closes its trained tokens")
+        if _answer(m["content"]) not in token_text(tok, tokens[start:stop]):
+            raise ValueError(f"{turn}: its content is missing from its trained tokens")
+    return _chat_warnings(messages, tokens, render(messages), render, tok)
+
+
+def mark_spans(example: Example, tok: jora.Tokenizer) -> str:
+    """The example as text, special tokens written out, each trained span inside ⟦ ⟧ (for
+    --check-data)."""
+    tokens, parts, at = example.tokens, [], 0
+    for start, stop in _trained_runs(example.weights):
+        parts += [token_text(tok, tokens[at:start]), "\u27e6", token_text(tok, tokens[start:stop]),
+                  "\u27e7"]
+        at = stop
+    return "".join(parts + [token_text(tok, tokens[at:])])
+
+
 def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     """Read a JSON list or JSONL file -> (records, format). Errors name the file and record."""
     records = _parse_records(path, jora.read_text(path))
@@ -89,13 +557,20 @@ def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
         if not isinstance(r, dict):
             raise ValueError(f"{path}: record {i} is {_kind(r)}, not a JSON "
                              f"object")
+    if fmt == "auto" and ("messages" in records[0] or "conversations" in records[0]):
+        fmt = "chat"
     if fmt == "auto":
         fmt = next((f for f in ("raft", "alpaca", "completion")
                     if all(k in records[0] for k in FORMAT_KEYS[f])), None)
         if fmt is None:
             raise ValueError(f"{path}: record 1 has keys {sorted(records[0])}; cannot tell the "
                              f"format (alpaca needs instruction/output, raft "
-                             f"instruction/cot_answer, completion prompt/completion)")
+                             f"instruction/cot_answer, completion prompt/completion, chat "
+                             f"messages or conversations)")
+    if fmt == "chat":   # each conversation is checked as it is read (chat_messages)
+        for i, r in enumerate(records, 1):
+            chat_messages(r, i, path)
+        return records, fmt
     optional = OPTIONAL_KEYS[fmt]
     for i, r in enumerate(records, 1):
         for k in FORMAT_KEYS[fmt] + ("question",) * (fmt == "raft") + optional:
@@ -121,6 +596,42 @@ def _prompt(r: dict, fmt: str, tok: jora.Tokenizer, docs=None) -> list[int]:
         return tok.encode("".join(f"<DOCUMENT>{d}</DOCUMENT>\n" for d in docs) + r["question"],
                           bos=True)
     return tok.encode(r["prompt" if fmt == "completion" else "instruction"], bos=True)
+
+
+def tokenize_chats(records, tok: jora.Tokenizer, template: str | None, seq_len: int,
+                   path: str = "data", log=None):
+    """Chat records -> (examples, report, warnings): each conversation rendered by `template`,
+    trained on its assistant turns, and audited (audit_chat: a refusal names the record). A
+    conversation longer than seq_len + 1 tokens is skipped (cut, it would lose an end token).
+    warnings: each kind of audit warning once, with the records it applies to."""
+    if template is None:
+        raise ValueError(f"{path}: chat records need the model's chat template (its "
+                         f"tokenizer_config.json or chat_template.jinja has none): pass "
+                         f"--chat-template FILE")
+    report = dict(examples=0, trained_tokens=0, tokens=0, skipped=0)
+    out, warned, shown = [], {}, time.time()
+    for i, r in enumerate(records, 1):
+        if log and time.time() - shown > 10:
+            log(f"{path}: rendered {i - 1:,} of {len(records):,} conversations")
+            shown = time.time()
+        messages = chat_messages(r, i, path)
+        example, _ = chat_example(messages, tok, template, record=i, path=path)
+        for line in audit_chat(example, messages, tok, template, record=i, path=path):
+            kind = line.split(": ", 2)[-1]   # the warning without its record
+            warned.setdefault(kind, []).append(i)
+        if len(example.tokens) > seq_len + 1:
+            report["skipped"] += 1
+            continue
+        out.append(example)
+        report["tokens"] += len(example.tokens)
+        report["trained_tokens"] += int(example.weights.sum())
+    report["examples"] = len(out)
+    if not out:
+        raise ValueError(f"{path}: no usable conversations: all {len(records)} are longer than "
+                         f"--seq-len {seq_len}")
+    warnings = [f"warning: {path}: {kind} ({len(at)} records, the first {at[0]})"
+                for kind, at in warned.items()]
+    return out, report, warnings
 
 
 def tokenize_records(records, fmt: str, tok: jora.Tokenizer, seq_len: int, path: str = "data",
@@ -296,6 +807,8 @@ class Prepared(NamedTuple):
 def check_answers(records, fmt: str, path: str, log=print):
     """Refuse a file whose every answer is empty (it would train the end token alone); warn of
     some empty answers, and of RAFT answers without the `<ANSWER>:` tag that scoring reads."""
+    if fmt == "chat":   # audit_chat checks conversations
+        return
     key = FORMAT_KEYS[fmt][1]
     answers = [r[key] for r in records]
     empty = sum(1 for a in answers if not a.strip())
@@ -330,19 +843,29 @@ def prepare_examples(path: str, fmt: str, tok: jora.Tokenizer, *, seq_len: int |
                      eval_split: float | None, seed: int, batch_size: int | None,
                      grad_accum: int = 1, pack: bool, max_segments: int | None = None,
                      max_positions: int = AUTO_SEQ_LENS[-1], data_parallel: int = 1,
-                     log=print) -> Prepared:
+                     template: str | None = None, log=print) -> Prepared:
     """Read and tokenize a data file, hold out eval_split of the examples (a permutation drawn
     from seed + 7), and choose what is None: seq_len (auto_seq_len), eval_split
     (auto_eval_split), batch_size (packed: about STEP_POSITIONS positions a micro-batch; else
     8) and max_segments (the least of AUTO_SEGMENTS whose rows are FULL). Refuses, with the
-    numbers and the flags that decide them, a split that leaves too few to fill one batch."""
+    numbers and the flags that decide them, a split that leaves too few to fill one batch.
+    template: the model's chat template, for chat records."""
     records, fmt = read_records(path, fmt)
     check_answers(records, fmt, path, log)
     limit = seq_len or min(AUTO_SEQ_LENS[-1], max_positions)
-    examples, report = tokenize_records(records, fmt, tok, limit, path, log)
+    if fmt == "chat":
+        examples, report, warnings = tokenize_chats(records, tok, template, limit, path, log)
+        for line in warnings:
+            log(line)
+    else:
+        examples, report = tokenize_records(records, fmt, tok, limit, path, log)
     if seq_len is None:   # tokenize again only if the length chosen cuts some examples
         seq_len = auto_seq_len([len(e.tokens) for e in examples], limit)
-        if any(len(e.tokens) > seq_len + 1 for e in examples):
+        longer = sum(1 for e in examples if len(e.tokens) > seq_len + 1)
+        if longer and fmt == "chat":   # conversations are never cut: the longest are skipped
+            examples = [e for e in examples if len(e.tokens) <= seq_len + 1]
+            report.update(examples=len(examples), skipped=report["skipped"] + longer)
+        elif longer:
             examples, report = tokenize_records(records, fmt, tok, seq_len, path, log)
     log(f"data: {path} ({fmt}) {len(records)} records -> {report}")
     auto_split = eval_split is None
