@@ -11,6 +11,7 @@ command line over jora.py and trainer.py.
 Leaves OUT/adapter (PEFT), OUT/merged (HF), OUT/metrics.jsonl and OUT/checkpoints/.
 """
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,8 +36,17 @@ def parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", help="HF model folder of a Llama, Mistral, Qwen2 or Qwen3 (config.json, "
                       "safetensors, tokenizer.json or tokenizer.model); none: the demo")
-    a("--data", help="Alpaca JSON/JSONL, RAFT JSONL or prompt/completion JSONL")
-    a("--format", default="auto", choices=["auto", "alpaca", "raft", "completion"])
+    a("--data", help="Alpaca JSON/JSONL, RAFT JSONL, prompt/completion JSONL, or chat JSON/JSONL "
+                     "(messages or conversations)")
+    a("--format", default="auto", choices=["auto", "alpaca", "raft", "completion", "chat"])
+    a("--chat-template", help="a Jinja chat template file (default: the model's, from "
+                              "tokenizer_config.json or chat_template.jinja)")
+    a("--check-data", action="store_true", help="audit --data alone: print a summary and the "
+                                                "first --show examples, trained spans in ⟦ ⟧, "
+                                                "write nothing, and exit")
+    a("--show", type=int, default=3, help="examples --check-data prints (%(default)s)")
+    a("--raw", action="store_true", help="--generate: send --prompt as it is, not as a user "
+                                         "message in the model's chat template")
     a("--tokenizer", help="a folder, tokenizer.json or sentencepiece tokenizer.model "
                           "(default: the model's)")
     a("--out", default="out", help="run folder: checkpoints, metrics, exports")
@@ -80,6 +90,8 @@ def check_flags(args):
          "--data needs --model (without --model, train.py runs the built-in demo on its own "
          "data)"),
         (args.resume is not None and args.overwrite, "--resume and --overwrite: pick one"),
+        (args.check_data and not (args.model and args.data),
+         "--check-data needs --model (its tokenizer and chat template) and --data"),
         ((args.eval_every or args.eval_generate) and args.eval_split == 0,
          "--eval-every/--eval-generate need --eval-split > 0 (a held-out share of the data)"),
         ((args.prompt or args.prompts) and not args.generate,
@@ -115,16 +127,66 @@ def generate(args, params, cfg, tok, mesh):
         raise ValueError(f"{args.prompts}: no prompts (one a line)")
     t = time.time()
     s = jora.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    outs = jora.generate(params, [tok.encode(p, bos=True) for p in prompts], cfg, lora, lc, s)
+    template = trainer.chat_template(args.tokenizer or args.model, args.chat_template)
+    if template is None or args.raw:
+        ids = [tok.encode(p, bos=True) for p in prompts]
+    else:   # a user message in the model's template; the turn's end tokens stop it
+        asked = [trainer.chat_prompt(p, tok, template) for p in prompts]
+        ids = [prompt for prompt, _ in asked]
+        cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(cfg.stop_ids) |
+                                                             set(asked[0][1]))))
+    outs = jora.generate(params, ids, cfg, lora, lc, s)
     for p, o in zip(prompts, outs):
         print(f"### {p}\n{tok.decode(o)}\n")
     print(f"{sum(map(len, outs))} tokens in {time.time() - t:.1f}s (compile included)")
     return dict(outputs=outs)
 
 
+def check_data(args) -> dict:
+    """--check-data: read, tokenize and audit --data with the model's tokenizer (and chat
+    template), record by record, without loading the weights or writing anything; print a
+    summary and the first --show examples with their trained spans in ⟦ ⟧."""
+    folder = args.tokenizer or args.model
+    tok = jora.Tokenizer(folder)
+    template = trainer.chat_template(folder, args.chat_template)
+    limit = args.seq_len or jora.Config.from_hf(args.model).max_positions
+    records, fmt = trainer.read_records(args.data, args.format)
+    trainer.check_answers(records, fmt, args.data, print)
+    examples, refusals, warnings = [], [], {}
+    if fmt != "chat":   # the same tokenization as training; what does not fit is counted
+        examples, report = trainer.tokenize_records(records, fmt, tok, limit, args.data)
+        refusals = [f"{report['skipped']} records longer than {limit} positions"] * bool(
+            report["skipped"])
+    for i, r in enumerate(records if fmt == "chat" else [], 1):
+        try:   # each conversation on its own: a refusal names its record, and the audit goes on
+            messages = trainer.chat_messages(r, i, args.data)
+            example, _ = trainer.chat_example(messages, tok, template, record=i, path=args.data)
+            for line in trainer.audit_chat(example, messages, tok, template, record=i,
+                                           path=args.data):
+                warnings.setdefault(line.split(": ", 2)[-1], i)
+            examples.append(example)
+        except ValueError as e:
+            refusals.append(str(e))
+    summary = dict(records=len(records), format=fmt, examples=len(examples),
+                   tokens=sum(len(e.tokens) for e in examples),
+                   trained_tokens=int(sum(e.weights.sum() for e in examples)),
+                   refusals=len(refusals))
+    print(f"{args.data}: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                       for k, v in summary.items()))
+    for line in refusals[:5]:
+        print(f"refused: {line}")
+    for kind, first in warnings.items():
+        print(f"warning: {kind} (first in record {first})")
+    for i, example in enumerate(examples[:args.show], 1):
+        print(f"--- example {i}\n{trainer.mark_spans(example, tok)}")
+    return summary
+
+
 def run(args, given, out) -> dict:
     begin = time.time()
     check_flags(args)
+    if args.check_data:
+        return check_data(args)
     trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
@@ -165,11 +227,13 @@ def run(args, given, out) -> dict:
     if args.generate:
         return generate(args, params, cfg, tok, mesh)
     t = time.time()
+    template = trainer.chat_template(args.tokenizer or args.model, args.chat_template)
     data = trainer.prepare_examples(
         args.data, args.format, tok, seq_len=args.seq_len, eval_split=args.eval_split,
         seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum, pack=args.pack,
         max_segments=args.max_segments, max_positions=cfg.max_positions,
-        data_parallel=mesh.shape[jora.DATA], log=lambda line: say(line, flush=True))
+        data_parallel=mesh.shape[jora.DATA], template=template,
+        log=lambda line: say(line, flush=True))
     data_s = time.time() - t
     # What was chosen for the flags left unset: the run's record, which --resume reads back.
     args.seq_len, args.batch_size = data.seq_len, data.batch_size

@@ -548,6 +548,14 @@ def mark_spans(example: Example, tok: jora.Tokenizer) -> str:
     return "".join(parts + [token_text(tok, tokens[at:])])
 
 
+def chat_prompt(text: str, tok: jora.Tokenizer, template: str) -> tuple[list[int], tuple]:
+    """A user's text as the model's template asks for an answer -> (prompt ids, the ids that
+    end the assistant's turn): for --generate and --eval-generate on a model with a template."""
+    render, eos_token = _renderer(template, tok, "--prompt", datetime.datetime.now())
+    ids = encode_rendered(tok, render([{"role": "user", "content": text}], True))
+    return ids, tuple(sorted(_end_ids(tok, eos_token)))
+
+
 def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
     """Read a JSON list or JSONL file -> (records, format). Errors name the file and record."""
     records = _parse_records(path, jora.read_text(path))
@@ -1193,9 +1201,10 @@ def resume_info(out: str) -> tuple[str, dict]:
     return path, dict(meta.get("run") or {}, steps=meta.get("train", {}).get("steps"))
 
 
-RESUMED = ("model data format tokenizer seq_len pack max_segments lora_r lora_alpha "
-           "lora_dropout targets lr warmup weight_decay clip dtype seed eval_split batch_size "
-           "grad_accum steps save_every eval_every eval_generate log_every keep demo").split()
+RESUMED = ("model data format tokenizer chat_template seq_len pack max_segments lora_r "
+           "lora_alpha lora_dropout targets lr warmup weight_decay clip dtype seed eval_split "
+           "batch_size grad_accum steps save_every eval_every eval_generate log_every keep "
+           "demo").split()
 
 
 def resume_settings(args, given: set, out: str, say=print):

@@ -471,3 +471,65 @@ def test_mark_spans_without_data():
     tokens = np.asarray([ord(c) for c in "Q: hi A: yo."], np.int32)
     weights = np.asarray([0] * 9 + [1, 1, 1], np.float32)
     assert trainer.mark_spans(trainer.Example(tokens, weights), Chars) == "Q: hi A: \u27e6yo.\u27e7"
+
+
+@needs_data
+def test_train_py_on_chat_records_end_to_end(tmp_path, capsys):
+    """train.py on a chat file with a tiny model (stories260K's trained weights: random ones
+    with frozen small embeddings cannot raise a token's probability far) whose folder carries
+    the Qwen2.5 template and a small ChatML tokenizer: --check-data audits it and writes
+    nothing, the loss falls, and --generate (the prompt as a user message) stops at
+    <|im_end|>."""
+    pytest.importorskip("jinja2")
+    tokenizers = pytest.importorskip("tokenizers")
+    import shutil
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    import train
+    folder = str(tmp_path / "model")
+    os.makedirs(folder)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(DATA, "stories260K", "hf", name), folder)
+    shutil.copy(os.path.join(DATA, "chat_templates", "Qwen2.5-7B-Instruct.jinja"),
+                os.path.join(folder, "chat_template.jinja"))
+    words = "zero one two three four five six seven eight nine".split()
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Ids 0-3, then the 256 bytes, then merges. The two trained tokens land on ids whose tied
+    # embeddings stories260K learned to predict: "ok", the answer, is a merge (its ids 3-258
+    # are byte-fallback pieces it never saw), and <|im_end|> is id 1, its BOS, which it
+    # predicts after each story (never its EOS, id 2).
+    specials = ["<unk>", "<|im_end|>", "<|endoftext|>", "<|im_start|>"]
+    trainer_ = trainers.BpeTrainer(vocab_size=340, special_tokens=specials,
+                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["system user assistant You are Qwen, created by Alibaba Cloud. You are a helpful "
+              "assistant. Spell " + " ".join(words), "ok"] * 20
+    tok.train_from_iterator(corpus, trainer_)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "bos_token": None}, f)
+    rng = np.random.default_rng(0)
+    records = []
+    for _ in range(200):
+        d = rng.integers(0, 10, 2)
+        records.append({"messages": [{"role": "user", "content": f"Spell {d[0]} {d[1]}"},
+                                     {"role": "assistant", "content": "ok"}]})
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = train.main(["--check-data", "--model", folder, "--data", str(data), "--show", "1"])
+    out = capsys.readouterr().out
+    assert summary["records"] == 200 and summary["refusals"] == 0 and summary["format"] == "chat"
+    assert "\u27e6ok<|im_end|>\u27e7" in out and not os.path.exists(tmp_path / "out")
+    run = str(tmp_path / "run")
+    train.main(["--model", folder, "--data", str(data), "--out", run, "--steps", "40",
+                "--lr", "3e-2", "--warmup", "2", "--targets", "all", "--dtype", "float32",
+                "--lora-dropout", "0", "--log-every", "10", "--eval-split", "0",
+                "--seq-len", "256"])
+    rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.1 * losses[0], losses
+    result = train.main(["--generate", "--model", folder, "--adapter",
+                         os.path.join(run, "adapter"), "--prompt", "Spell 3 4",
+                         "--max-new-tokens", "12", "--dtype", "float32"])
+    out = result["outputs"][0]
+    assert out[-1] == 1 and len(out) < 12, out   # <|im_end|> ended the reply
