@@ -228,6 +228,9 @@ def run(args, given, out) -> dict:
         return generate(args, params, cfg, tok, mesh)
     t = time.time()
     template = trainer.chat_template(args.tokenizer or args.model, args.chat_template)
+    if template is not None:   # the assistant turn's end ids stop --eval-generate's answers
+        ends = trainer.chat_prompt("", tok, template)[1]
+        cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(cfg.stop_ids) | set(ends))))
     data = trainer.prepare_examples(
         args.data, args.format, tok, seq_len=args.seq_len, eval_split=args.eval_split,
         seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum, pack=args.pack,

@@ -949,9 +949,14 @@ def answer_scores(prediction: str, reference: str) -> dict:
 
 def generate_and_score(params, lora, examples, cfg, lcfg, *, tok, max_new_tokens: int = 256,
                        mesh=None) -> dict:
-    """Greedy answers to the prompts of `examples`, scored against their reference answers."""
-    prompts = [ex.tokens[ex.weights == 0].tolist() for ex in examples]
-    refs = [tok.decode(ex.tokens[ex.weights > 0]) for ex in examples]
+    """Greedy answers to the prompts of `examples`, scored against their reference answers:
+    the prompt is everything before the last trained span (a chat's last assistant turn,
+    after its generation prompt), the reference that span."""
+    prompts, refs = [], []
+    for ex in examples:
+        start, stop = _trained_runs(ex.weights)[-1]
+        prompts.append(ex.tokens[:start].tolist())
+        refs.append(tok.decode(ex.tokens[start:stop]))
     outs = jora.generate(params, prompts, cfg, lora, lcfg, jora.Sampling(max_new_tokens),
                          mesh=mesh)
     scores = [answer_scores(tok.decode(o), r) for o, r in zip(outs, refs)]
