@@ -3,12 +3,14 @@
 Read jora.py first: it holds the technique (model, LoRA, tensor parallelism, loss, AdamW, the
 step, packed batches, generation, Hugging Face files). This file adds what a run on real data
 needs around it, top to bottom:
-  1 data: Alpaca, RAFT and prompt/completion files -> examples -> packed rows, in a
-    deterministic order that a checkpoint can resume
+  1 data: Alpaca, RAFT, prompt/completion and chat files (conversations rendered by the
+    model's own template, audited) -> examples -> packed rows, in a deterministic order that
+    a checkpoint can resume; the batch shape chosen from the model and the data
   2 scoring RAFT answers
   3 compiling the step, and remat "auto": the fastest jora.Plan whose memory fits the device
   4 checkpoints and the run folder (OUT): one run a folder, resume, overwrite
-  5 the loop: train()
+  5 the loop: train(), with tokens/s counting the training steps alone
+  6 the flags train.py and bench/benchmark.py share
 """
 import contextlib
 import dataclasses
