@@ -110,7 +110,7 @@ TIMELINE = (("to the first step", "first_step_s"), ("load", "load_s"), ("data", 
             ("export", "export_s"))
 
 
-def generate(args, params, cfg, tok, mesh):
+def generate(args, params, cfg, tok, mesh, template):
     bad = jora.first_non_finite(params)   # such a model would print tokens all the same
     if bad:
         raise ValueError(f"{args.model}: {bad} holds NaN or infinite values: the model cannot "
@@ -127,14 +127,10 @@ def generate(args, params, cfg, tok, mesh):
         raise ValueError(f"{args.prompts}: no prompts (one a line)")
     t = time.time()
     s = jora.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    template = trainer.chat_template(args.tokenizer or args.model, args.chat_template)
     if template is None or args.raw:
         ids = [tok.encode(p, bos=True) for p in prompts]
-    else:   # a user message in the model's template; the turn's end tokens stop it
-        asked = [trainer.chat_prompt(p, tok, template) for p in prompts]
-        ids = [prompt for prompt, _ in asked]
-        cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(cfg.stop_ids) |
-                                                             set(asked[0][1]))))
+    else:   # a user message in the model's template (cfg stops at its turn's end ids)
+        ids = [trainer.chat_prompt(p, tok, template) for p in prompts]
     outs = jora.generate(params, ids, cfg, lora, lc, s)
     for p, o in zip(prompts, outs):
         print(f"### {p}\n{tok.decode(o)}\n")
@@ -157,13 +153,13 @@ def check_data(args) -> dict:
         examples, report = trainer.tokenize_records(records, fmt, tok, limit, args.data)
         refusals = [f"{report['skipped']} records longer than {limit} positions"] * bool(
             report["skipped"])
+    else:
+        trainer.require_chat_template(template, args.data)
     for i, r in enumerate(records if fmt == "chat" else [], 1):
         try:   # each conversation on its own: a refusal names its record, and the audit goes on
-            messages = trainer.chat_messages(r, i, args.data)
-            example, _ = trainer.chat_example(messages, tok, template, record=i, path=args.data)
-            for line in trainer.audit_chat(example, messages, tok, template, record=i,
-                                           path=args.data):
-                warnings.setdefault(line.split(": ", 2)[-1], i)
+            example, kinds = trainer.chat_record(r, i, tok, template, args.data)
+            for kind in kinds:
+                warnings.setdefault(kind, i)
             examples.append(example)
         except ValueError as e:
             refusals.append(str(e))
@@ -224,13 +220,13 @@ def run(args, given, out) -> dict:
     if tok.vocab_size > cfg.vocab_size:
         raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but the model's "
                          f"vocabulary is {cfg.vocab_size}: they do not belong together")
-    if args.generate:
-        return generate(args, params, cfg, tok, mesh)
-    t = time.time()
     template = trainer.chat_template(args.tokenizer or args.model, args.chat_template)
-    if template is not None:   # the assistant turn's end ids stop --eval-generate's answers
-        ends = trainer.chat_prompt("", tok, template)[1]
+    if template is not None:   # the assistant turn's end ids stop generation and its scoring
+        ends = trainer.chat_end_ids(tok)
         cfg = dataclasses.replace(cfg, stop_ids=tuple(sorted(set(cfg.stop_ids) | set(ends))))
+    if args.generate:
+        return generate(args, params, cfg, tok, mesh, template)
+    t = time.time()
     data = trainer.prepare_examples(
         args.data, args.format, tok, seq_len=args.seq_len, eval_split=args.eval_split,
         seed=args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum, pack=args.pack,

@@ -550,12 +550,34 @@ def mark_spans(example: Example, tok: jora.Tokenizer) -> str:
     return "".join(parts + [token_text(tok, tokens[at:])])
 
 
-def chat_prompt(text: str, tok: jora.Tokenizer, template: str) -> tuple[list[int], tuple]:
-    """A user's text as the model's template asks for an answer -> (prompt ids, the ids that
-    end the assistant's turn): for --generate and --eval-generate on a model with a template."""
-    render, eos_token = _renderer(template, tok, "--prompt", datetime.datetime.now())
-    ids = encode_rendered(tok, render([{"role": "user", "content": text}], True))
-    return ids, tuple(sorted(_end_ids(tok, eos_token)))
+def chat_prompt(text: str, tok: jora.Tokenizer, template: str) -> list[int]:
+    """A user's text as the model's template asks for an answer: the prompt ids of --generate
+    on a model with a template."""
+    render, _ = _renderer(template, tok, "--prompt", datetime.datetime.now())
+    return encode_rendered(tok, render([{"role": "user", "content": text}], True))
+
+
+def chat_end_ids(tok: jora.Tokenizer) -> tuple[int, ...]:
+    """The ids that may end an assistant's turn (the tokenizer's stop ids, the eos_token a
+    template gets, and the known end-of-turn tokens): generation stops at them."""
+    return tuple(sorted(_end_ids(tok, chat_special_tokens(tok)[1])))
+
+
+def require_chat_template(template: str | None, path: str):
+    if template is None:
+        raise ValueError(f"{path}: chat records need the model's chat template (its "
+                         f"tokenizer_config.json or chat_template.jinja has none): pass "
+                         f"--chat-template FILE")
+
+
+def chat_record(record: dict, i: int, tok: jora.Tokenizer, template: str,
+                path: str) -> tuple[Example, list[str]]:
+    """Chat record i -> (its example, the audit's warnings without the record's name). Refuses
+    (ValueError naming the record) what chat_messages, chat_example and audit_chat refuse."""
+    messages = chat_messages(record, i, path)
+    example, _ = chat_example(messages, tok, template, record=i, path=path)
+    warnings = audit_chat(example, messages, tok, template, record=i, path=path)
+    return example, [line.split(": ", 2)[-1] for line in warnings]
 
 
 def read_records(path: str, fmt: str = "auto") -> tuple[list[dict], str]:
@@ -614,20 +636,15 @@ def tokenize_chats(records, tok: jora.Tokenizer, template: str | None, seq_len: 
     trained on its assistant turns, and audited (audit_chat: a refusal names the record). A
     conversation longer than seq_len + 1 tokens is skipped (cut, it would lose an end token).
     warnings: each kind of audit warning once, with the records it applies to."""
-    if template is None:
-        raise ValueError(f"{path}: chat records need the model's chat template (its "
-                         f"tokenizer_config.json or chat_template.jinja has none): pass "
-                         f"--chat-template FILE")
+    require_chat_template(template, path)
     report = dict(examples=0, trained_tokens=0, tokens=0, skipped=0)
     out, warned, shown = [], {}, time.time()
     for i, r in enumerate(records, 1):
         if log and time.time() - shown > 10:
             log(f"{path}: rendered {i - 1:,} of {len(records):,} conversations")
             shown = time.time()
-        messages = chat_messages(r, i, path)
-        example, _ = chat_example(messages, tok, template, record=i, path=path)
-        for line in audit_chat(example, messages, tok, template, record=i, path=path):
-            kind = line.split(": ", 2)[-1]   # the warning without its record
+        example, warnings = chat_record(r, i, tok, template, path)
+        for kind in warnings:
             warned.setdefault(kind, []).append(i)
         if len(example.tokens) > seq_len + 1:
             report["skipped"] += 1
