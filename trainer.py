@@ -1097,8 +1097,8 @@ def is_oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
 LESS_MEMORY = ("To use less: --remat full (or attn, with --full-layers N for the first N layers "
                "full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
                "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
-               "(--tp). `--benchmark --size 7b --seq-len N --bench-steps 0 ...` prints XLA's "
-               "planned peak (planned_gib) without running.")
+               "(--tp). `python -m bench.benchmark --size 7b --seq-len N --bench-steps 0 ...` "
+               "prints XLA's planned peak (planned_gib) without running.")
 
 
 # 4. Checkpoints and the run folder --------------------------------------------------------------

@@ -6,6 +6,8 @@
 #   all7-2k     all seven projections at 2,048: the same four
 #   qv-16k      q,v at 16,384: jora (--remat auto), HF + PEFT and + Liger (checkpointing)
 #   all7-16k    all seven at 16,384: the same three
+#   l3-qv-2k    q,v at 2,048 on Llama-3.1-8B's shape (--size llama3-8b): the same four
+#   l3-all7-2k  all seven at 2,048 on Llama-3.1-8B's shape: the same four
 #   longest     jora alone, q,v at 327,680 (--remat full --mlp-chunk 16384), one step: needs
 #               an H200's memory
 #   e2e         DATA=FILE (Alpaca JSON) TOKENIZER=DIR (a folder with Llama-2's tokenizer.model):
@@ -14,7 +16,7 @@
 #               under bench/peak_rss.py
 #   kernels     python -m kernels.bench --ms 2048,8192,32768 --ranks 16: the LoRA kernel per
 #               projection against the frozen GEMM and XLA's unfused LoRA
-#   table       the five rows
+#   table       the seven rows
 # The HF columns run bench/hf_peft.py (pip install torch transformers peft; liger-kernel for
 # the Liger column, skipped where it is not installed) with $TORCH_PYTHON (default python3).
 # The Unsloth column runs $UNSLOTH_BASELINE with $TORCH_PYTHON (skipped where unset): an Unsloth
@@ -24,20 +26,21 @@
 # git-ignored).
 set -uo pipefail
 OUT=${OUT:-bench_out}; PY=${TORCH_PYTHON:-python3}; mkdir -p "$OUT"
+SIZE=7b   # the model's shape; the l3- parts set llama3-8b
 ROWS=$OUT/rows.jsonl
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95
 ALL7=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 rows() {   # a command's output into $OUT/$1.log; its JSON rows (and errors) shown, the rows kept
   tee -a "$OUT/$1.log" | while IFS= read -r line; do case $line in
     "{"*) echo "$line" | tee -a "$ROWS" ;; *Error*) echo "$1: $line" ;; esac; done; }
-jora() { python3 -m bench.benchmark --size 7b --batch-size 1 --lora-dropout 0 "$@" 2>&1 | rows jora; }
-hf() { "$PY" bench/hf_peft.py --size 7b --batch 1 --dropout 0 "$@" 2>&1 | rows hf; }
+jora() { python3 -m bench.benchmark --size "$SIZE" --batch-size 1 --lora-dropout 0 "$@" 2>&1 | rows jora; }
+hf() { "$PY" bench/hf_peft.py --size "$SIZE" --batch 1 --dropout 0 "$@" 2>&1 | rows hf; }
 liger() {
   if "$PY" -c "import liger_kernel" 2>/dev/null; then hf --liger "$@"
   else echo "liger: liger_kernel is not installed for $PY, skipped"; fi; }
 unsloth() {
   if [ -n "${UNSLOTH_BASELINE:-}" ]; then
-    "$PY" "$UNSLOTH_BASELINE" --size 7b "$@" 2>&1 | rows unsloth
+    "$PY" "$UNSLOTH_BASELINE" --size "$SIZE" "$@" 2>&1 | rows unsloth
   else echo "unsloth: UNSLOTH_BASELINE is not set, skipped"; fi; }
 row2k() {   # $1: jora's targets, $2: HF's
   jora --seq-len 2048 --targets "$1" --bench-steps 10
@@ -52,7 +55,7 @@ row16k() {
 [ $# -gt 0 ] || { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 parts=()
 for part in "$@"; do
-  if [ "$part" = table ]; then parts+=(qv-2k all7-2k qv-16k all7-16k longest); else parts+=("$part"); fi
+  if [ "$part" = table ]; then parts+=(qv-2k all7-2k qv-16k all7-16k longest l3-qv-2k l3-all7-2k); else parts+=("$part"); fi
 done
 for part in "${parts[@]}"; do
 echo "== $part"
@@ -61,6 +64,8 @@ case "$part" in
   all7-2k)  row2k all $ALL7 ;;
   qv-16k)   row16k q,v q_proj,v_proj ;;
   all7-16k) row16k all $ALL7 ;;
+  l3-qv-2k)   SIZE=llama3-8b; row2k q,v q_proj,v_proj; SIZE=7b ;;
+  l3-all7-2k) SIZE=llama3-8b; row2k all $ALL7; SIZE=7b ;;
   longest)  jora --seq-len 327680 --targets q,v --remat full --mlp-chunk 16384 --bench-steps 1 \
               --bench-warmup 0 ;;
   e2e)      : "${DATA:?e2e needs DATA=an Alpaca JSON file}" "${TOKENIZER:?e2e needs TOKENIZER=a folder with tokenizer.model}"
