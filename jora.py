@@ -127,6 +127,8 @@ class Config:
     qk_norm: bool = False         # Qwen3: RMSNorm over each head of q and of k, before RoPE
     sliding_window: int = 0       # Mistral v0.1: attend to the last W positions only (0: all)
     stop_ids: tuple[int, ...] = ()   # generation also stops at these (Llama-3's <|eot_id|>)
+    fp8: bool = False             # the frozen projections held in float8 (Fp8): jora's choice,
+                                  # not a field of HF's config
 
     @property
     def padded_vocab(self) -> int:   # lm_head columns: a multiple of 128, so any tp divides it
@@ -314,7 +316,7 @@ class Options:
 class Layer(NamedTuple):
     """One field per weight of a decoder layer, stacked over the L layers: each leaf (L, ...).
     Unrolled (unstack_layers, what train.py runs), each leaf is instead a tuple of L one-layer
-    slices (1, ...)."""
+    slices (1, ...). With Config.fp8, the seven projections are Fp8 pairs instead."""
     attn_norm: jax.Array      # (L, D)
     wq: jax.Array             # (L, D, N*H)   stored (in, out): HF's weight transposed
     wk: jax.Array             # (L, D, K*H)
@@ -332,6 +334,45 @@ class Layer(NamedTuple):
 
 
 BIASES, HEAD_NORMS = ("bq", "bk", "bv"), ("q_norm", "k_norm")
+
+
+class Fp8(NamedTuple):
+    """A frozen projection W (I, O) in float8 (Config.fp8): W = q.T * scale, one scale per
+    output channel. q keeps HF's (O, I) layout: Hopper's FP8 GEMMs (cuBLASLt's, and wgmma's)
+    read 8-bit operands only along the contracted axis, which is I in the forward."""
+    q: jax.Array        # (L, O, I) float8_e4m3fn
+    scale: jax.Array    # (L, O) fp32
+
+
+E4M3 = jnp.float8_e4m3fn   # 3 mantissa bits: the weights and the activations
+# The output gradients too: with a scale per position, e5m2's wider range buys nothing and its
+# 2 mantissa bits double the rounding error (bench/NOTES.md measures both).
+GRAD_FP8 = jnp.float8_e4m3fn
+
+
+def to_fp8(x, dtype=E4M3, *, reduce=None):
+    """x (..., C) -> (q, scale): q (..., C) float8 and scale (..., 1) fp32 with x ~ q * scale,
+    one scale per slice along the last axis, mapping the slice's largest |x| to the format's
+    largest finite value. reduce(amax): the largest over slices held elsewhere (a mesh axis)."""
+    x = x.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+    if reduce is not None:
+        amax = reduce(amax)
+    top = float(jnp.finfo(dtype).max)
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    # e4m3fn has no infinity: a value rounded past the top would become NaN, so clip first
+    return jnp.clip(x / scale, -top, top).astype(dtype), scale
+
+
+def fp8_weight(w) -> Fp8:
+    """w (..., I, O) -> its Fp8, one scale per output channel."""
+    q, scale = to_fp8(jnp.swapaxes(w, -1, -2))
+    return Fp8(q=q, scale=scale[..., 0])
+
+
+def dequantize(w: Fp8, dtype=jnp.float32):
+    """Fp8 -> W (..., I, O) in dtype."""
+    return jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., None], -1, -2).astype(dtype)
 
 
 def layer_fields(cfg: Config) -> tuple[str, ...]:
@@ -369,14 +410,18 @@ TARGET = {w: t for t, w in WEIGHT.items()}
 def param_specs(cfg: Config | None = None) -> Params:
     """Params-shaped tree of PartitionSpecs: how each weight is laid out on the "model" axis.
     cfg: which optional fields the model has (None: a Llama, which has none of them)."""
+    cfg = cfg or Config()
     col, row = P(None, None, MODEL), P(None, MODEL, None)
-    fields = layer_fields(cfg or Config())
+    if cfg.fp8:   # q (L, O, I) split as W (L, I, O) is; the scales with their channels
+        col = Fp8(q=P(None, MODEL, None), scale=P(None, MODEL))
+        row = Fp8(q=P(None, None, MODEL), scale=P())
     extra = dict(bq=P(None, MODEL), bk=P(None, MODEL), bv=P(None, MODEL),   # like q, k, v
                  q_norm=P(), k_norm=P())
     return Params(embed=P(), final_norm=P(), lm_head=P(None, MODEL),
                   layers=Layer(attn_norm=P(), mlp_norm=P(), wq=col, wk=col, wv=col, wo=row,
                                w_gate=col, w_up=col, w_down=row,
-                               **{f: spec for f, spec in extra.items() if f in fields}))
+                               **{f: spec for f, spec in extra.items()
+                                  if f in layer_fields(cfg)}))
 
 
 def lora_specs(lcfg: LoraConfig) -> Lora:
@@ -404,15 +449,17 @@ def param_shapes(cfg: Config) -> Params:
 
 
 def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
-    """Random weights (normal, std 0.02; norms 1) for tests and benchmarks. Jit it with
-    out_shardings to create a large model directly in its sharded layout."""
+    """Random weights (normal, std 0.02; norms 1; Fp8 projections with Config.fp8) for tests
+    and benchmarks. Jit it with out_shardings to create a large model directly in its sharded
+    layout."""
     shapes = param_shapes(cfg)
     keys = iter(jax.random.split(key, 4 + len(layer_fields(cfg))))
 
     def init(name, shape):
         if name.endswith("norm"):
             return jnp.ones(shape, dtype)
-        return 0.02 * jax.random.normal(next(keys), shape, dtype)
+        w = 0.02 * jax.random.normal(next(keys), shape, dtype)
+        return fp8_weight(w) if cfg.fp8 and name in TARGET else w
 
     return Params(embed=init("embed", shapes.embed), final_norm=init("norm", shapes.final_norm),
                   lm_head=init("lm_head", shapes.lm_head),
@@ -586,10 +633,53 @@ def lora_delta(x, a, b, scale: float):
 lora_delta.defvjp(_lora_fwd, _lora_bwd)
 
 
-def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | None = None):
+def model_max(a):
+    """The largest of `a` over the "model" axis's slices (inside shard_map), else `a`."""
+    try:
+        return jax.lax.pmax(a, MODEL)
+    except NameError:   # not inside shard_map: nothing else holds a slice
+        return a
+
+
+def _fp8_fwd(x, w: Fp8, row: bool):
+    xq, sx = to_fp8(x, reduce=model_max if row else None)      # (B, T, I), (B, T, 1)
+    y = jax.lax.dot_general(xq, w.q, (((2,), (1,)), ((), ())),
+                            preferred_element_type=x.dtype)            # (B, T, O)
+    return (y * sx * w.scale).astype(x.dtype), w
+
+
+def _fp8_bwd(row: bool, w: Fp8, g):   # g (B, T, O)
+    # scale (O,) is on the contracted axis now: folded into g before it is quantized
+    gq, sg = to_fp8(g.astype(jnp.float32) * w.scale, GRAD_FP8,
+                    reduce=None if row else model_max)
+    dx = jax.lax.dot_general(gq, w.q, (((2,), (0,)), ((), ())),
+                             preferred_element_type=g.dtype)           # (B, T, I)
+    return (dx * sg).astype(g.dtype), None   # W is frozen: no gradient
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def fp8_matmul(x, w: Fp8, row: bool = False):
+    """x (B, T, I) @ W (I, O) for an Fp8 W, in float8 GEMMs with fp32 accumulation: x is
+    quantized to e4m3 with a scale per position, and in the backward the output's gradient
+    likewise, so each GEMM's scales are a row and a column factor of its result. row: the
+    projection is row-parallel (x's features split over "model"; else its outputs are): the
+    scales are taken over whole rows then, so that any tp quantizes alike."""
+    return _fp8_fwd(x, w, row)[0]
+
+
+fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
+
+
+def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | None = None,
+            *, row: bool = False):
     """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B.
-    drop: where x sits, for the dropout mask (None: no dropout, as in evaluation)."""
-    y = jnp.einsum("BTI,IO->BTO", x, w)
+    drop: where x sits, for the dropout mask (None: no dropout, as in evaluation). w may be an
+    Fp8 (row: it is row-parallel, see fp8_matmul)."""
+    if isinstance(w, Fp8):
+        x_, q, scale = vary_alike(x, w.q, w.scale)
+        y = fp8_matmul(x_, Fp8(q, scale), row)
+    else:
+        y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:
         return y
     if drop is not None and lcfg.dropout > 0:
@@ -671,7 +761,7 @@ class Ops(NamedTuple):
     """How a decoder layer computes its heavy parts. The defaults are the plain functions
     above; the speed-and-memory section swaps in kernels and MLP chunks as a Plan says. None
     of them changes what the layer computes, only how fast and in how much memory."""
-    project: Callable = project        # (x, w, ab, lcfg, drop) -> x @ w [+ LoRA]
+    project: Callable = project        # (x, w, ab, lcfg, drop, row=) -> x @ w [+ LoRA]
     swiglu: Callable = swiglu          # (g, u) -> silu(g) * u
     gate_up: Callable | None = None    # (h, w_gate, w_up) -> swiglu(h @ w_gate, h @ w_up)
     mlp_over: Callable | None = None   # (mlp, h) -> mlp(h, s) over chunks of positions
@@ -702,7 +792,8 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
         if drop is not None:   # row-parallel inputs (o, down) hold a slice of the features
             feat = 0 if t in COLUMN else jax.lax.axis_index(MODEL) * x.shape[-1]
             d = drop._replace(seed=mix32(drop.seed + PROJ.index(t)), pos=pos, feat=feat)
-        return ops.project(x, getattr(w, WEIGHT[t]), getattr(ab, t), lcfg, d)
+        return ops.project(x, getattr(w, WEIGHT[t]), getattr(ab, t), lcfg, d,
+                           row=t not in COLUMN)
 
     def heads(y):   # (B, T, X*H) -> (B, T, X, H), X: N/tp or K/tp
         return rearrange(y, "B T (X H) -> B T X H", H=cfg.head_dim)
@@ -726,6 +817,9 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
     if ab.down is not None and drop is not None and lcfg.dropout > 0:
         # With dropout on down's adapter, XLA's gate is faster than the kernel's.
         act, gate_up = swiglu, None
+
+    if isinstance(w.w_gate, Fp8):   # the fused gate and up kernel takes bf16 weights
+        gate_up = None
 
     def mlp(h, s):   # h (B, C, D) at positions [s, s + C) -> this device's partial (B, C, D)
         if gate_up is not None and ab.gate is None and ab.up is None:
@@ -793,23 +887,30 @@ def unstack_layers(params: Params, free: bool = False) -> Params:
         return tuple(a[i:i + 1] for i in range(a.shape[0]))
 
     split = jax.jit(slices)
-    layers = {}
-    for f, leaf in params.layers._asdict().items():
-        if leaf is None:   # a field this family does not have
-            continue
-        layers[f] = leaf if isinstance(leaf, tuple) else split(leaf)
+
+    def unstack(leaf):
+        if isinstance(leaf, Fp8):   # (its q and scale split alike)
+            return Fp8(*(unstack(x) for x in leaf))
+        if leaf is None or isinstance(leaf, tuple):   # absent, or unstacked already
+            return leaf
+        parts = split(leaf)
         if free and isinstance(leaf, jax.Array):
             leaf.delete()
-    return params._replace(layers=Layer(**layers))
+        return parts
+
+    return params._replace(layers=Layer(*(unstack(leaf) for leaf in params.layers)))
 
 
 def unstacked(layers: Layer) -> bool:
-    return isinstance(layers.wq, tuple)
+    wq = layers.wq.q if isinstance(layers.wq, Fp8) else layers.wq
+    return isinstance(wq, tuple)
 
 
 def layer_at(leaf, i: int):
     """Layer i of a stacked (L, ...) or unstacked (tuple of (1, ...)) leaf, as (...); None for
     a field the family does not have."""
+    if isinstance(leaf, Fp8):
+        return Fp8(layer_at(leaf.q, i), layer_at(leaf.scale, i))
     if leaf is None:
         return None
     return leaf[i][0] if isinstance(leaf, tuple) else leaf[i]
@@ -827,18 +928,19 @@ def over_positions(f, h, *, chunk: int, policy):
 
 
 def kernel_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None,
-                   drop: Dropout | None = None, *, anywhere: bool = False):
+                   drop: Dropout | None = None, *, row: bool = False, anywhere: bool = False):
     """`project` through kernels.lora_matmul: x @ w and the LoRA product in one GEMM, forward
     and backward. The glue between the model and the kernel is all here: (B, T, I) rows to
     the kernel's 2-D (B*T, I) and back, the dropout mask (the LoRA branch's own input), the
     operands cast alike in shard_map's varying axes, and `project` itself where the kernel
-    does not apply: no adapter, or (unless `anywhere`) shapes off the Hopper kernel's tiles."""
+    does not apply: no adapter, an Fp8 weight, or (unless `anywhere`) shapes off the Hopper
+    kernel's tiles."""
     from kernels.lora_matmul import fits_hopper, lora_matmul
-    if ab is None:
-        return project(x, w, ab, lcfg, drop)
+    if ab is None or isinstance(w, Fp8):
+        return project(x, w, ab, lcfg, drop, row=row)
     rows = rearrange(x, "B T I -> (B T) I")
     if not anywhere and not fits_hopper(rows, w, ab.a):
-        return project(x, w, ab, lcfg, drop)
+        return project(x, w, ab, lcfg, drop, row=row)
     dropped = None
     if drop is not None and lcfg.dropout > 0:
         dropped = rearrange(drop.apply(x, lcfg.dropout), "B T I -> (B T) I")
@@ -881,7 +983,8 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
     lax.scan, so one compiled layer. Unstacked layers are unrolled, and each layer is a call of
     one jitted body per (remat policy, MLP chunks), which jax traces once and reuses for every
     layer alike. *args are the same for every layer."""
-    n = len(layers.wq) if unstacked(layers) else layers.wq.shape[0]
+    norms = layers.attn_norm
+    n = len(norms) if isinstance(norms, tuple) else norms.shape[0]
     kernels = kernel_ops(plan) or Ops()
     for f in ("full_layers", "chunk_layers"):
         if getattr(plan, f) and not unstacked(layers):
@@ -1379,7 +1482,7 @@ def _generate_local(params, lora, tokens, pad, key, *, cfg, lcfg, s: Sampling):
     -> (B, max_new) new tokens (EOS repeated once a row has finished)."""
     B, T0 = tokens.shape
     S = T0 + s.max_new_tokens                                              # cache length
-    K_local = layer_at(params.layers.wk, 0).shape[-1] // cfg.head_dim
+    K_local = cfg.n_kv_heads // jax.lax.psum(1, MODEL)   # this device's KV heads
     cache = jnp.zeros((cfg.n_layers, 2, B, S, K_local, cfg.head_dim), params.embed.dtype)
     cache = jax.lax.pcast(cache, (MODEL,), to="varying")   # each device caches its own heads
     slot = jnp.arange(S)
@@ -1566,12 +1669,15 @@ def _place(shape, spec, mesh, dtype, fill, *, hf: bool = False) -> jax.Array:
     return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in where])
 
 
-def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]:
+def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *,
+            fp8: bool = False) -> tuple[Config, Params]:
     """Load an HF Llama folder -> (Config, Params) placed on `mesh` (default: one device).
     Each device's slice of each parameter is read from the safetensors files one layer at a
     time, sent, and cast and transposed on the device: the host holds about one layer's slice
-    at a time, never the model, whatever the number of devices."""
-    cfg = Config.from_hf(folder)
+    at a time, never the model, whatever the number of devices. fp8: the projections are
+    quantized on the devices as each layer lands (Config.fp8), and come unstacked (a tuple of
+    one-layer slices, as unstack_layers leaves them): no device ever holds them whole in dtype."""
+    cfg = dataclasses.replace(Config.from_hf(folder), fp8=fp8)
     mesh = make_mesh(1, jax.devices()[:1]) if mesh is None else mesh
     check_tp(cfg, mesh.shape[MODEL])
     files = _hf_files(folder)
@@ -1599,6 +1705,27 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
                 yield _read(files, name, shape[1:][::-1], index[1:][::-1])[None], j, 0
         return _place(shape, getattr(specs.layers, field), mesh, dt, fill, hf=len(shape) == 3)
 
+    def fp8_slices(field):   # Fp8 of L one-layer slices (1, O, I), (1, O)
+        spec = getattr(specs.layers, field)
+        (_, i_, o_), slices = getattr(shapes.layers, field), []
+
+        def quantize_hf(w):   # (1, O, I) as stored -> Fp8
+            return fp8_weight(jnp.swapaxes(w, -1, -2))
+        quantize = jax.jit(quantize_hf, out_shardings=jax.tree.map(
+            lambda s: NamedSharding(mesh, s), spec))
+        for i in range(cfg.n_layers):
+            name = f"model.layers.{i}.{hf_tensor(field)}"
+
+            def fill(index, name=name):   # this device's slice of layer i's (O, I), as stored
+                yield _read(files, name, (o_, i_), index[1:])[None], 0, 0
+            w = _place((1, o_, i_), spec.q, mesh, dt, fill)
+            slices.append(quantize(w))
+            w.delete()
+        return Fp8(q=tuple(f.q for f in slices), scale=tuple(f.scale for f in slices))
+
+    def layer_field(field):
+        return fp8_slices(field) if fp8 and field in TARGET else stacked(field)
+
     def lm_head(index):   # (D, V') from (V, D); the padding columns stay zero
         cols = [c for c in range(*index[1].indices(shapes.lm_head[1])) if c < cfg.vocab_size]
         if cols:
@@ -1611,7 +1738,7 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None) -> tuple[Config, Params]
     return cfg, Params(
         embed=_place(shapes.embed, specs.embed, mesh, dt,
                      whole("model.embed_tokens.weight", shapes.embed)),
-        layers=Layer(**{f: stacked(f) for f in layer_fields(cfg)}),
+        layers=Layer(**{f: layer_field(f) for f in layer_fields(cfg)}),
         final_norm=_place(shapes.final_norm, specs.final_norm, mesh, dt,
                           whole("model.norm.weight", shapes.final_norm)),
         lm_head=_place(shapes.lm_head, specs.lm_head, mesh, dt, lm_head, hf=True))
@@ -1721,23 +1848,31 @@ def export_merged(folder: str, cfg: Config, params: Params, lora: Lora | None = 
     """Write an HF Llama folder (W + scale*A@B merged) that transformers loads: files of
     about `shard_bytes` (with model.safetensors.index.json when several), config.json from
     `cfg`, tokenizer files copied from `source` (the folder the model came from). Each tensor
-    is merged and cast on a device, fetched, written and dropped: the host holds one at a time."""
+    is merged and cast on a device, fetched, written and dropped: the host holds one at a time.
+    An Fp8 projection is merged into its original weight, read again from `source`, never into
+    its quantized one."""
     dt, lora = jnp.dtype(dtype), lora or Lora()
+    if cfg.fp8 and not source:
+        raise ValueError("export_merged: the projections are float8; the merge needs their "
+                         "original weights: pass source=the folder the model was loaded from")
+    originals = _hf_files(source) if cfg.fp8 else {}
     items = [("model.embed_tokens.weight", params.embed.shape,
               lambda: merge_lora(params.embed, None, lcfg, dt))]
 
-    def layer_weight(w, i, ab, matrix):   # layer i's slice, taken and merged only when written
+    def layer_weight(name, shape, w, i, ab, matrix):   # taken and merged only when written
         def get():
-            return merge_lora(layer_at(w, i), ab and LoraAB(ab.a[i], ab.b[i]), lcfg, dt,
-                              hf=matrix)
+            w_i = layer_at(w, i)
+            if isinstance(w_i, Fp8):   # the original weight (O, I) -> (I, O)
+                w_i = _read(originals, name, shape, (slice(None),) * 2).T
+            return merge_lora(w_i, ab and LoraAB(ab.a[i], ab.b[i]), lcfg, dt, hf=matrix)
         return get
 
     for i in range(cfg.n_layers):
         for f in layer_fields(cfg):
             w, ab = getattr(params.layers, f), getattr(lora, TARGET.get(f, "_"), None)
-            items.append((f"model.layers.{i}.{hf_tensor(f)}",
-                          getattr(param_shapes(cfg).layers, f)[1:][::-1],
-                          layer_weight(w, i, ab, matrix=f in TARGET)))
+            name = f"model.layers.{i}.{hf_tensor(f)}"
+            shape = getattr(param_shapes(cfg).layers, f)[1:][::-1]
+            items.append((name, shape, layer_weight(name, shape, w, i, ab, matrix=f in TARGET)))
     items.append(("model.norm.weight", params.final_norm.shape,
                   lambda: merge_lora(params.final_norm, None, lcfg, dt)))
     if not cfg.tie_embeddings:   # (V, D): the padding columns stay behind

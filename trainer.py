@@ -1226,9 +1226,9 @@ def resume_info(out: str) -> tuple[str, dict]:
 
 
 RESUMED = ("model data format tokenizer chat_template seq_len pack max_segments lora_r "
-           "lora_alpha lora_dropout targets lr warmup weight_decay clip dtype seed eval_split "
-           "batch_size grad_accum steps save_every eval_every eval_generate log_every keep "
-           "demo").split()
+           "lora_alpha lora_dropout targets lr warmup weight_decay clip dtype base_dtype seed "
+           "eval_split batch_size grad_accum steps save_every eval_every eval_generate "
+           "log_every keep demo").split()
 
 
 def resume_settings(args, given: set, out: str, say=print):
@@ -1769,6 +1769,10 @@ def model_flags(add_argument):
       help="LoRA projections: the fused Pallas kernels of kernels/ or XLA (auto: the Mosaic "
            "GPU kernel on Hopper GPUs where the shapes fit, else XLA)")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    a("--base-dtype", choices=["float8"],
+      help="the frozen projections' dtype (default: --dtype's). float8: e4m3 with a scale per "
+           "output channel, quantized on the devices as the model loads, in FP8 GEMMs on "
+           "Hopper GPUs; the adapter, attention, norms, the loss and exports stay as they are")
     a("--sequence-parallel", action="store_true", help="split positions over the tp group")
     a("--coordinator", help="host:port of process 0, for several hosts")
     for flag in ("--num-processes", "--process-id"):

@@ -40,6 +40,25 @@ def _time_steps(step, state, rest, steps, warmup, trace_dir, tokens, flops_per_t
                 peak_gib=round(mem / 2**30, 2), mfu=None if mfu is None else round(mfu, 4))
 
 
+def random_params(cfg, mesh, dtype) -> jora.Params:
+    """Random weights, created one layer at a time already split over the mesh and unstacked,
+    as train.py runs them: no device holds more than the model and one layer's transients (a
+    70B model's float8 projections fit one GPU; its bf16 ones never exist)."""
+    one = dataclasses.replace(cfg, n_layers=1)
+    shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs(one))
+
+    def init(key):
+        return jora.init_params(key, one, dtype)
+
+    def init_layer(key):
+        return init(key).layers
+
+    top = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    layer = jax.jit(init_layer, out_shardings=shardings.layers)
+    layers = [layer(jax.random.key(1 + i)) for i in range(cfg.n_layers)]
+    return top._replace(layers=jax.tree.map(lambda *slices: slices, *layers))
+
+
 def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
               dtype=jnp.bfloat16, log=print, profile=None, doc=0) -> list[dict]:
     """Time training steps of a random-initialised model on random tokens at each length,
@@ -50,10 +69,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
     MFU counts every position attending to the whole row (flops_per_token) either way."""
     jora.check_tp(cfg, mesh.shape[jora.MODEL])
     opts = dataclasses.replace(opts, packed=doc > 0)   # else one sequence a row: no mask at all
-    shardings = jax.tree.map(lambda s: jora.NamedSharding(mesh, s), jora.param_specs(cfg))
-    params = jax.jit(lambda k: jora.init_params(k, cfg, dtype), out_shardings=shardings)(
-        jax.random.key(0))   # created already split: no device ever holds the whole model
-    params = jora.unstack_layers(params, free=True)   # GEMMs read weights in place
+    params = random_params(cfg, mesh, dtype)
     lora = jax.device_get(jora.init_lora(jax.random.key(1), cfg, lcfg))   # host: steps donate
     results = []
     rows = tcfg.batch_size * tcfg.grad_accum
@@ -65,7 +81,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
         tc = dataclasses.replace(tcfg, seq_len=seq)
         row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
                    devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r,
-                   lora_dropout=lcfg.dropout, layers="unrolled",
+                   lora_dropout=lcfg.dropout, layers="unrolled", fp8=cfg.fp8,
                    **dataclasses.asdict(opts), **dataclasses.asdict(plan),   # every option
                    kernels_used=jora.kernel_ops(plan) is not None)
         try:
@@ -133,7 +149,8 @@ def main(argv=None) -> list[dict]:
     tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
     tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
     lcfg, opts, plan = trainer.configs(args)
-    return benchmark(jora.PRESETS[args.size], lcfg, tcfg, jora.make_mesh(args.tp), opts, plan,
+    cfg = dataclasses.replace(jora.PRESETS[args.size], fp8=args.base_dtype == "float8")
+    return benchmark(cfg, lcfg, tcfg, jora.make_mesh(args.tp), opts, plan,
                      [int(s) for s in args.seq_len.split(",")], args.bench_steps,
                      args.bench_warmup, jnp.dtype(args.dtype),
                      log=lambda line: say(tag + line[1:], flush=True), profile=args.profile,
