@@ -129,6 +129,8 @@ class Config:
     stop_ids: tuple[int, ...] = ()   # generation also stops at these (Llama-3's <|eot_id|>)
     fp8: bool = False             # the frozen projections held in float8 (Fp8): jora's choice,
                                   # not a field of HF's config
+    fp8_transposed: bool = False  # and each also transposed (Fp8.qt): faster backward, the
+                                  # weights' bytes doubled (to bf16's)
 
     @property
     def padded_vocab(self) -> int:   # lm_head columns: a multiple of 128, so any tp divides it
@@ -339,9 +341,12 @@ BIASES, HEAD_NORMS = ("bq", "bk", "bv"), ("q_norm", "k_norm")
 class Fp8(NamedTuple):
     """A frozen projection W (I, O) in float8 (Config.fp8): W = q.T * scale, one scale per
     output channel. q keeps HF's (O, I) layout: Hopper's FP8 GEMMs (cuBLASLt's, and wgmma's)
-    read 8-bit operands only along the contracted axis, which is I in the forward."""
-    q: jax.Array        # (L, O, I) float8_e4m3fn
-    scale: jax.Array    # (L, O) fp32
+    read 8-bit operands only along the contracted axis, which is I in the forward and O in the
+    input gradient's. That one reads qt, q transposed once (Config.fp8_transposed), or else
+    has XLA transpose q at every step (slowly: 8-bit transposes run far below memory speed)."""
+    q: jax.Array                 # (L, O, I) float8_e4m3fn
+    scale: jax.Array             # (L, O) fp32
+    qt: jax.Array | None = None  # (L, I, O) q transposed, or None
 
 
 E4M3 = jnp.float8_e4m3fn   # 3 mantissa bits: the weights and the activations
@@ -364,10 +369,10 @@ def to_fp8(x, dtype=E4M3, *, reduce=None):
     return jnp.clip(x / scale, -top, top).astype(dtype), scale
 
 
-def fp8_weight(w) -> Fp8:
-    """w (..., I, O) -> its Fp8, one scale per output channel."""
+def fp8_weight(w, transposed: bool = False) -> Fp8:
+    """w (..., I, O) -> its Fp8, one scale per output channel (transposed: with qt)."""
     q, scale = to_fp8(jnp.swapaxes(w, -1, -2))
-    return Fp8(q=q, scale=scale[..., 0])
+    return Fp8(q=q, scale=scale[..., 0], qt=jnp.swapaxes(q, -1, -2) if transposed else None)
 
 
 def dequantize(w: Fp8, dtype=jnp.float32):
@@ -413,8 +418,9 @@ def param_specs(cfg: Config | None = None) -> Params:
     cfg = cfg or Config()
     col, row = P(None, None, MODEL), P(None, MODEL, None)
     if cfg.fp8:   # q (L, O, I) split as W (L, I, O) is; the scales with their channels
-        col = Fp8(q=P(None, MODEL, None), scale=P(None, MODEL))
-        row = Fp8(q=P(None, None, MODEL), scale=P())
+        t = cfg.fp8_transposed
+        col = Fp8(q=P(None, MODEL, None), scale=P(None, MODEL), qt=col if t else None)
+        row = Fp8(q=P(None, None, MODEL), scale=P(), qt=row if t else None)
     extra = dict(bq=P(None, MODEL), bk=P(None, MODEL), bv=P(None, MODEL),   # like q, k, v
                  q_norm=P(), k_norm=P())
     return Params(embed=P(), final_norm=P(), lm_head=P(None, MODEL),
@@ -459,7 +465,7 @@ def init_params(key, cfg: Config, dtype=jnp.bfloat16) -> Params:
         if name.endswith("norm"):
             return jnp.ones(shape, dtype)
         w = 0.02 * jax.random.normal(next(keys), shape, dtype)
-        return fp8_weight(w) if cfg.fp8 and name in TARGET else w
+        return fp8_weight(w, cfg.fp8_transposed) if cfg.fp8 and name in TARGET else w
 
     return Params(embed=init("embed", shapes.embed), final_norm=init("norm", shapes.final_norm),
                   lm_head=init("lm_head", shapes.lm_head),
@@ -652,8 +658,12 @@ def _fp8_bwd(row: bool, w: Fp8, g):   # g (B, T, O)
     # scale (O,) is on the contracted axis now: folded into g before it is quantized
     gq, sg = to_fp8(g.astype(jnp.float32) * w.scale, GRAD_FP8,
                     reduce=None if row else model_max)
-    dx = jax.lax.dot_general(gq, w.q, (((2,), (0,)), ((), ())),
-                             preferred_element_type=g.dtype)           # (B, T, I)
+    if w.qt is not None:   # (I, O)
+        dx = jax.lax.dot_general(gq, w.qt, (((2,), (1,)), ((), ())),
+                                 preferred_element_type=g.dtype)       # (B, T, I)
+    else:                  # q (O, I), transposed by XLA
+        dx = jax.lax.dot_general(gq, w.q, (((2,), (0,)), ((), ())),
+                                 preferred_element_type=g.dtype)
     return (dx * sg).astype(g.dtype), None   # W is frozen: no gradient
 
 
@@ -676,8 +686,8 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | No
     drop: where x sits, for the dropout mask (None: no dropout, as in evaluation). w may be an
     Fp8 (row: it is row-parallel, see fp8_matmul)."""
     if isinstance(w, Fp8):
-        x_, q, scale = vary_alike(x, w.q, w.scale)
-        y = fp8_matmul(x_, Fp8(q, scale), row)
+        x_, *parts = vary_alike(x, *(a for a in w if a is not None))   # (qt may be None)
+        y = fp8_matmul(x_, Fp8(*parts), row)
     else:
         y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:
@@ -910,7 +920,7 @@ def layer_at(leaf, i: int):
     """Layer i of a stacked (L, ...) or unstacked (tuple of (1, ...)) leaf, as (...); None for
     a field the family does not have."""
     if isinstance(leaf, Fp8):
-        return Fp8(layer_at(leaf.q, i), layer_at(leaf.scale, i))
+        return Fp8(*(layer_at(x, i) for x in leaf))
     if leaf is None:
         return None
     return leaf[i][0] if isinstance(leaf, tuple) else leaf[i]
@@ -1669,15 +1679,17 @@ def _place(shape, spec, mesh, dtype, fill, *, hf: bool = False) -> jax.Array:
     return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[d] for d in where])
 
 
-def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *,
-            fp8: bool = False) -> tuple[Config, Params]:
+def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *, fp8: bool = False,
+            fp8_transposed: bool = False) -> tuple[Config, Params]:
     """Load an HF Llama folder -> (Config, Params) placed on `mesh` (default: one device).
     Each device's slice of each parameter is read from the safetensors files one layer at a
     time, sent, and cast and transposed on the device: the host holds about one layer's slice
     at a time, never the model, whatever the number of devices. fp8: the projections are
     quantized on the devices as each layer lands (Config.fp8), and come unstacked (a tuple of
-    one-layer slices, as unstack_layers leaves them): no device ever holds them whole in dtype."""
-    cfg = dataclasses.replace(Config.from_hf(folder), fp8=fp8)
+    one-layer slices, as unstack_layers leaves them): no device ever holds them whole in dtype.
+    fp8_transposed: each with its transposed copy too (Config.fp8_transposed)."""
+    cfg = dataclasses.replace(Config.from_hf(folder), fp8=fp8,
+                              fp8_transposed=fp8 and fp8_transposed)
     mesh = make_mesh(1, jax.devices()[:1]) if mesh is None else mesh
     check_tp(cfg, mesh.shape[MODEL])
     files = _hf_files(folder)
@@ -1705,12 +1717,12 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *,
                 yield _read(files, name, shape[1:][::-1], index[1:][::-1])[None], j, 0
         return _place(shape, getattr(specs.layers, field), mesh, dt, fill, hf=len(shape) == 3)
 
-    def fp8_slices(field):   # Fp8 of L one-layer slices (1, O, I), (1, O)
+    def fp8_slices(field):   # Fp8 of L one-layer slices (1, O, I), (1, O) [, (1, I, O)]
         spec = getattr(specs.layers, field)
         (_, i_, o_), slices = getattr(shapes.layers, field), []
 
         def quantize_hf(w):   # (1, O, I) as stored -> Fp8
-            return fp8_weight(jnp.swapaxes(w, -1, -2))
+            return fp8_weight(jnp.swapaxes(w, -1, -2), cfg.fp8_transposed)
         quantize = jax.jit(quantize_hf, out_shardings=jax.tree.map(
             lambda s: NamedSharding(mesh, s), spec))
         for i in range(cfg.n_layers):
@@ -1721,7 +1733,7 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *,
             w = _place((1, o_, i_), spec.q, mesh, dt, fill)
             slices.append(quantize(w))
             w.delete()
-        return Fp8(q=tuple(f.q for f in slices), scale=tuple(f.scale for f in slices))
+        return Fp8(*(None if x[0] is None else x for x in zip(*slices)))
 
     def layer_field(field):
         return fp8_slices(field) if fp8 and field in TARGET else stacked(field)

@@ -208,10 +208,14 @@ def run(args, given, out) -> dict:
     dtype = jnp.dtype(args.dtype)
     t = time.time()
     say(f"loading {args.model} ...", flush=True)   # 7B: 13 GB read from the safetensors files
-    cfg, params = jora.load_hf(args.model, dtype, mesh, fp8=args.base_dtype == "float8")
+    fp8 = args.base_dtype == "float8"
+    transposed = fp8 and trainer.fp8_transposed(jora.Config.from_hf(args.model), mesh)
+    cfg, params = jora.load_hf(args.model, dtype, mesh, fp8=fp8, fp8_transposed=transposed)
     params = jora.unstack_layers(params, free=True)   # faster steps, longer compile
     load_s = time.time() - t
-    base = ", projections in float8" if cfg.fp8 else ""
+    base = ""
+    if cfg.fp8:
+        base = ", projections in float8" + (" (and transposed)" if transposed else "")
     say(f"loaded {sum(x.size for x in jax.tree.leaves(params)) / 1e6:,.1f}M parameters "
         f"({cfg.n_layers} layers, {dtype.name}{base}) in {load_s:.1f} s")
     tok = jora.Tokenizer(args.tokenizer or args.model)

@@ -1090,6 +1090,18 @@ def mfu(flops_per_s: float, devices: int) -> float | None:
     return flops_per_s / (peak * devices) if peak else None
 
 
+def fp8_transposed(cfg, mesh) -> bool:
+    """Whether float8 projections keep transposed copies too (Config.fp8_transposed): on GPUs,
+    where both layouts take at most 40% of a device's memory (they then weigh what bf16
+    weights would). The copies spare XLA a slow 8-bit transpose of every weight at every step;
+    a model too large for them (70B on one GPU) keeps float8's halved weights instead."""
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if jax.default_backend() != "gpu" or not limit:
+        return False
+    weights = cfg.n_layers * sum(math.prod(jora.proj_shape(cfg, t)) for t in jora.PROJ)
+    return 2 * weights / mesh.shape[jora.MODEL] <= 0.4 * limit
+
+
 def is_oom(e: Exception) -> bool:   # XLA's out-of-device-memory error
     return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
 

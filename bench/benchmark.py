@@ -82,6 +82,7 @@ def benchmark(cfg, lcfg, tcfg, mesh, opts, plan, seq_lens, steps=5, warmup=2,
         row = dict(seq=seq, doc=doc, batch=tc.batch_size, tp=mesh.shape[jora.MODEL],
                    devices=mesh.size, targets=",".join(lcfg.targets), r=lcfg.r,
                    lora_dropout=lcfg.dropout, layers="unrolled", fp8=cfg.fp8,
+                   fp8_transposed=cfg.fp8_transposed,
                    **dataclasses.asdict(opts), **dataclasses.asdict(plan),   # every option
                    kernels_used=jora.kernel_ops(plan) is not None)
         try:
@@ -149,8 +150,10 @@ def main(argv=None) -> list[dict]:
     tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
     tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
     lcfg, opts, plan = trainer.configs(args)
+    mesh = jora.make_mesh(args.tp)
     cfg = dataclasses.replace(jora.PRESETS[args.size], fp8=args.base_dtype == "float8")
-    return benchmark(cfg, lcfg, tcfg, jora.make_mesh(args.tp), opts, plan,
+    cfg = dataclasses.replace(cfg, fp8_transposed=cfg.fp8 and trainer.fp8_transposed(cfg, mesh))
+    return benchmark(cfg, lcfg, tcfg, mesh, opts, plan,
                      [int(s) for s in args.seq_len.split(",")], args.bench_steps,
                      args.bench_warmup, jnp.dtype(args.dtype),
                      log=lambda line: say(tag + line[1:], flush=True), profile=args.profile,

@@ -78,13 +78,15 @@ def gemm_bound(a, a_scale, b, b_scale):
     return ea @ np.abs(b) + np.abs(a) @ eb + ea @ eb
 
 
-def test_projection_forward_and_input_gradient_within_the_e4m3_bound():
+@pytest.mark.parametrize("transposed", [False, True])
+def test_projection_forward_and_input_gradient_within_the_e4m3_bound(transposed):
     rng = np.random.default_rng(2)
     B, T, I, O = 2, 8, 64, 48
     x = rng.standard_normal((B, T, I)).astype(np.float32) * np.logspace(-2, 2, T)[:, None]
     w = (rng.standard_normal((I, O)) * np.logspace(-1, 1, O)).astype(np.float32)
     g = rng.standard_normal((B, T, O)).astype(np.float32)
-    f = jora.fp8_weight(jnp.asarray(w))
+    f = jora.fp8_weight(jnp.asarray(w), transposed)
+    assert (f.qt is not None) == transposed
     y, vjp = jax.vjp(lambda x: jora.project(x, f, None, None), jnp.asarray(x))
     (dx,) = vjp(jnp.asarray(g))
 
@@ -105,24 +107,24 @@ def test_projection_forward_and_input_gradient_within_the_e4m3_bound():
         assert 1e-3 < rel(got, want) < 0.05, rel(got, want)
 
 
-def fp8_model(cfg, key):
-    """(bf16-free reference params whose projections are the dequantized Fp8 ones, fp8 params)"""
-    cfg8 = dataclasses.replace(cfg, fp8=True)
+def fp8_model(cfg, key, transposed: bool):
+    """(the float8 config, its params, the same model with the dequantized projections)"""
+    cfg8 = dataclasses.replace(cfg, fp8=True, fp8_transposed=transposed)
     p = random_params(key, cfg)
-    layers = {f: jora.fp8_weight(getattr(p.layers, f)) for f in jora.TARGET}
+    layers = {f: jora.fp8_weight(getattr(p.layers, f), transposed) for f in jora.TARGET}
     p8 = p._replace(layers=p.layers._replace(**layers))
     same = p._replace(layers=p.layers._replace(
         **{f: jora.dequantize(w) for f, w in layers.items()}))
     return cfg8, p8, same
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tp_equals_tp1(tp):
+@pytest.mark.parametrize("tp, transposed", [(2, False), (4, True)])
+def test_tp_equals_tp1(tp, transposed):
     """Loss and LoRA gradients with float8 projections: tp = N equals tp = 1 (the scales are
     taken over whole rows on every layout), and both differ from the unquantized model's."""
     if len(jax.devices()) < tp:
         pytest.skip(f"needs {tp} devices")
-    cfg, p8, same = fp8_model(GQA, jax.random.key(0))
+    cfg, p8, same = fp8_model(GQA, jax.random.key(0), transposed)
     lcfg = jora.LoraConfig(r=4, targets=jora.PROJ, dropout=0.0)
     lora = random_lora(jax.random.key(1), cfg, lcfg)
     tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 33))
@@ -137,7 +139,7 @@ def test_tp_equals_tp1(tp):
     l1, g1 = run(cfg, p8, 1)
     ln, gn = run(cfg, p8, tp)
     assert abs(ln - l1) < 1e-5 * abs(l1) and rel(gn, g1) < 1e-5, (ln, l1, rel(gn, g1))
-    l0, g0 = run(dataclasses.replace(cfg, fp8=False), same, 1)   # W exactly as quantized
+    l0, g0 = run(dataclasses.replace(cfg, fp8=False, fp8_transposed=False), same, 1)   # W exactly as quantized
     assert abs(l1 - l0) > 1e-5 and 1e-4 < rel(g1, g0) < 0.05, (l1, l0, rel(g1, g0))
 
 
@@ -153,8 +155,8 @@ def test_load_quantizes_as_it_loads_and_export_merges_into_the_originals(tp, tmp
     folder = os.path.join(DATA, "families", "qwen2")
     mesh = jora.make_mesh(tp, jax.devices()[:tp])
     cfg, params = jora.load_hf(folder, jnp.float32, mesh)
-    cfg8, p8 = jora.load_hf(folder, jnp.float32, mesh, fp8=True)
-    assert cfg8.fp8 and not cfg.fp8
+    cfg8, p8 = jora.load_hf(folder, jnp.float32, mesh, fp8=True, fp8_transposed=tp == 2)
+    assert cfg8.fp8 and not cfg.fp8 and cfg8.fp8_transposed == (tp == 2)
     for f in jora.TARGET:
         w8, w = getattr(p8.layers, f), getattr(params.layers, f)
         assert isinstance(w8.q, tuple) and len(w8.q) == cfg.n_layers
@@ -164,6 +166,9 @@ def test_load_quantizes_as_it_loads_and_export_merges_into_the_originals(tp, tmp
             np.testing.assert_array_equal(np.asarray(got.q, np.float32),
                                           np.asarray(want.q, np.float32))
             np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale))
+            if cfg8.fp8_transposed:
+                np.testing.assert_array_equal(np.asarray(got.qt, np.float32),
+                                              np.asarray(want.q, np.float32).T)
     lcfg = jora.LoraConfig(r=4, targets=jora.PROJ)
     lora = jora.shard(random_lora(jax.random.key(4), cfg, lcfg), jora.lora_specs(lcfg), mesh)
     ids = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 24))
