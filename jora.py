@@ -37,7 +37,9 @@ reduce-scatter over positions, and an all-gather precedes each column-parallel b
 
 Dtypes: frozen weights and activations in `dtype` (bf16 by default); LoRA factors and AdamW
 moments fp32; RMSNorm statistics, RoPE angles, softmax, logits and the loss in fp32 (the logits'
-gradient meets lm_head in `dtype`, like every other matmul's: see logits_matmul).
+gradient meets lm_head in `dtype`, like every other matmul's: see logits_matmul). Config.fp8:
+the seven frozen projections in float8 e4m3 with a scale per output channel (Fp8), their GEMMs
+in float8 too (fp8_matmul); everything else as above.
 
 Errors in what a user gives (files, records, flags) are ValueError or OSError with one line that
 names the file, record, field or flag.
@@ -686,8 +688,8 @@ def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | No
     drop: where x sits, for the dropout mask (None: no dropout, as in evaluation). w may be an
     Fp8 (row: it is row-parallel, see fp8_matmul)."""
     if isinstance(w, Fp8):
-        x_, *parts = vary_alike(x, *(a for a in w if a is not None))   # (qt may be None)
-        y = fp8_matmul(x_, Fp8(*parts), row)
+        xv, *parts = vary_alike(x, *(a for a in w if a is not None))   # (qt may be None)
+        y = fp8_matmul(xv, Fp8(*parts), row)
     else:
         y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:

@@ -216,7 +216,7 @@ def run(args, given, out) -> dict:
     base = ""
     if cfg.fp8:
         base = ", projections in float8" + (" (and transposed)" if transposed else "")
-    say(f"loaded {sum(x.size for x in jax.tree.leaves(params)) / 1e6:,.1f}M parameters "
+    say(f"loaded {trainer.hf_parameters(cfg) / 1e6:,.1f}M parameters "
         f"({cfg.n_layers} layers, {dtype.name}{base}) in {load_s:.1f} s")
     tok = jora.Tokenizer(args.tokenizer or args.model)
     if args.seq_len and args.seq_len > cfg.max_positions:

@@ -1345,13 +1345,24 @@ def _drop_metrics_after(out: str, step: int) -> int:
     return len(lines) - len(keep)
 
 
+def hf_parameters(cfg) -> int:
+    """The model's parameters as its HF folder holds them (no lm_head padding; float8 scales
+    and transposed copies are not parameters)."""
+    def is_shape(x):
+        return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+    n = sum(math.prod(s) for s in jax.tree.leaves(jora.param_shapes(cfg), is_leaf=is_shape))
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size
+    return n - cfg.padded_vocab * cfg.d_model + head * cfg.d_model
+
+
 def export_run(out: str, cfg, params, lora, lcfg, *, source: str, dtype=jnp.bfloat16,
                log=print):
     """OUT/adapter (PEFT) and OUT/merged (HF). An old merged/ goes first: a crash between the two
     leaves a new adapter/ and no merged/, never a merged/ of other factors beside it."""
     merged = os.path.join(out, "merged")
     t = time.time()
-    size = sum(x.size for x in jax.tree.leaves(params)) * jnp.dtype(dtype).itemsize
+    size = hf_parameters(cfg) * jnp.dtype(dtype).itemsize
     log(f"writing {out}/adapter (PEFT) and {merged} (HF, {jnp.dtype(dtype).name}, "
         f"{size / 2**20:,.0f} MiB) ...")
     if jax.process_index() == 0 and os.path.exists(merged):
