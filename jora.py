@@ -340,6 +340,12 @@ class Layer(NamedTuple):
 BIASES, HEAD_NORMS = ("bq", "bk", "bv"), ("q_norm", "k_norm")
 
 
+def layer_fields(cfg: Config) -> tuple[str, ...]:
+    """The Layer fields a model of this config has (the rest stay None)."""
+    extra = BIASES * cfg.qkv_bias + HEAD_NORMS * cfg.qk_norm
+    return Layer._fields[:9] + extra
+
+
 class Fp8(NamedTuple):
     """A frozen projection W (I, O) in float8 (Config.fp8): W = q.T * scale, one scale per
     output channel. q keeps HF's (O, I) layout: Hopper's FP8 GEMMs (cuBLASLt's, and wgmma's)
@@ -352,8 +358,8 @@ class Fp8(NamedTuple):
 
 
 E4M3 = jnp.float8_e4m3fn   # 3 mantissa bits: the weights and the activations
-# The output gradients too: with a scale per position, e5m2's wider range buys nothing and its
-# 2 mantissa bits double the rounding error (bench/NOTES.md measures both).
+# The output gradients too: with a scale per position, e5m2's wider range buys nothing, and its
+# 2 mantissa bits round twice as coarsely.
 GRAD_FP8 = jnp.float8_e4m3fn
 
 
@@ -380,12 +386,6 @@ def fp8_weight(w, transposed: bool = False) -> Fp8:
 def dequantize(w: Fp8, dtype=jnp.float32):
     """Fp8 -> W (..., I, O) in dtype."""
     return jnp.swapaxes(w.q.astype(jnp.float32) * w.scale[..., None], -1, -2).astype(dtype)
-
-
-def layer_fields(cfg: Config) -> tuple[str, ...]:
-    """The Layer fields a model of this config has (the rest stay None)."""
-    extra = BIASES * cfg.qkv_bias + HEAD_NORMS * cfg.qk_norm
-    return Layer._fields[:9] + extra
 
 
 class Params(NamedTuple):
