@@ -320,7 +320,7 @@ class Options:
 class Layer(NamedTuple):
     """One field per weight of a decoder layer, stacked over the L layers: each leaf (L, ...).
     Unrolled (unstack_layers, what train.py runs), each leaf is instead a tuple of L one-layer
-    slices (1, ...). With Config.fp8, the seven projections are Fp8 pairs instead."""
+    slices (1, ...). With Config.fp8, each of the seven projections is an Fp8 of such leaves."""
     attn_norm: jax.Array      # (L, D)
     wq: jax.Array             # (L, D, N*H)   stored (in, out): HF's weight transposed
     wk: jax.Array             # (L, D, K*H)
@@ -901,7 +901,7 @@ def unstack_layers(params: Params, free: bool = False) -> Params:
     split = jax.jit(slices)
 
     def unstack(leaf):
-        if isinstance(leaf, Fp8):   # (its q and scale split alike)
+        if isinstance(leaf, Fp8):   # its arrays, each split alike
             return Fp8(*(unstack(x) for x in leaf))
         if leaf is None or isinstance(leaf, tuple):   # absent, or unstacked already
             return leaf
@@ -1721,7 +1721,7 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *, fp8: bool = False,
 
     def fp8_slices(field):   # Fp8 of L one-layer slices (1, O, I), (1, O) [, (1, I, O)]
         spec = getattr(specs.layers, field)
-        (_, i_, o_), slices = getattr(shapes.layers, field), []
+        (_, d_in, d_out), slices = getattr(shapes.layers, field), []
 
         def quantize_hf(w):   # (1, O, I) as stored -> Fp8
             return fp8_weight(jnp.swapaxes(w, -1, -2), cfg.fp8_transposed)
@@ -1731,8 +1731,8 @@ def load_hf(folder: str, dtype=jnp.bfloat16, mesh=None, *, fp8: bool = False,
             name = f"model.layers.{i}.{hf_tensor(field)}"
 
             def fill(index, name=name):   # this device's slice of layer i's (O, I), as stored
-                yield _read(files, name, (o_, i_), index[1:])[None], 0, 0
-            w = _place((1, o_, i_), spec.q, mesh, dt, fill)
+                yield _read(files, name, (d_out, d_in), index[1:])[None], 0, 0
+            w = _place((1, d_out, d_in), spec.q, mesh, dt, fill)
             slices.append(quantize(w))
             w.delete()
         return Fp8(*(None if x[0] is None else x for x in zip(*slices)))
