@@ -522,7 +522,7 @@ def test_train_py_on_chat_records_end_to_end(tmp_path, capsys):
     assert "\u27e6ok<|im_end|>\u27e7" in out and not os.path.exists(tmp_path / "out")
     run = str(tmp_path / "run")
     train.main(["--model", folder, "--data", str(data), "--out", run, "--steps", "40",
-                "--lr", "3e-2", "--warmup", "2", "--targets", "all", "--dtype", "float32",
+                "--lr", "1e-2", "--warmup", "2", "--targets", "all", "--dtype", "float32",
                 "--lora-dropout", "0", "--log-every", "10", "--eval-split", "0",
                 "--seq-len", "256"])
     rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
