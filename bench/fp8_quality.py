@@ -67,6 +67,8 @@ def main(argv=None):
     p.add_argument("model")
     p.add_argument("out")
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0, help="train.py's: data order, LoRA init, "
+                                                       "dropout (the task's records stay)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     records = task(2100)
@@ -80,7 +82,8 @@ def main(argv=None):
         out = os.path.join(args.out, base)
         cmd = [sys.executable, "train.py", "--model", args.model, "--data", data, "--out", out,
                "--overwrite", "--steps", str(args.steps), "--seq-len", "256",
-               "--batch-size", "4", "--seed", "0", "--log-every", "1", "--eval-split", "0.05"]
+               "--batch-size", "4", "--seed", str(args.seed), "--log-every", "1",
+               "--eval-split", "0.05"]
         if base == "fp8":
             cmd += ["--base-dtype", "float8"]
         print(" ".join(cmd), file=sys.stderr, flush=True)
