@@ -660,12 +660,10 @@ def _fp8_bwd(row: bool, w: Fp8, g):   # g (B, T, O)
     # scale (O,) is on the contracted axis now: folded into g before it is quantized
     gq, sg = to_fp8(g.astype(jnp.float32) * w.scale, GRAD_FP8,
                     reduce=None if row else model_max)
-    if w.qt is not None:   # (I, O)
-        dx = jax.lax.dot_general(gq, w.qt, (((2,), (1,)), ((), ())),
-                                 preferred_element_type=g.dtype)       # (B, T, I)
-    else:                  # q (O, I), transposed by XLA
-        dx = jax.lax.dot_general(gq, w.q, (((2,), (0,)), ((), ())),
-                                 preferred_element_type=g.dtype)
+    # qt (I, O) contracts its axis 1; without it, q (O, I) its axis 0, transposed by XLA
+    wt, o_axis = (w.q, 0) if w.qt is None else (w.qt, 1)
+    dx = jax.lax.dot_general(gq, wt, (((2,), (o_axis,)), ((), ())),
+                             preferred_element_type=g.dtype)           # (B, T, I)
     return (dx * sg).astype(g.dtype), None   # W is frozen: no gradient
 
 
