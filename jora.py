@@ -649,17 +649,35 @@ def model_max(a):
         return a
 
 
-def _fp8_fwd(x, w: Fp8, row: bool):
-    xq, sx = to_fp8(x, reduce=model_max if row else None)      # (B, T, I), (B, T, 1)
+def model_size() -> int:
+    """The "model" axis's size (inside shard_map), else 1."""
+    try:
+        return jax.lax.axis_size(MODEL)
+    except NameError:
+        return 1
+
+
+def fp8_rows(x, c, dtype, *, split: bool, kernel=None):
+    """x (B, T, C) [* c (C,) fp32] -> to_fp8's (q (B, T, C), scale (B, T, 1)), one scale per
+    position. split: the rows' features are split over "model" (their amax is a pmax then).
+    kernel: Ops.fp8_rows, (x (M, C), c, dtype) -> (q, s (M,)), for rows held whole."""
+    if kernel is None or (split and model_size() > 1):
+        x = x.astype(jnp.float32) if c is None else x.astype(jnp.float32) * c
+        return to_fp8(x, dtype, reduce=model_max if split else None)
+    q, s = kernel(x.reshape(-1, x.shape[-1]), c, dtype)
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def _fp8_fwd(x, w: Fp8, row: bool, kernel):
+    xq, sx = fp8_rows(x, None, E4M3, split=row, kernel=kernel)      # (B, T, I), (B, T, 1)
     y = jax.lax.dot_general(xq, w.q, (((2,), (1,)), ((), ())),
                             preferred_element_type=x.dtype)            # (B, T, O)
     return (y * sx * w.scale).astype(x.dtype), w
 
 
-def _fp8_bwd(row: bool, w: Fp8, g):   # g (B, T, O)
+def _fp8_bwd(row: bool, kernel, w: Fp8, g):   # g (B, T, O)
     # scale (O,) is on the contracted axis now: folded into g before it is quantized
-    gq, sg = to_fp8(g.astype(jnp.float32) * w.scale, GRAD_FP8,
-                    reduce=None if row else model_max)
+    gq, sg = fp8_rows(g, w.scale, GRAD_FP8, split=not row, kernel=kernel)
     # qt (I, O) contracts its axis 1; without it, q (O, I) its axis 0, transposed by XLA
     wt, o_axis = (w.q, 0) if w.qt is None else (w.qt, 1)
     dx = jax.lax.dot_general(gq, wt, (((2,), (o_axis,)), ((), ())),
@@ -667,27 +685,28 @@ def _fp8_bwd(row: bool, w: Fp8, g):   # g (B, T, O)
     return (dx * sg).astype(g.dtype), None   # W is frozen: no gradient
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def fp8_matmul(x, w: Fp8, row: bool = False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def fp8_matmul(x, w: Fp8, row: bool = False, kernel=None):
     """x (B, T, I) @ W (I, O) for an Fp8 W, in float8 GEMMs with fp32 accumulation: x is
     quantized to e4m3 with a scale per position, and in the backward the output's gradient
     likewise, so each GEMM's scales are a row and a column factor of its result. row: the
     projection is row-parallel (x's features split over "model"; else its outputs are): the
-    scales are taken over whole rows then, so that any tp quantizes alike."""
-    return _fp8_fwd(x, w, row)[0]
+    scales are taken over whole rows then, so that any tp quantizes alike. kernel: how rows
+    are quantized (fp8_rows)."""
+    return _fp8_fwd(x, w, row, kernel)[0]
 
 
 fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
 
 
 def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | None = None,
-            *, row: bool = False):
+            *, row: bool = False, fp8_kernel=None):
     """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B.
     drop: where x sits, for the dropout mask (None: no dropout, as in evaluation). w may be an
-    Fp8 (row: it is row-parallel, see fp8_matmul)."""
+    Fp8 (row: it is row-parallel; fp8_kernel: see fp8_matmul)."""
     if isinstance(w, Fp8):
         xv, *parts = vary_alike(x, *(a for a in w if a is not None))   # (qt may be None)
-        y = fp8_matmul(xv, Fp8(*parts), row)
+        y = fp8_matmul(xv, Fp8(*parts), row, fp8_kernel)
     else:
         y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:
@@ -937,16 +956,24 @@ def over_positions(f, h, *, chunk: int, policy):
     return jnp.concatenate([f(h[:, s:s + chunk], s) for s in range(0, h.shape[1], chunk)], 1)
 
 
+def kernel_fp8_rows(x, c, dtype):
+    """fp8_rows' kernel: kernels.fp8_rows (Pallas' interpreter off GPUs)."""
+    from kernels.fp8_rows import quantize_rows
+    return quantize_rows(x, c, dtype=dtype, interpret=jax.default_backend() != "gpu")
+
+
 def kernel_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None,
                    drop: Dropout | None = None, *, row: bool = False, anywhere: bool = False):
     """`project` through kernels.lora_matmul: x @ w and the LoRA product in one GEMM, forward
     and backward. The glue between the model and the kernel is all here: (B, T, I) rows to
     the kernel's 2-D (B*T, I) and back, the dropout mask (the LoRA branch's own input), the
     operands cast alike in shard_map's varying axes, and `project` itself where the kernel
-    does not apply: no adapter, an Fp8 weight, or (unless `anywhere`) shapes off the Hopper
-    kernel's tiles."""
+    does not apply: no adapter, or (unless `anywhere`) shapes off the Hopper kernel's tiles.
+    An Fp8 weight goes to `project` too, with kernels.fp8_rows to quantize its rows."""
     from kernels.lora_matmul import fits_hopper, lora_matmul
-    if ab is None or isinstance(w, Fp8):
+    if isinstance(w, Fp8):   # its GEMMs are XLA's; its rows quantized by kernels.fp8_rows
+        return project(x, w, ab, lcfg, drop, row=row, fp8_kernel=kernel_fp8_rows)
+    if ab is None:
         return project(x, w, ab, lcfg, drop, row=row)
     rows = rearrange(x, "B T I -> (B T) I")
     if not anywhere and not fits_hopper(rows, w, ab.a):

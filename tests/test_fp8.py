@@ -107,6 +107,55 @@ def test_projection_forward_and_input_gradient_within_the_e4m3_bound(transposed)
         assert 1e-3 < rel(got, want) < 0.05, rel(got, want)
 
 
+@pytest.mark.parametrize("shape, with_c, block", [((6, 96), False, None), ((5, 1500), True, None),
+                                                  ((3, 40), True, None), ((4, 1500), True, 256)])
+def test_the_row_kernel_matches_numpy(shape, with_c, block):
+    """kernels/fp8_rows.py in Pallas' interpreter: rows spanning 8 orders of magnitude, one
+    with subnormals beside normals, one all zero; widths off a power of two; the whole row
+    at once, and in blocks (block=256) as past WHOLE columns."""
+    from kernels.fp8_rows import quantize_rows
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32) * np.logspace(-4, 4, shape[0])[:, None]
+    x[1, : shape[1] // 2] *= 1e-6
+    x[2] = 0.0
+    c = np.exp(rng.standard_normal(shape[1])).astype(np.float32) if with_c else None
+    q, s = quantize_rows(jnp.asarray(x, jnp.bfloat16), None if c is None else jnp.asarray(c),
+                         block=block, interpret=True)
+    assert q.dtype == jnp.float8_e4m3fn and q.shape == shape and s.shape == shape[:1]
+    xc = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) * (1 if c is None else c)
+    want_q, want_s = quantize_np(xc)
+    np.testing.assert_allclose(np.asarray(s), want_s[:, 0], rtol=2.5e-7)
+    got_q = np.asarray(q, np.float32)
+    assert (np.abs(got_q - want_q) <= 2.0**-3 * np.abs(want_q) + 2.0**-9).all()
+    assert (got_q == want_q).mean() > 0.99
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_row_kernel_in_the_model_equals_xla(tp):
+    """Loss and LoRA gradients of a float8 model with its rows quantized by kernels/fp8_rows.py
+    (Plan kernels="pallas") equal XLA's quantization (kernels="xla"); at tp = 2 the rows split
+    over "model" keep XLA's, with its pmax."""
+    if len(jax.devices()) < tp:
+        pytest.skip(f"needs {tp} devices")
+    cfg, p8, _ = fp8_model(GQA, jax.random.key(5), transposed=True)
+    lcfg = jora.LoraConfig(r=4, targets=jora.PROJ, dropout=0.0)
+    lora = random_lora(jax.random.key(6), cfg, lcfg)
+    batch = jora.make_batch(np.random.default_rng(7).integers(0, cfg.vocab_size, (2, 33)))
+    mesh = jora.make_mesh(tp, jax.devices()[:tp])
+    params = jora.shard(p8, jora.param_specs(cfg), mesh)
+
+    def run(kernels):
+        f = jax.value_and_grad(
+            lambda lo: jora.loss(params, lo, batch, cfg, lcfg, plan=jora.Plan(kernels=kernels)))
+        assert ("quantize_rows" in str(jax.make_jaxpr(f)(lora))) == (kernels == "pallas")
+        loss, grads = f(lora)
+        return float(loss), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+
+    (lk, gk), (lx, gx) = run("pallas"), run("xla")
+    # a scale an fp32 ulp apart may move a value on a rounding tie by one e4m3 step
+    assert abs(lk - lx) < 1e-4 * abs(lx) and rel(gk, gx) < 1e-3, (lk, lx, rel(gk, gx))
+
+
 def fp8_model(cfg, key, transposed: bool):
     """(the float8 config, its params, the same model with the dequantized projections)"""
     cfg8 = dataclasses.replace(cfg, fp8=True, fp8_transposed=transposed)
