@@ -668,20 +668,25 @@ def fp8_rows(x, c, dtype, *, split: bool, kernel=None):
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
+def fp8_dot(a, w: Fp8, *, back: bool = False, dtype=jnp.bfloat16):
+    """a (..., K) float8 against W's float8 values, fp32 accumulation -> (..., N) dtype, unscaled:
+    forward, K = I against q (O, I); back (the input gradient), K = O against qt (I, O), or
+    q's axis 0 where there is no qt (XLA transposes it)."""
+    wt, k_axis = (w.q, 1) if not back else (w.q, 0) if w.qt is None else (w.qt, 1)
+    return jax.lax.dot_general(a, wt, (((a.ndim - 1,), (k_axis,)), ((), ())),
+                               preferred_element_type=dtype)
+
+
 def _fp8_fwd(x, w: Fp8, row: bool, kernel):
     xq, sx = fp8_rows(x, None, E4M3, split=row, kernel=kernel)      # (B, T, I), (B, T, 1)
-    y = jax.lax.dot_general(xq, w.q, (((2,), (1,)), ((), ())),
-                            preferred_element_type=x.dtype)            # (B, T, O)
+    y = fp8_dot(xq, w, dtype=x.dtype)                                 # (B, T, O)
     return (y * sx * w.scale).astype(x.dtype), w
 
 
 def _fp8_bwd(row: bool, kernel, w: Fp8, g):   # g (B, T, O)
     # scale (O,) is on the contracted axis now: folded into g before it is quantized
     gq, sg = fp8_rows(g, w.scale, GRAD_FP8, split=not row, kernel=kernel)
-    # qt (I, O) contracts its axis 1; without it, q (O, I) its axis 0, transposed by XLA
-    wt, o_axis = (w.q, 0) if w.qt is None else (w.qt, 1)
-    dx = jax.lax.dot_general(gq, wt, (((2,), (o_axis,)), ((), ())),
-                             preferred_element_type=g.dtype)           # (B, T, I)
+    dx = fp8_dot(gq, w, back=True, dtype=g.dtype)                     # (B, T, I)
     return (dx * sg).astype(g.dtype), None   # W is frozen: no gradient
 
 
@@ -793,6 +798,7 @@ class Ops(NamedTuple):
     project: Callable = project        # (x, w, ab, lcfg, drop, row=) -> x @ w [+ LoRA]
     swiglu: Callable = swiglu          # (g, u) -> silu(g) * u
     gate_up: Callable | None = None    # (h, w_gate, w_up) -> swiglu(h @ w_gate, h @ w_up)
+    fp8_mlp: Callable | None = None    # (h, w_gate, w_up, w_down) -> the MLP, all three Fp8
     mlp_over: Callable | None = None   # (mlp, h) -> mlp(h, s) over chunks of positions
 
 
@@ -847,10 +853,15 @@ def decoder_layer(x, w: Layer, ab: Lora, positions, attn, *, cfg: Config,
         # With dropout on down's adapter, XLA's gate is faster than the kernel's.
         act, gate_up = swiglu, None
 
+    fp8_mlp = None
     if isinstance(w.w_gate, Fp8):   # the fused gate and up kernel takes bf16 weights
         gate_up = None
+        if ab.gate is None and ab.up is None and ab.down is None and model_size() == 1:
+            fp8_mlp = ops.fp8_mlp   # (rows split over "model" need a pmax for their scales)
 
     def mlp(h, s):   # h (B, C, D) at positions [s, s + C) -> this device's partial (B, C, D)
+        if fp8_mlp is not None:
+            return fp8_mlp(h, w.w_gate, w.w_up, w.w_down)
         if gate_up is not None and ab.gate is None and ab.up is None:
             return linear("down", gate_up(h, w.w_gate, w.w_up), s)
         g, u = tag(linear("gate", h, s), "gate"), tag(linear("up", h, s), "up")  # (B, C, F/tp)
@@ -962,6 +973,44 @@ def kernel_fp8_rows(x, c, dtype):
     return quantize_rows(x, c, dtype=dtype, interpret=jax.default_backend() != "gpu")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def kernel_fp8_mlp(h, w_gate: Fp8, w_up: Fp8, w_down: Fp8, interpret: bool = False):
+    """h (B, T, D) -> down(silu(gate(h)) * up(h)) (B, T, D) for Fp8 gate, up and down without
+    adapters, on rows held whole (tp = 1): fp8_matmul's arithmetic, with the gate in
+    kernels.fp8_rows. Its forward reads the gate and up GEMMs' raw outputs and writes down's
+    float8 input; its backward reads them again with down's raw input gradient and writes the
+    float8 gradients of gate and up. So no (B, T, F) tensor is written in bf16 but the GEMMs'
+    outputs, and g, u and their gradients are not rounded to bf16 on the way."""
+    return _fp8_mlp_fwd(h, w_gate, w_up, w_down, interpret)[0]
+
+
+def _fp8_mlp_fwd(h, w_gate, w_up, w_down, interpret):
+    from kernels.fp8_rows import quantize_rows, swiglu_rows
+    x = rearrange(h, "B T D -> (B T) D")
+    xq, sx = quantize_rows(x, dtype=E4M3, interpret=interpret)                   # (M, D), (M,)
+    g, u = fp8_dot(xq, w_gate, dtype=h.dtype), fp8_dot(xq, w_up, dtype=h.dtype)  # (M, F) raw
+    hq, sh = swiglu_rows(g, u, sx, w_gate.scale, w_up.scale, dtype=E4M3, interpret=interpret)
+    y = fp8_dot(hq, w_down, dtype=h.dtype) * sh[:, None] * w_down.scale         # (M, D)
+    y = rearrange(y.astype(h.dtype), "(B T) D -> B T D", B=h.shape[0])
+    return y, (g, u, sx, w_gate, w_up, w_down)
+
+
+def _fp8_mlp_bwd(interpret, residuals, dy):   # dy (B, T, D)
+    from kernels.fp8_rows import quantize_rows, swiglu_grad_rows
+    g, u, sx, w_gate, w_up, w_down = residuals
+    dyq, sdy = quantize_rows(rearrange(dy, "B T D -> (B T) D"), w_down.scale, dtype=GRAD_FP8,
+                             interpret=interpret)
+    dh = fp8_dot(dyq, w_down, back=True, dtype=g.dtype)                        # (M, F) raw
+    qg, sg, qu, su = swiglu_grad_rows(g, u, sx, w_gate.scale, w_up.scale, dh, sdy,
+                                      dtype=GRAD_FP8, interpret=interpret)
+    dx = (fp8_dot(qg, w_gate, back=True, dtype=jnp.float32) * sg[:, None]
+          + fp8_dot(qu, w_up, back=True, dtype=jnp.float32) * su[:, None])     # (M, D)
+    return rearrange(dx.astype(dy.dtype), "(B T) D -> B T D", B=dy.shape[0]), None, None, None
+
+
+kernel_fp8_mlp.defvjp(_fp8_mlp_fwd, _fp8_mlp_bwd)
+
+
 def kernel_project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None,
                    drop: Dropout | None = None, *, row: bool = False, anywhere: bool = False):
     """`project` through kernels.lora_matmul: x @ w and the LoRA product in one GEMM, forward
@@ -1010,8 +1059,14 @@ def kernel_ops(plan: Plan) -> Ops | None:
     def gate_up_kernel(h, w_gate, w_up):
         return gate.gate_up(h, w_gate, w_up, interpret)
 
+    def fp8_mlp_kernel(h, *ws):   # (the operands cast alike, as in project; qt may be None)
+        h, *leaves = vary_alike(h, *(a for w in ws for a in w if a is not None))
+        leaves = iter(leaves)
+        ws = [Fp8(*(None if a is None else next(leaves) for a in w)) for w in ws]
+        return kernel_fp8_mlp(h, *ws, interpret)
+
     return Ops(project=functools.partial(kernel_project, anywhere=plan.kernels == "pallas"),
-               swiglu=gate_kernel, gate_up=gate_up_kernel)
+               swiglu=gate_kernel, gate_up=gate_up_kernel, fp8_mlp=fp8_mlp_kernel)
 
 
 def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
@@ -1034,7 +1089,7 @@ def run_layers(layer, x, layers: Layer, lora: Lora, plan: Plan, *args):
             ops = ops._replace(mlp_over=functools.partial(
                 over_positions, chunk=plan.mlp_chunk, policy=REMAT[remat]))
         if remat in ("min", "dots"):   # they rerun the gate and up GEMMs: no fused gate_up
-            ops = ops._replace(gate_up=None)
+            ops = ops._replace(gate_up=None, fp8_mlp=None)
         f = functools.partial(layer, ops=ops)
         if remat != "none":
             f = jax.checkpoint(f, policy=REMAT[remat])
