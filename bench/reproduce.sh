@@ -8,8 +8,9 @@
 #   all7-16k    all seven at 16,384: the same three
 #   l3-qv-2k    q,v at 2,048 on Llama-3.1-8B's shape (--size llama3-8b): the same four
 #   l3-all7-2k  all seven at 2,048 on Llama-3.1-8B's shape: the same four
-#   fp8         the float8 base (--base-dtype float8): q,v and all seven on Llama-2-7B, q,v on
-#               Llama-3.1-8B and Llama-2-70B (--remat full), beside the bf16 base and Liger on q,v
+#   fp8         the float8 base (--base-dtype float8): q,v and all seven on Llama-2-7B and
+#               Llama-3.1-8B beside the bf16 base, Liger (and HF + PEFT on q,v); q,v on
+#               Llama-2-70B (--remat full)
 #   longest     jora alone, q,v at 327,680 (--remat full --mlp-chunk 16384), one step: needs
 #               an H200's memory
 #   e2e         DATA=FILE (Alpaca JSON) TOKENIZER=DIR (a folder with Llama-2's tokenizer.model):
@@ -68,11 +69,15 @@ case "$part" in
   all7-16k) row16k all $ALL7 ;;
   l3-qv-2k)   SIZE=llama3-8b; row2k q,v q_proj,v_proj; SIZE=7b ;;
   l3-all7-2k) SIZE=llama3-8b; row2k all $ALL7; SIZE=7b ;;
-  fp8)      jora --seq-len 2048 --targets q,v --bench-steps 10 --base-dtype float8
-            jora --seq-len 2048 --targets q,v --bench-steps 10
-            liger --seq 2048 --targets q_proj,v_proj --steps 10
-            jora --seq-len 2048 --targets all --bench-steps 10 --base-dtype float8
-            SIZE=llama3-8b; jora --seq-len 2048 --targets q,v --bench-steps 10 --base-dtype float8
+  fp8)      for SIZE in 7b llama3-8b; do
+              for t in "q,v q_proj,v_proj" "all $ALL7"; do
+                set -- $t
+                jora --seq-len 2048 --targets "$1" --bench-steps 10 --base-dtype float8
+                jora --seq-len 2048 --targets "$1" --bench-steps 10
+                liger --seq 2048 --targets "$2" --steps 10
+              done
+              hf --seq 2048 --targets q_proj,v_proj --steps 10
+            done
             SIZE=70b; jora --seq-len 2048 --targets q,v --bench-steps 3 --base-dtype float8 \
               --remat full; SIZE=7b ;;
   longest)  jora --seq-len 327680 --targets q,v --remat full --mlp-chunk 16384 --bench-steps 1 \

@@ -175,8 +175,9 @@ def test_the_row_kernels_in_the_model_equal_xla(tp, targets):
     params = jora.shard(p8, jora.param_specs(cfg), mesh)
 
     def run(kernels):
-        f = jax.value_and_grad(
-            lambda lo: jora.loss(params, lo, batch, cfg, lcfg, plan=jora.Plan(kernels=kernels)))
+        f = jax.value_and_grad(lambda lo: jora.loss(
+            params, lo, batch, cfg, lcfg, plan=jora.Plan(kernels=kernels),
+            opts=jora.Options(attention="xla")))   # (cuDNN's takes no float32)
         jaxpr = str(jax.make_jaxpr(f)(lora))
         assert ("quantize_rows" in jaxpr) == (kernels == "pallas")
         # the MLP's own kernels where gate, up and down have no adapter and their rows are whole
