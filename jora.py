@@ -660,7 +660,8 @@ def model_size() -> int:
 def fp8_rows(x, c, dtype, *, split: bool, kernel=None):
     """x (B, T, C) [* c (C,) fp32] -> to_fp8's (q (B, T, C), scale (B, T, 1)), one scale per
     position. split: the rows' features are split over "model" (their amax is a pmax then).
-    kernel: Ops.fp8_rows, (x (M, C), c, dtype) -> (q, s (M,)), for rows held whole."""
+    kernel: (x (M, C), c, dtype) -> (q, s (M,)), the same in one kernel for rows held whole
+    (kernel_fp8_rows)."""
     if kernel is None or (split and model_size() > 1):
         x = x.astype(jnp.float32) if c is None else x.astype(jnp.float32) * c
         return to_fp8(x, dtype, reduce=model_max if split else None)
