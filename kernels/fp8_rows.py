@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from kernels.swiglu import grads32   # (dg, du) of silu(g) * u, fp32
+
 E4M3 = jnp.float8_e4m3fn
 WHOLE = 32768   # the widest row a program holds whole (16 warps: 64 fp32 values a thread)
 BLOCK = 1024    # else the columns it reads at a time (4 warps)
@@ -46,11 +48,6 @@ def _quantized(x, dtype):   # x (M, C) fp32 -> (q, s (M,)), each row its own sca
 
 def _gate(g, u):   # fp32 -> silu(g) * u
     return g * jax.nn.sigmoid(g) * u
-
-
-def _gate_grads(g, u, dh):   # fp32 -> (dg, du) of silu(g) * u
-    s = jax.nn.sigmoid(g)
-    return dh * u * s * (1 + g * (1 - s)), dh * g * s
 
 
 def _true(g, u, a, cg, cu):   # the GEMM's raw outputs (M, C) with their scales -> fp32 g, u
@@ -73,7 +70,7 @@ def swiglu_reference(g, u, a, cg, cu, dtype=E4M3):
 def swiglu_grad_reference(g, u, a, cg, cu, dh, b, dtype=E4M3):
     """swiglu_grad_rows in plain jnp: (qg, sg, qu, su), the rows of dG * cg and dU * cu."""
     dh = dh.astype(jnp.float32) * b.astype(jnp.float32)[:, None]
-    dg, du = _gate_grads(*_true(g, u, a, cg, cu), dh)
+    dg, du = grads32(*_true(g, u, a, cg, cu), dh)
     return (*_quantized(dg * cg, dtype), *_quantized(du * cu, dtype))
 
 
@@ -192,7 +189,7 @@ def swiglu_grad_rows(g, u, a, cg, cu, dh, b, *, dtype=E4M3, block: int | None = 
         _check(x, name, shape)
 
     def values(g, u, a, cg, cu, dh, b):
-        dg, du = _gate_grads(g * a * cg, u * a * cu, dh * b)
+        dg, du = grads32(g * a * cg, u * a * cu, dh * b)
         return dg * cg, du * cu
 
     return _call(values, (g, u, a, cg, cu, dh, b), (0, 0, 0, None, None, 0, 0), 2, dtype=dtype,

@@ -37,7 +37,7 @@ BLOCK = 1024   # elements a program (4 warps, 8 a thread): the fastest of 1,024-
 MAX_ELEMENTS = 2**31 - 1   # the kernel's flat offsets are int32; `swiglu` falls back to XLA past it
 
 
-def _grads32(g, u, dh):
+def grads32(g, u, dh):
     """(dg, du) of h = silu(g) * u in fp32, from fp32 g, u, dh."""
     s = jax.nn.sigmoid(g)
     du = dh * g * s
@@ -48,7 +48,7 @@ def _grads32(g, u, dh):
 def reference(g, u, dh):
     """The kernel's result in plain jnp: fp32 arithmetic, outputs rounded to g's dtype."""
     f32 = jnp.float32
-    dg, du = _grads32(g.astype(f32), u.astype(f32), dh.astype(f32))
+    dg, du = grads32(g.astype(f32), u.astype(f32), dh.astype(f32))
     return dg.astype(g.dtype), du.astype(g.dtype)
 
 
@@ -64,7 +64,7 @@ def _kernel(g_ref, u_ref, dh_ref, dg_ref, du_ref, *, n: int):
         return plt.load(r, mask=mask, other=0)
 
     f32 = jnp.float32
-    dg, du = _grads32(load(g_ref).astype(f32), load(u_ref).astype(f32), load(dh_ref).astype(f32))
+    dg, du = grads32(load(g_ref).astype(f32), load(u_ref).astype(f32), load(dh_ref).astype(f32))
     for ref, val in ((dg_ref, dg), (du_ref, du)):
         if mask is None:
             ref[...] = val.astype(ref.dtype)
