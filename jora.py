@@ -974,17 +974,6 @@ def kernel_fp8_rows(x, c, dtype):
     return quantize_rows(x, c, dtype=dtype, interpret=jax.default_backend() != "gpu")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def kernel_fp8_mlp(h, w_gate: Fp8, w_up: Fp8, w_down: Fp8, interpret: bool = False):
-    """h (B, T, D) -> down(silu(gate(h)) * up(h)) (B, T, D) for Fp8 gate, up and down without
-    adapters, on rows held whole (tp = 1): fp8_matmul's arithmetic, with the gate in
-    kernels.fp8_rows. Its forward reads the gate and up GEMMs' raw outputs and writes down's
-    float8 input; its backward reads them again with down's raw input gradient and writes the
-    float8 gradients of gate and up. So no (B, T, F) tensor is written in bf16 but the GEMMs'
-    outputs, and g, u and their gradients are not rounded to bf16 on the way."""
-    return _fp8_mlp_fwd(h, w_gate, w_up, w_down, interpret)[0]
-
-
 def _fp8_mlp_fwd(h, w_gate, w_up, w_down, interpret):
     from kernels.fp8_rows import quantize_rows, swiglu_rows
     x = rearrange(h, "B T D -> (B T) D")
@@ -1007,6 +996,17 @@ def _fp8_mlp_bwd(interpret, residuals, dy):   # dy (B, T, D)
     dx = (fp8_dot(qg, w_gate, back=True, dtype=jnp.float32) * sg[:, None]
           + fp8_dot(qu, w_up, back=True, dtype=jnp.float32) * su[:, None])     # (M, D)
     return rearrange(dx.astype(dy.dtype), "(B T) D -> B T D", B=dy.shape[0]), None, None, None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def kernel_fp8_mlp(h, w_gate: Fp8, w_up: Fp8, w_down: Fp8, interpret: bool = False):
+    """h (B, T, D) -> down(silu(gate(h)) * up(h)) (B, T, D) for Fp8 gate, up and down without
+    adapters, on rows held whole (tp = 1): fp8_matmul's arithmetic, with the gate in
+    kernels.fp8_rows. Its forward reads the gate and up GEMMs' raw outputs and writes down's
+    float8 input; its backward reads them again with down's raw input gradient and writes the
+    float8 gradients of gate and up. So no (B, T, F) tensor is written in bf16 but the GEMMs'
+    outputs, and g, u and their gradients are not rounded to bf16 on the way."""
+    return _fp8_mlp_fwd(h, w_gate, w_up, w_down, interpret)[0]
 
 
 kernel_fp8_mlp.defvjp(_fp8_mlp_fwd, _fp8_mlp_bwd)
