@@ -1039,12 +1039,35 @@ AUTO_PLANS = (dict(remat="none"), dict(remat="min"),
               dict(remat="attn", mlp_chunk=2048), dict(remat="full", mlp_chunk=2048))
 
 
+def device_bytes(tree) -> int:
+    """Bytes of a pytree's arrays on one device (each array's shard there)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def least_bytes(cfg, plan: jora.Plan, mesh, *, state, params, batch) -> int:
+    """A floor under any plan's peak on one device, known without compiling: the weights and
+    the training state, plus what the backward keeps for certain of every layer but the first
+    (the first may need no input gradient): its input (every remat policy keeps that), and for
+    "none" and "min" also the attention's q, k and v (B, T, (N + 2K) H / tp)."""
+    tp, dp = mesh.shape[jora.MODEL], mesh.shape[jora.DATA]
+    positions = batch.tokens[0].size // dp                 # one micro-batch's, on one device
+    if plan.sequence_parallel and tp > 1:
+        positions //= tp
+    width = cfg.d_model
+    if plan.remat in ("none", "min"):
+        width += (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim // tp
+    kept = (cfg.n_layers - 1) * positions * width * params.embed.dtype.itemsize
+    return device_bytes(params) + device_bytes(state) + kept
+
+
 def choose_plan(cfg, lcfg, tcfg, mesh, *, opts, plan, state, params, batch, key,
                 margin: float = 0.9, limit: int | None = None, log=print):
     """remat "auto": the fastest of AUTO_PLANS whose compiled step, at this batch's shape, plans
     at most `margin` of `limit` (default: the device's memory) -> (Plan, step_fn, compiled
-    step or None, seconds spent). Where no limit is known (XLA's CPU backend), the plain plan.
-    The line it logs says why."""
+    step or None, seconds spent). A plan whose floor (least_bytes) is already over that is
+    passed over without compiling (a 70B model's compiles take minutes each). Where no limit
+    is known (XLA's CPU backend), the plain plan. The line it logs says why."""
     local = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
     limit = limit or (local.memory_stats() or {}).get("bytes_limit")
 
@@ -1060,6 +1083,11 @@ def choose_plan(cfg, lcfg, tcfg, mesh, *, opts, plan, state, params, batch, key,
         if auto.get("chunk_layers") and not jora.unstacked(params.layers):
             continue
         p = dataclasses.replace(plan, **{"mlp_chunk": 0, "chunk_layers": 0, **auto})
+        floor = least_bytes(cfg, p, mesh, state=state, params=params, batch=batch)
+        if floor > margin * limit and auto is not AUTO_PLANS[-1]:   # no compile can help
+            log(f"remat auto: {describe(p)} keeps at least {floor / 2**30:.1f} GiB: skipped")
+            tried.append(f"{describe(p)} >= {floor / 2**30:.1f} GiB")
+            continue
         log(f"remat auto: compiling the step with {describe(p)} ...")
         compiled, t = compile_step(step_of(p), (state, params, batch, key), log)
         spent += t

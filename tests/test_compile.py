@@ -51,6 +51,30 @@ def test_remat_auto_takes_the_fastest_plan_that_fits():
     assert chosen.remat == "none" and "the fastest plan" in lines[-1]
 
 
+def test_remat_auto_skips_plans_that_cannot_fit_without_compiling_them():
+    """least_bytes is a floor under each plan's compiled peak; where the floor of none and min
+    is over the limit, auto says so and compiles neither."""
+    params, lcfg, tcfg, mesh, state, b = _setup(seq=1024)
+    floors = {}
+    for plan in trainer.AUTO_PLANS:
+        p = jora.Plan(**plan)
+        step = jora.make_train_step(GQA, lcfg, tcfg, mesh, plan=p)
+        need = trainer.planned_bytes(step.lower(state, params, b, jax.random.key(0)).compile())
+        floors[trainer.describe(p)] = floor = trainer.least_bytes(GQA, p, mesh, state=state,
+                                                                 params=params, batch=b)
+        assert 0 < floor <= need, (plan, floor, need)
+    assert floors["none"] == floors["min"] > floors["attn + MLP chunks of 2048"]
+    lines = []
+    limit = int(floors["min"] / 0.9) - 1   # none and min cannot fit, the rest may
+    trainer.choose_plan(
+        GQA, lcfg, tcfg, mesh, opts=jora.Options(), plan=jora.Plan(remat="auto"), state=state,
+        params=params, batch=b, key=jax.random.key(0), limit=limit, log=lines.append)
+    assert "remat auto: none keeps at least" in lines[0] and "skipped" in lines[0], lines
+    assert "remat auto: min keeps at least" in lines[1], lines
+    assert not any("compiling the step with none" in l or "compiling the step with min ..." in l
+                   for l in lines), lines
+
+
 def test_remat_auto_on_cpu_trains_the_plain_plan(tmp_path):
     params, lcfg, tcfg, mesh, _, _ = _setup()
     rng = np.random.default_rng(1)
