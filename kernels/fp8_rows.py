@@ -32,7 +32,7 @@ from jax.experimental.pallas import triton as plt
 from kernels.swiglu import grads32   # (dg, du) of silu(g) * u, fp32
 
 E4M3 = jnp.float8_e4m3fn
-WHOLE = 32768   # the widest row a program holds whole (16 warps: 64 fp32 values a thread)
+WHOLE = 32768   # the widest row a program holds whole (16 warps: 64 values a thread an input)
 BLOCK = 1024    # else the columns it reads at a time (4 warps)
 
 
@@ -121,7 +121,8 @@ def _row_kernel(*refs, n_in: int, values, block: int, top: float):
 
 def _call(values, args, axes, n_out: int, *, dtype, block, interpret, name):
     """Run _row_kernel over the rows: args, each (M, C) row-split (axis 0), (M,) row-split
-    (axis 0) or (C,) shared (None) as `axes` says -> n_out pairs (q (M, C), s (M,))."""
+    (axis 0) or (C,) shared (None) as `axes` says -> q (M, C), s (M,) for each of n_out
+    outputs, in one flat tuple."""
     m, n = args[0].shape
     whole = max(16, pl.next_power_of_2(n))
     if block is None:
