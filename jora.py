@@ -663,7 +663,7 @@ def fp8_rows(x, c, dtype, *, split: bool, kernel=None):
     kernel: (x (M, C), c, dtype) -> (q, s (M,)), the same in one kernel for rows held whole
     (kernel_fp8_rows)."""
     if kernel is None or (split and model_size() > 1):
-        x = x.astype(jnp.float32) if c is None else x.astype(jnp.float32) * c
+        x = x if c is None else x.astype(jnp.float32) * c
         return to_fp8(x, dtype, reduce=model_max if split else None)
     q, s = kernel(x.reshape(-1, x.shape[-1]), c, dtype)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
@@ -705,14 +705,20 @@ def fp8_matmul(x, w: Fp8, row: bool = False, kernel=None):
 fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
 
 
+def vary_with_fp8(x, *ws: Fp8):
+    """vary_alike for x and Fp8 weights (whose qt may be None) -> (x, *ws), cast alike."""
+    x, *leaves = vary_alike(x, *(a for w in ws for a in w if a is not None))
+    leaves = iter(leaves)
+    return (x, *(Fp8(*(None if a is None else next(leaves) for a in w)) for w in ws))
+
+
 def project(x, w, ab: LoraAB | None, lcfg: LoraConfig | None, drop: Dropout | None = None,
             *, row: bool = False, fp8_kernel=None):
     """x (B, T, I) @ w (I, O) [+ scale * dropout(x) @ A @ B] -> (B, T, O); never forms A @ B.
     drop: where x sits, for the dropout mask (None: no dropout, as in evaluation). w may be an
     Fp8 (row: it is row-parallel; fp8_kernel: see fp8_matmul)."""
     if isinstance(w, Fp8):
-        xv, *parts = vary_alike(x, *(a for a in w if a is not None))   # (qt may be None)
-        y = fp8_matmul(xv, Fp8(*parts), row, fp8_kernel)
+        y = fp8_matmul(*vary_with_fp8(x, w), row, fp8_kernel)
     else:
         y = jnp.einsum("BTI,IO->BTO", x, w)
     if ab is None:
@@ -1060,11 +1066,8 @@ def kernel_ops(plan: Plan) -> Ops | None:
     def gate_up_kernel(h, w_gate, w_up):
         return gate.gate_up(h, w_gate, w_up, interpret)
 
-    def fp8_mlp_kernel(h, *ws):   # (the operands cast alike, as in project; qt may be None)
-        h, *leaves = vary_alike(h, *(a for w in ws for a in w if a is not None))
-        leaves = iter(leaves)
-        ws = [Fp8(*(None if a is None else next(leaves) for a in w)) for w in ws]
-        return kernel_fp8_mlp(h, *ws, interpret)
+    def fp8_mlp_kernel(h, *ws):   # (the operands cast alike, as in project)
+        return kernel_fp8_mlp(*vary_with_fp8(h, *ws), interpret)
 
     return Ops(project=functools.partial(kernel_project, anywhere=plan.kernels == "pallas"),
                swiglu=gate_kernel, gate_up=gate_up_kernel, fp8_mlp=fp8_mlp_kernel)
