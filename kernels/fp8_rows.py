@@ -12,10 +12,11 @@ cg, cu (C,) column scales, as an FP8 GEMM leaves them: g = its raw output, g a c
 
 Why kernels. XLA quantizes a row in two passes: a reduction for the row's amax, then an
 elementwise pass that reads the row again from HBM to divide and round. Here a program owns
-one row and reads it once: whole into registers where it fits (up to WHOLE columns), else in
-blocks, twice (for the amax, asking the cache to keep it, then for the division, mostly from
-L2). The SwiGLU kernels also do the gate's own arithmetic on the way, so its (M, C) results
-never reach HBM in bf16: what the next FP8 GEMM needs is their float8 rows.
+one row and reads it once, whole into registers, where its inputs and outputs fit (WHOLE
+values); a wider row it reads in blocks, twice: for the amax, asking the cache to keep it,
+then for the division. The SwiGLU kernels also do the gate's own arithmetic on the way, so
+its (M, C) results never reach HBM in bf16: what the next FP8 GEMM needs is their float8
+rows.
 
 Numerics: fp32 throughout, one rounding to the float8 format at the end; values are clipped to
 the largest finite value first, since e4m3fn has no infinity. Each kernel has a `*_reference`
@@ -32,8 +33,8 @@ from jax.experimental.pallas import triton as plt
 from kernels.swiglu import grads32   # (dg, du) of silu(g) * u, fp32
 
 E4M3 = jnp.float8_e4m3fn
-WHOLE = 32768   # the widest row a program holds whole (16 warps: 64 values a thread an input)
-BLOCK = 1024    # else the columns it reads at a time (4 warps)
+WHOLE = 16384   # the most row-long values (inputs and outputs) a program holds whole
+BLOCK = 2048    # else the columns it reads at a time
 
 
 def scale_of(amax, top: float):   # the scale mapping amax to the top; 1 for an all-zero row
@@ -125,17 +126,19 @@ def _call(values, args, axes, n_out: int, *, dtype, block, interpret, name):
     outputs, in one flat tuple."""
     m, n = args[0].shape
     whole = max(16, pl.next_power_of_2(n))
-    if block is None:
-        block = whole if whole <= WHOLE else BLOCK
+    held = (sum(axis == 0 for x, axis in zip(args, axes) if x.ndim == 2) + n_out) * whole
+    if block is None:   # a row whole where its inputs and outputs fit in registers
+        block = whole if held <= WHOLE else BLOCK
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block} must be a power of two >= 16 (a Triton block)")
     block = min(block, whole)
+    warp_values = 1024 if block == whole else 128   # of each input, a warp's share of a block
     row = pl.pallas_call(
         functools.partial(_row_kernel, n_in=len(args), values=values, block=block,
                           top=float(jnp.finfo(dtype).max)),
         out_shape=[jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((), jnp.float32)]
         * n_out,
-        compiler_params=plt.CompilerParams(num_warps=min(16, max(4, block // 1024)),
+        compiler_params=plt.CompilerParams(num_warps=min(16, max(4, block // warp_values)),
                                            num_stages=1),
         interpret=interpret,
         name=name,
