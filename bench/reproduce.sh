@@ -10,7 +10,8 @@
 #   l3-all7-2k  all seven at 2,048 on Llama-3.1-8B's shape: the same four
 #   fp8         the float8 base (--base-dtype float8): q,v and all seven on Llama-2-7B and
 #               Llama-3.1-8B beside the bf16 base, Liger (and HF + PEFT on q,v); q,v on
-#               Llama-2-70B (--remat full)
+#               Llama-2-70B at 4,096 (--remat full) beside HF + PEFT on a 4-bit base (QLoRA:
+#               bitsandbytes NF4, gradient checkpointing)
 #   longest     jora alone, q,v at 327,680 (--remat full --mlp-chunk 16384), one step: needs
 #               an H200's memory
 #   e2e         DATA=FILE (Alpaca JSON) TOKENIZER=DIR (a folder with Llama-2's tokenizer.model):
@@ -21,7 +22,8 @@
 #               projection against the frozen GEMM and XLA's unfused LoRA
 #   table       the seven rows
 # The HF columns run bench/hf_peft.py (pip install torch transformers peft; liger-kernel for
-# the Liger column, skipped where it is not installed) with $TORCH_PYTHON (default python3).
+# the Liger column and bitsandbytes for the 4-bit one, each skipped where it is not installed)
+# with $TORCH_PYTHON (default python3).
 # The Unsloth column runs $UNSLOTH_BASELINE with $TORCH_PYTHON (skipped where unset): an Unsloth
 # baseline script taking --size 7b --seq N [--no-gc] [--targets q_proj,...] (batch 1 and LoRA
 # dropout 0 by default), printing JSON rows. jora and HF run batch 1, LoRA dropout 0.
@@ -41,6 +43,9 @@ hf() { "$PY" bench/hf_peft.py --size "$SIZE" --batch 1 --dropout 0 "$@" 2>&1 | r
 liger() {
   if "$PY" -c "import liger_kernel" 2>/dev/null; then hf --liger "$@"
   else echo "liger: liger_kernel is not installed for $PY, skipped"; fi; }
+qlora() {
+  if "$PY" -c "import bitsandbytes" 2>/dev/null; then hf --4bit --remat "$@"
+  else echo "qlora: bitsandbytes is not installed for $PY, skipped"; fi; }
 unsloth() {
   if [ -n "${UNSLOTH_BASELINE:-}" ]; then
     "$PY" "$UNSLOTH_BASELINE" --size "$SIZE" "$@" 2>&1 | rows unsloth
@@ -78,8 +83,8 @@ case "$part" in
               done
               hf --seq 2048 --targets q_proj,v_proj --steps 10
             done
-            SIZE=70b; jora --seq-len 2048 --targets q,v --bench-steps 3 --base-dtype float8 \
-              --remat full; SIZE=7b ;;
+            SIZE=70b; jora --seq-len 4096 --targets q,v --bench-steps 3 --base-dtype float8 \
+              --remat full; qlora --seq 4096 --targets q_proj,v_proj --steps 3; SIZE=7b ;;
   longest)  jora --seq-len 327680 --targets q,v --remat full --mlp-chunk 16384 --bench-steps 1 \
               --bench-warmup 0 ;;
   e2e)      : "${DATA:?e2e needs DATA=an Alpaca JSON file}" "${TOKENIZER:?e2e needs TOKENIZER=a folder with tokenizer.model}"
