@@ -12,8 +12,8 @@ cg, cu (C,) column scales, as an FP8 GEMM leaves them: g = its raw output, g a c
 
 Why kernels. XLA quantizes a row in two passes: a reduction for the row's amax, then an
 elementwise pass that reads the row again from HBM to divide and round. Here a program owns
-one row and reads it once, whole into registers, where its inputs and outputs fit (WHOLE
-values); a wider row it reads in blocks, twice: for the amax, asking the cache to keep it,
+one row. Where the row's inputs and outputs fit in its registers (WHOLE values), it reads the
+row once; a wider row it reads in blocks, twice: for the amax, asking the cache to keep it,
 then for the division. The SwiGLU kernels also do the gate's own arithmetic on the way, so
 its (M, C) results never reach HBM in bf16: what the next FP8 GEMM needs is their float8
 rows.
@@ -34,7 +34,7 @@ from kernels.swiglu import grads32   # (dg, du) of silu(g) * u, fp32
 
 E4M3 = jnp.float8_e4m3fn
 WHOLE = 16384   # the most row-long values (inputs and outputs) a program holds whole
-BLOCK = 2048    # else the columns it reads at a time
+BLOCK = 2048    # else the columns it reads at a time, with 16 warps
 
 
 def scale_of(amax, top: float):   # the scale mapping amax to the top; 1 for an all-zero row
@@ -132,7 +132,7 @@ def _call(values, args, axes, n_out: int, *, dtype, block, interpret, name):
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block} must be a power of two >= 16 (a Triton block)")
     block = min(block, whole)
-    warp_values = 1024 if block == whole else 128   # of each input, a warp's share of a block
+    warp_values = 1024 if block == whole else 128   # a warp's columns: 16 warps for a block
     row = pl.pallas_call(
         functools.partial(_row_kernel, n_in=len(args), values=values, block=block,
                           top=float(jnp.finfo(dtype).max)),
