@@ -55,34 +55,25 @@ def metrics(out: str) -> tuple[list[float], float]:
     return losses, held_out
 
 
-def prompts_of(model: str, records: list[dict]) -> list[list[int]]:
-    tok = jora.Tokenizer(model)
-    return [tok.encode(trainer.alpaca_prompt(r["instruction"], r["input"]), bos=True)
-            for r in records]
-
-
 def tuned(model: str, out: str, fp8: bool):   # the base (fp8 or not) with the run's adapter
     cfg, params = jora.load_hf(model, jnp.bfloat16, fp8=fp8)
     lora, lcfg = jora.load_adapter(os.path.join(out, "adapter"), cfg)
     return cfg, params, lora, lcfg
 
 
-def answers(model: str, out: str, records: list[dict], fp8: bool,
-            new: int) -> list[list[int]]:
-    """Greedy answer ids of the base (fp8 or not) with the run's adapter to each record."""
-    cfg, params, lora, lcfg = tuned(model, out, fp8)
-    outs = jora.generate(params, prompts_of(model, records), cfg, lora, lcfg,
-                         jora.Sampling(max_new_tokens=new))
+def answers(model, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """Greedy answer ids of a tuned model (cfg, params, lora, lcfg) to each prompt."""
+    cfg, params, lora, lcfg = model
+    outs = jora.generate(params, prompts, cfg, lora, lcfg, jora.Sampling(max_new_tokens=new))
     return [[int(t) for t in o] for o in outs]
 
 
-def next_tokens(model: str, out: str, records: list[dict], fp8: bool,
-                given: list[list[int]]) -> list[np.ndarray]:
-    """The base's (fp8 or not, with the run's adapter) greedy choice at each position of the
-    `given` answers, read with the answer so far as its context (teacher forcing): unlike free
-    generation, one early difference does not change every later position."""
-    cfg, params, lora, lcfg = tuned(model, out, fp8)
-    rows = [p + a[:-1] for p, a in zip(prompts_of(model, records), given)]
+def next_tokens(model, prompts: list[list[int]], given: list[list[int]]) -> list[np.ndarray]:
+    """A tuned model's greedy choice at each position of the `given` answers, read with the
+    answer so far as its context (teacher forcing): unlike free generation, one early
+    difference does not change every later position."""
+    cfg, params, lora, lcfg = model
+    rows = [p + a[:-1] for p, a in zip(prompts, given)]
     width = max(map(len, rows))
     out_ids = []
     for row, answer in zip(rows, given):   # padded at the end, which causal attention ignores
@@ -114,9 +105,11 @@ def main(argv=None):
     data = os.path.join(args.out, "task.json")
     with open(data, "w") as f:
         json.dump(train, f)
-    report = {}
+    report, picks = {}, []
     tok = jora.Tokenizer(args.model)
-    for base in ("bf16", "fp8"):
+    prompts = [tok.encode(trainer.alpaca_prompt(r["instruction"], r["input"]), bos=True)
+               for r in held_out]
+    for base in ("bf16", "fp8"):   # bf16 first: its answers are what both bases then read
         out = os.path.join(args.out, base)
         cmd = [sys.executable, "train.py", "--model", args.model, "--data", data, "--out", out,
                "--overwrite", "--steps", str(args.steps), "--seq-len", "256",
@@ -127,7 +120,10 @@ def main(argv=None):
         print(" ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True, stdout=sys.stderr)
         losses, eval_loss = metrics(out)
-        ids = answers(args.model, out, held_out, base == "fp8", 48 if args.alpaca else 24)
+        model = tuned(args.model, out, base == "fp8")
+        ids = answers(model, prompts, 48 if args.alpaca else 24)
+        # each base's choice along the bf16 base's answers: where the two would pick alike
+        picks.append(next_tokens(model, prompts, report["bf16"]["ids"] if picks else ids))
         texts = [tok.decode(i).strip() for i in ids]
         exact = np.mean([t == r["output"] for t, r in zip(texts, held_out)])
         report[base] = dict(loss_last50=float(np.mean(losses[-50:])), eval_loss=eval_loss,
@@ -135,9 +131,6 @@ def main(argv=None):
     a, b = report["bf16"].pop("ids"), report["fp8"].pop("ids")
     same = sum(x == y for i, j in zip(a, b) for x, y in zip(i, j))
     report["answer_tokens_agreeing"] = same / sum(min(len(i), len(j)) for i, j in zip(a, b))
-    # Each base's choice along the bf16 base's answers: where the two would pick alike.
-    picks = [next_tokens(args.model, os.path.join(args.out, base), held_out, base == "fp8", a)
-             for base in ("bf16", "fp8")]
     same = sum(int((x == y).sum()) for x, y in zip(*picks))
     report["teacher_forced_agreeing"] = same / sum(len(x) for x in picks[0])
     report["loss_gap"] = report["fp8"]["loss_last50"] / report["bf16"]["loss_last50"] - 1

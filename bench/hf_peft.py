@@ -101,18 +101,6 @@ def materialise_rest(model):
             raise RuntimeError(f"--4bit does not know how to initialise {type(module).__name__}")
 
 
-def mark_4bit(model):
-    """PEFT's LoraModel picks its bnb LoRA layers only where getattr(model, "is_loaded_in_4bit")
-    is true; transformers' bnb loader sets that attribute, which we bypass. Where a transformers
-    version makes it a read-only property, a one-off subclass overrides it."""
-    try:
-        model.is_loaded_in_4bit = True
-    except AttributeError:
-        cls = type(model)
-        model.__class__ = type(cls.__name__, (cls,), {"is_loaded_in_4bit": True})
-    assert model.is_loaded_in_4bit
-
-
 def build_nf4(config):
     """The base model with NF4 projections, never whole in bf16: the skeleton on meta, then each
     projection quantized on the GPU, then the rest made on the GPU."""
@@ -133,7 +121,9 @@ def build_nf4(config):
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise RuntimeError(f"--4bit left {len(left)} tensors on the meta device: {left[:4]}")
-    mark_4bit(model)
+    # PEFT's LoraModel picks its bnb LoRA layers only where the model says it is loaded in 4
+    # bits, which transformers' bnb loader (bypassed here) would have set
+    model.is_loaded_in_4bit = True
     return model
 
 
