@@ -992,6 +992,14 @@ def use_compile_cache(folder: str | None):
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def use_device_memory(fraction: float = 0.95):
+    """Let jax's GPU client take `fraction` of each GPU's memory rather than its default 75%:
+    only so do a 70B model's float8 weights (65 GiB) fit an 80 GB GPU, and remat "auto" finds
+    room for faster plans. A process-wide setting read when jax first touches a GPU, so the
+    command lines call it, first; XLA_PYTHON_CLIENT_MEM_FRACTION, where the user set it, wins."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
+
+
 def compile_step(step_fn, args, log=print):
     """step_fn.lower(*args).compile() -> (compiled, seconds), saying how long it took and
     whether jax's persistent compilation cache (jax_compilation_cache_dir, if set) served it."""
@@ -1138,7 +1146,9 @@ LESS_MEMORY = ("To use less: --remat full (or attn, with --full-layers N for the
                "full) with --mlp-chunk 2048 (in every layer: no --chunk-layers), a smaller "
                "--batch-size with a larger --grad-accum, a shorter --seq-len, or more devices "
                "(--tp). `python -m bench.benchmark --size 7b --seq-len N --bench-steps 0 ...` "
-               "prints XLA's planned peak (planned_gib) without running.")
+               "prints XLA's planned peak (planned_gib) without running. Where that plan "
+               "fits and the run still fails (the device's memory fragmented), set "
+               "XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async.")
 
 
 # 4. Checkpoints and the run folder --------------------------------------------------------------

@@ -139,6 +139,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.batch_size is None:   # train.py's default is chosen from the data; here: one row
         args.batch_size = 1
+    trainer.use_device_memory()
     trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
     if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)

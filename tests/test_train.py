@@ -416,6 +416,31 @@ def test_benchmark_mode_reports_each_length(capsys):
     assert "8 runs" in packed[1]["error"] and "max_segments=5" in packed[1]["error"]  # 8 > 5
 
 
+def test_the_command_lines_take_most_of_a_gpu_unless_told_otherwise(monkeypatch, tmp_path):
+    """jax's GPU client takes 75% of a GPU by default: too little for a 70B model's float8
+    weights on 80 GB. train.py and the benchmark ask for 95% before jax touches a device, and
+    a fraction the user set stays."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    trainer.use_device_memory()
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.95"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+    trainer.use_device_memory()
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.6"
+
+    class Called(Exception):
+        pass
+
+    def called():
+        raise Called
+    from bench import benchmark
+    monkeypatch.setattr(trainer, "use_device_memory", called)
+    monkeypatch.setattr(trainer, "use_compile_cache", lambda folder: pytest.fail("too late"))
+    with pytest.raises(Called):
+        train.main(["--out", str(tmp_path / "run")])
+    with pytest.raises(Called):
+        benchmark.main(["--size", "tiny"])
+
+
 def test_cli_says_out_of_memory_in_a_line_with_what_to_try(monkeypatch):
     def oom(argv):
         raise jax.errors.JaxRuntimeError(
