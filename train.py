@@ -183,15 +183,7 @@ def run(args, given, out) -> dict:
     check_flags(args)
     if args.check_data:
         return check_data(args)
-    trainer.use_device_memory()
-    trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
-    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-    def quiet(*_, **__):   # processes other than 0 say nothing
-        return None
-
-    say = print if jax.process_index() == 0 else quiet
+    say = trainer.start_process(args)   # (before anything touches a device)
     if args.resume is not None:
         trainer.resume_settings(args, given, out, say)
     elif not args.generate and args.model is None:

@@ -24,7 +24,7 @@ import re
 import shutil
 import signal
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -998,6 +998,21 @@ def use_device_memory(fraction: float = 0.95):
     room for faster plans. A process-wide setting read when jax first touches a GPU, so the
     command lines call it, first; XLA_PYTHON_CLIENT_MEM_FRACTION, where the user set it, wins."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", str(fraction))
+
+
+def _quiet(*_, **__):   # the print of processes other than 0: they say nothing
+    return None
+
+
+def start_process(args) -> Callable:
+    """What a command line sets up before it touches a device (args: model_flags'): the device
+    memory jax may take, the compilation cache, and jax.distributed where several hosts run
+    -> this process's print (process 0's; the others say nothing)."""
+    use_device_memory()
+    use_compile_cache(None if args.no_compile_cache else args.compile_cache)
+    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return print if jax.process_index() == 0 else _quiet
 
 
 def compile_step(step_fn, args, log=print):

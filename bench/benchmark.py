@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 
@@ -139,15 +138,7 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if args.batch_size is None:   # train.py's default is chosen from the data; here: one row
         args.batch_size = 1
-    trainer.use_device_memory()
-    trainer.use_compile_cache(None if args.no_compile_cache else args.compile_cache)
-    if args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-
-    def quiet(*_, **__):   # processes other than 0 say nothing
-        return None
-
-    say = print if jax.process_index() == 0 else quiet
+    say = trainer.start_process(args)   # (before anything touches a device)
     tcfg = jora.TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum)
     tag = f'{{"impl": "jora", "size": "{args.size}", '   # one JSON object a line
     lcfg, opts, plan = trainer.configs(args)

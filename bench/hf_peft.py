@@ -5,7 +5,7 @@ random-initialised Llama-2-7B-shaped model, one JSON row per sequence length.
   python bench/hf_peft.py --seq 2048 [--targets all] [--liger] [--remat] [--dropout 0]
   python bench/hf_peft.py --size 70b --4bit --remat --seq 4096         # QLoRA
 
-It times what ../shared/bench/hf_peft_baseline.py times, step for step:
+It times a step as a plain transformers + PEFT training loop runs it:
 - model: LlamaConfig of the size's shape, rms_norm_eps 1e-5, every other field at transformers'
   default (use_cache, rope theta 1e4); torch.manual_seed(0), then transformers builds it in bf16
   (dtype=bfloat16, attn_implementation "sdpa"). It is built on the GPU: seconds instead of minutes
