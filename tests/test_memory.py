@@ -99,6 +99,8 @@ def test_load_and_export_hold_about_one_field(tmp_path):
     assert eight <= one + 0.1 * F   # no more with four data-parallel copies
     # On the CPU backend the device is the host: a fetched tensor aliases XLA's buffer, and
     # the device's temporaries (the layer's slice, its fp32 merge, the cast) are resident too.
+    # The resident peak varies 0.7-3.3 F with another process on the machine (pytest -n 2),
+    # whose load adds XLA thread arenas; the export that held the model whole was at 7.5 F.
     assert m["export"]["peak"] <= 1.1 * F, m["export"]
-    assert m["export"]["rss_peak"] <= 2.5 * F, m["export"]
+    assert m["export"]["rss_peak"] <= 4 * F, m["export"]
     assert m["export"]["mb_per_s"] > 150, m["export"]
