@@ -669,26 +669,31 @@ def fp8_rows(x, c, dtype, *, split: bool, kernel=None):
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
-def fp8_dot(a, w: Fp8, *, back: bool = False, dtype=jnp.bfloat16):
-    """a (..., K) float8 against W's float8 values, fp32 accumulation -> (..., N) dtype, unscaled:
+def fp8_dot(a, w: Fp8, *, back: bool = False, dtype=jnp.bfloat16, s=None):
+    """a (..., K) float8 against W's float8 values, fp32 accumulation -> (..., N) in dtype:
     forward, K = I against q (O, I); back (the input gradient), K = O against qt (I, O), or
-    q's axis 0 where there is no qt (XLA transposes it)."""
+    q's axis 0 where there is no qt (XLA transposes it). s (..., 1): a's scale per row, so
+    that the result is the true product: times s, and in the forward times W's scales (the
+    backward's a carries them already); None: the raw product."""
     wt, k_axis = (w.q, 1) if not back else (w.q, 0) if w.qt is None else (w.qt, 1)
-    return jax.lax.dot_general(a, wt, (((a.ndim - 1,), (k_axis,)), ((), ())),
-                               preferred_element_type=dtype)
+    y = jax.lax.dot_general(a, wt, (((a.ndim - 1,), (k_axis,)), ((), ())),
+                            preferred_element_type=dtype)
+    if s is None:
+        return y
+    return y * s if back else y * s * w.scale
 
 
 def _fp8_fwd(x, w: Fp8, row: bool, kernel):
     xq, sx = fp8_rows(x, None, E4M3, split=row, kernel=kernel)      # (B, T, I), (B, T, 1)
-    y = fp8_dot(xq, w, dtype=x.dtype)                                 # (B, T, O)
-    return (y * sx * w.scale).astype(x.dtype), w
+    y = fp8_dot(xq, w, dtype=x.dtype, s=sx)                           # (B, T, O)
+    return y.astype(x.dtype), w
 
 
 def _fp8_bwd(row: bool, kernel, w: Fp8, g):   # g (B, T, O)
     # scale (O,) is on the contracted axis now: folded into g before it is quantized
     gq, sg = fp8_rows(g, w.scale, GRAD_FP8, split=not row, kernel=kernel)
-    dx = fp8_dot(gq, w, back=True, dtype=g.dtype)                     # (B, T, I)
-    return (dx * sg).astype(g.dtype), None   # W is frozen: no gradient
+    dx = fp8_dot(gq, w, back=True, dtype=g.dtype, s=sg)               # (B, T, I)
+    return dx.astype(g.dtype), None   # W is frozen: no gradient
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -986,7 +991,7 @@ def _fp8_mlp_fwd(h, w_gate, w_up, w_down, interpret):
     xq, sx = quantize_rows(x, dtype=E4M3, interpret=interpret)                   # (M, D), (M,)
     g, u = fp8_dot(xq, w_gate, dtype=h.dtype), fp8_dot(xq, w_up, dtype=h.dtype)  # (M, F) raw
     hq, sh = swiglu_rows(g, u, sx, w_gate.scale, w_up.scale, dtype=E4M3, interpret=interpret)
-    y = fp8_dot(hq, w_down, dtype=h.dtype) * sh[:, None] * w_down.scale         # (M, D)
+    y = fp8_dot(hq, w_down, dtype=h.dtype, s=sh[:, None])                       # (M, D)
     y = rearrange(y.astype(h.dtype), "(B T) D -> B T D", B=h.shape[0])
     return y, (g, u, sx, w_gate, w_up, w_down)
 
@@ -999,8 +1004,8 @@ def _fp8_mlp_bwd(interpret, residuals, dy):   # dy (B, T, D)
     dh = fp8_dot(dyq, w_down, back=True, dtype=g.dtype)                        # (M, F) raw
     qg, sg, qu, su = swiglu_grad_rows(g, u, sx, w_gate.scale, w_up.scale, dh, sdy,
                                       dtype=GRAD_FP8, interpret=interpret)
-    dx = (fp8_dot(qg, w_gate, back=True, dtype=jnp.float32) * sg[:, None]
-          + fp8_dot(qu, w_up, back=True, dtype=jnp.float32) * su[:, None])     # (M, D)
+    dx = (fp8_dot(qg, w_gate, back=True, dtype=jnp.float32, s=sg[:, None])
+          + fp8_dot(qu, w_up, back=True, dtype=jnp.float32, s=su[:, None]))    # (M, D)
     return rearrange(dx.astype(dy.dtype), "(B T) D -> B T D", B=dy.shape[0]), None, None, None
 
 
