@@ -12,11 +12,12 @@ cg, cu (C,) column scales, as an FP8 GEMM leaves them: g = its raw output, g a c
 
 Why kernels. XLA quantizes a row in two passes: a reduction for the row's amax, then an
 elementwise pass that reads the row again from HBM to divide and round. Here a program owns
-one row. Where the row's inputs and outputs fit in its registers (WHOLE values), it reads the
-row once; a wider row it reads in blocks, twice: for the amax, asking the cache to keep it,
-then for the division. The SwiGLU kernels also do the gate's own arithmetic on the way, so
-its (M, C) results never reach HBM in bf16: what the next FP8 GEMM needs is their float8
-rows.
+one row and reads it once: whole where its inputs and outputs fit in registers (WHOLE values),
+else in blocks, keeping each block's fp32 results in registers until the row's amax is known.
+Only a row with more results than that (KEEP) is read twice: for the amax, asking the cache to
+keep it, then for the division. The SwiGLU kernels also do the gate's own arithmetic on the
+way, so its (M, C) results never reach HBM in bf16: what the next FP8 GEMM needs is their
+float8 rows.
 
 Numerics: fp32 throughout, one rounding to the float8 format at the end; values are clipped to
 the largest finite value first, since e4m3fn has no infinity. Each kernel has a `*_reference`
@@ -33,8 +34,9 @@ from jax.experimental.pallas import triton as plt
 from kernels.swiglu import grads32   # (dg, du) of silu(g) * u, fp32
 
 E4M3 = jnp.float8_e4m3fn
-WHOLE = 16384   # the most row-long values (inputs and outputs) a program holds whole
+WHOLE = 16384   # the most row-long values (inputs and outputs) a program reads at once
 BLOCK = 2048    # else the columns it reads at a time, with 16 warps
+KEEP = 32768    # and the most fp32 results (a row's outputs) it keeps while it reads them
 
 
 def scale_of(amax, top: float):   # the scale mapping amax to the top; 1 for an all-zero row
@@ -75,10 +77,12 @@ def swiglu_grad_reference(g, u, a, cg, cu, dh, b, dtype=E4M3):
     return (*_quantized(dg * cg, dtype), *_quantized(du * cu, dtype))
 
 
-def _row_kernel(*refs, n_in: int, values, block: int, top: float):
+def _row_kernel(*refs, n_in: int, values, block: int, top: float, once: bool):
     """One row: refs = n_in inputs (a (C,) row, or a () row scale, or a (C,) column scale),
     then a (q (C,), s ()) pair per output. values(*inputs) -> the outputs' fp32 values, for
-    the columns loaded. Masked columns past C load as 0, which every values() maps to 0."""
+    the columns loaded. Masked columns past C load as 0, which every values() maps to 0.
+    once: read the row once, keeping every block's values (a Python loop, so that the loads
+    of all blocks are in flight together); else twice, in a loop."""
     ins, outs = refs[:n_in], refs[n_in:]
     outs = list(zip(outs[::2], outs[1::2]))
     n = max(r.shape[0] for r in ins if r.shape)
@@ -102,9 +106,13 @@ def _row_kernel(*refs, n_in: int, values, block: int, top: float):
             s_ref[...] = s
         return scales
 
-    if steps == 1:   # the whole row, read once into registers
-        idx, mask, vals = computed(0, "evict_first")
-        write(idx, mask, vals, set_scales([jnp.max(jnp.abs(v)) for v in vals]))
+    if once:
+        blocks = [computed(i, "evict_first") for i in range(steps)]
+        amaxes = [functools.reduce(jnp.maximum, [jnp.max(jnp.abs(b[2][k])) for b in blocks])
+                  for k in range(len(outs))]
+        scales = set_scales(amaxes)
+        for idx, mask, vals in blocks:
+            write(idx, mask, vals, scales)
         return
 
     def amax_of(i, ms):
@@ -120,7 +128,7 @@ def _row_kernel(*refs, n_in: int, values, block: int, top: float):
     jax.lax.fori_loop(0, steps, write_block, 0)
 
 
-def _call(values, args, axes, n_out: int, *, dtype, block, interpret, name):
+def _call(values, args, axes, n_out: int, *, dtype, block, keep, interpret, name):
     """Run _row_kernel over the rows: args, each (M, C) row-split (axis 0), (M,) row-split
     (axis 0) or (C,) shared (None) as `axes` says -> q (M, C), s (M,) for each of n_out
     outputs, in one flat tuple."""
@@ -132,10 +140,12 @@ def _call(values, args, axes, n_out: int, *, dtype, block, interpret, name):
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block} must be a power of two >= 16 (a Triton block)")
     block = min(block, whole)
+    steps = pl.cdiv(n, block)
     warp_values = 1024 if block == whole else 128   # a warp's columns: 16 warps for a block
     row = pl.pallas_call(
         functools.partial(_row_kernel, n_in=len(args), values=values, block=block,
-                          top=float(jnp.finfo(dtype).max)),
+                          top=float(jnp.finfo(dtype).max),
+                          once=steps == 1 or n_out * steps * block <= keep),
         out_shape=[jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((), jnp.float32)]
         * n_out,
         compiler_params=plt.CompilerParams(num_warps=min(16, max(4, block // warp_values)),
@@ -151,25 +161,27 @@ def _check(x, name: str, shape):
         raise ValueError(f"{name} must have shape {shape}, got {x.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "block", "interpret"))
-def quantize_rows(x, c=None, *, dtype=E4M3, block: int | None = None, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("dtype", "block", "keep", "interpret"))
+def quantize_rows(x, c=None, *, dtype=E4M3, block: int | None = None, keep: int = KEEP,
+                  interpret: bool = False):
     """(q (M, C) dtype, s (M,) fp32) for x (M, C) of any float dtype and c (C,) or None: as
     `reference`. block: columns a program reads at a time (default: the whole row up to WHOLE,
-    else BLOCK)."""
+    else BLOCK). keep: the most fp32 results a program keeps to read its row once (0: read
+    every row of more than one block twice)."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (rows, columns), got {x.shape}")
-    kw = dict(dtype=dtype, block=block, interpret=interpret, name="quantize_rows")
+    kw = dict(dtype=dtype, block=block, keep=keep, interpret=interpret, name="quantize_rows")
     if c is None:
         return _call(lambda x: (x,), (x,), (0,), 1, **kw)
     _check(c, "c", x.shape[1:])
     return _call(lambda x, c: (x * c,), (x, c), (0, None), 1, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "block", "interpret"))
-def swiglu_rows(g, u, a, cg, cu, *, dtype=E4M3, block: int | None = None,
+@functools.partial(jax.jit, static_argnames=("dtype", "block", "keep", "interpret"))
+def swiglu_rows(g, u, a, cg, cu, *, dtype=E4M3, block: int | None = None, keep: int = KEEP,
                 interpret: bool = False):
     """(q, s) of h = silu(g a cg) * (u a cu): g, u (M, C) any float dtype, a (M,), cg, cu (C,);
-    as `swiglu_reference`."""
+    as `swiglu_reference`. block, keep: as quantize_rows'."""
     m, n = g.shape
     for x, name, shape in ((u, "u", (m, n)), (a, "a", (m,)), (cg, "cg", (n,)), (cu, "cu", (n,))):
         _check(x, name, shape)
@@ -178,15 +190,16 @@ def swiglu_rows(g, u, a, cg, cu, *, dtype=E4M3, block: int | None = None,
         return (_gate(g * a * cg, u * a * cu),)
 
     return _call(values, (g, u, a, cg, cu), (0, 0, 0, None, None), 1, dtype=dtype, block=block,
-                 interpret=interpret, name="swiglu_rows")
+                 keep=keep, interpret=interpret, name="swiglu_rows")
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("dtype", "block", "keep", "interpret"))
 def swiglu_grad_rows(g, u, a, cg, cu, dh, b, *, dtype=E4M3, block: int | None = None,
-                     interpret: bool = False):
+                     keep: int = KEEP, interpret: bool = False):
     """(qg, sg, qu, su): the rows of dG * cg and dU * cu, where dG, dU are the gradients of
     h = silu(G) * U, G = g a cg, U = u a cu, for the cotangent dh b (dh (M, C), b (M,)); as
-    `swiglu_grad_reference`. What the gate and up projections' FP8 input gradients need."""
+    `swiglu_grad_reference`. What the gate and up projections' FP8 input gradients need.
+    block, keep: as quantize_rows'."""
     m, n = g.shape
     for x, name, shape in ((u, "u", (m, n)), (a, "a", (m,)), (cg, "cg", (n,)),
                            (cu, "cu", (n,)), (dh, "dh", (m, n)), (b, "b", (m,))):
@@ -197,4 +210,4 @@ def swiglu_grad_rows(g, u, a, cg, cu, dh, b, *, dtype=E4M3, block: int | None = 
         return dg * cg, du * cu
 
     return _call(values, (g, u, a, cg, cu, dh, b), (0, 0, 0, None, None, 0, 0), 2, dtype=dtype,
-                 block=block, interpret=interpret, name="swiglu_grad_rows")
+                 block=block, keep=keep, interpret=interpret, name="swiglu_grad_rows")

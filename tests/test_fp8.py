@@ -114,20 +114,23 @@ def test_projection_forward_and_input_gradient_within_the_e4m3_bound(transposed)
         assert 1e-3 < rel(got, want) < 0.05, rel(got, want)
 
 
-@pytest.mark.parametrize("shape, with_c, block", [((6, 96), False, None), ((5, 1500), True, None),
-                                                  ((3, 40), True, None), ((4, 1500), True, 256)])
-def test_the_row_kernel_matches_numpy(shape, with_c, block):
+@pytest.mark.parametrize("shape, with_c, block, keep", [
+    ((6, 96), False, None, None), ((5, 1500), True, None, None), ((3, 40), True, None, None),
+    ((4, 1500), True, 256, None), ((4, 1500), True, 256, 0)])
+def test_the_row_kernel_matches_numpy(shape, with_c, block, keep):
     """kernels/fp8_rows.py in Pallas' interpreter: rows spanning 8 orders of magnitude, one
     with subnormals beside normals, one all zero; widths off a power of two; the whole row
-    at once, and in blocks (block=256) as wider rows are read."""
+    at once, and in blocks (block=256) as wider rows are read: kept (read once) or, with
+    keep=0, read twice."""
     from kernels.fp8_rows import quantize_rows
     rng = np.random.default_rng(4)
     x = rng.standard_normal(shape).astype(np.float32) * np.logspace(-4, 4, shape[0])[:, None]
     x[1, : shape[1] // 2] *= 1e-6
     x[2] = 0.0
     c = np.exp(rng.standard_normal(shape[1])).astype(np.float32) if with_c else None
+    kw = {} if keep is None else dict(keep=keep)
     q, s = quantize_rows(jnp.asarray(x, jnp.bfloat16), None if c is None else jnp.asarray(c),
-                         block=block, interpret=True)
+                         block=block, interpret=True, **kw)
     assert q.dtype == jnp.float8_e4m3fn and q.shape == shape and s.shape == shape[:1]
     xc = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) * (1 if c is None else c)
     want_q, want_s = quantize_np(xc)
@@ -135,13 +138,15 @@ def test_the_row_kernel_matches_numpy(shape, with_c, block):
     assert_e4m3_close(q, want_q)
 
 
-@pytest.mark.parametrize("C, block", [(600, None), (600, 128), (2500, None)])
-def test_the_gate_kernels_match_autodiff_and_numpy(C, block):
+@pytest.mark.parametrize("C, block, keep", [(600, None, None), (600, 128, None),
+                                           (2500, None, None), (2500, None, 0)])
+def test_the_gate_kernels_match_autodiff_and_numpy(C, block, keep):
     """kernels/fp8_rows.py's SwiGLU kernels in Pallas' interpreter, from raw GEMM outputs and
     their row and column scales: the forward's float8 rows of silu(G) * U, and the backward's
     of dG * cg and dU * cu, against jax.vjp of silu(G) * U and the NumPy quantization. Rows
     whole (600 columns), in blocks of 128, and at 2,500 columns, where the backward reads in
-    its default blocks: its five row-long values (g, u, dh, two outputs) are too many to hold."""
+    its default blocks (its five row-long values, g, u, dh and two outputs, are too many to
+    read at once): kept, and read twice (keep=0)."""
     from kernels.fp8_rows import swiglu_grad_rows, swiglu_rows
     rng = np.random.default_rng(8)
     M = 4
@@ -153,8 +158,9 @@ def test_the_gate_kernels_match_autodiff_and_numpy(C, block):
     h, vjp = jax.vjp(lambda G, U: jax.nn.silu(G) * U, jnp.asarray(G), jnp.asarray(U))
     dG, dU = vjp(jnp.asarray(DH))
     bf = functools.partial(jnp.asarray, dtype=jnp.bfloat16)
-    got = [*swiglu_rows(bf(g), bf(u), a, cg, cu, block=block, interpret=True),
-           *swiglu_grad_rows(bf(g), bf(u), a, cg, cu, bf(dh), b, block=block, interpret=True)]
+    kw = dict(block=block, interpret=True, **({} if keep is None else dict(keep=keep)))
+    got = [*swiglu_rows(bf(g), bf(u), a, cg, cu, **kw),
+           *swiglu_grad_rows(bf(g), bf(u), a, cg, cu, bf(dh), b, **kw)]
     want = [quantize_np(x) for x in (h, np.asarray(dG) * cg, np.asarray(dU) * cu)]
     for (q, s), (want_q, want_s) in zip(zip(got[::2], got[1::2]), want):
         np.testing.assert_allclose(np.asarray(s), want_s[:, 0], rtol=1e-5)
