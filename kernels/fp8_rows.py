@@ -36,7 +36,7 @@ from kernels.swiglu import grads32   # (dg, du) of silu(g) * u, fp32
 E4M3 = jnp.float8_e4m3fn
 WHOLE = 16384   # the most row-long values (inputs and outputs) a program reads at once
 BLOCK = 2048    # else the columns it reads at a time, with 16 warps
-KEEP = 32768    # and the most fp32 results (a row's outputs) it keeps while it reads them
+KEEP = 24576    # and the most fp32 results (a row's outputs) it keeps while it reads them
 
 
 def scale_of(amax, top: float):   # the scale mapping amax to the top; 1 for an all-zero row
