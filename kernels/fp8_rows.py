@@ -108,9 +108,9 @@ def _row_kernel(*refs, n_in: int, values, block: int, top: float, once: bool):
 
     if once:
         blocks = [computed(i, "evict_first") for i in range(steps)]
-        amaxes = [functools.reduce(jnp.maximum, [jnp.max(jnp.abs(b[2][k])) for b in blocks])
-                  for k in range(len(outs))]
-        scales = set_scales(amaxes)
+        per_output = zip(*(vals for *_, vals in blocks))   # each output's values, block by block
+        scales = set_scales([functools.reduce(jnp.maximum, [jnp.max(jnp.abs(v)) for v in vs])
+                             for vs in per_output])
         for idx, mask, vals in blocks:
             write(idx, mask, vals, scales)
         return
