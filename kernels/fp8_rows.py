@@ -141,6 +141,7 @@ def _call(values, args, axes, n_out: int, *, dtype, block, keep, interpret, name
         raise ValueError(f"block={block} must be a power of two >= 16 (a Triton block)")
     block = min(block, whole)
     steps = pl.cdiv(n, block)
+    keep = KEEP if keep is None else keep
     warp_values = 1024 if block == whole else 128   # a warp's columns: 16 warps for a block
     row = pl.pallas_call(
         functools.partial(_row_kernel, n_in=len(args), values=values, block=block,
@@ -162,12 +163,12 @@ def _check(x, name: str, shape):
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "block", "keep", "interpret"))
-def quantize_rows(x, c=None, *, dtype=E4M3, block: int | None = None, keep: int = KEEP,
+def quantize_rows(x, c=None, *, dtype=E4M3, block: int | None = None, keep: int | None = None,
                   interpret: bool = False):
     """(q (M, C) dtype, s (M,) fp32) for x (M, C) of any float dtype and c (C,) or None: as
     `reference`. block: columns a program reads at a time (default: the whole row up to WHOLE,
-    else BLOCK). keep: the most fp32 results a program keeps to read its row once (0: read
-    every row of more than one block twice)."""
+    else BLOCK). keep: the most fp32 results a program keeps to read its row once (default
+    KEEP; 0: every row of more than one block is read twice)."""
     if x.ndim != 2:
         raise ValueError(f"x must be 2-D (rows, columns), got {x.shape}")
     kw = dict(dtype=dtype, block=block, keep=keep, interpret=interpret, name="quantize_rows")
@@ -178,7 +179,7 @@ def quantize_rows(x, c=None, *, dtype=E4M3, block: int | None = None, keep: int 
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "block", "keep", "interpret"))
-def swiglu_rows(g, u, a, cg, cu, *, dtype=E4M3, block: int | None = None, keep: int = KEEP,
+def swiglu_rows(g, u, a, cg, cu, *, dtype=E4M3, block: int | None = None, keep: int | None = None,
                 interpret: bool = False):
     """(q, s) of h = silu(g a cg) * (u a cu): g, u (M, C) any float dtype, a (M,), cg, cu (C,);
     as `swiglu_reference`. block, keep: as quantize_rows'."""
@@ -195,7 +196,7 @@ def swiglu_rows(g, u, a, cg, cu, *, dtype=E4M3, block: int | None = None, keep: 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "block", "keep", "interpret"))
 def swiglu_grad_rows(g, u, a, cg, cu, dh, b, *, dtype=E4M3, block: int | None = None,
-                     keep: int = KEEP, interpret: bool = False):
+                     keep: int | None = None, interpret: bool = False):
     """(qg, sg, qu, su): the rows of dG * cg and dU * cu, where dG, dU are the gradients of
     h = silu(G) * U, G = g a cg, U = u a cu, for the cotangent dh b (dh (M, C), b (M,)); as
     `swiglu_grad_reference`. What the gate and up projections' FP8 input gradients need.

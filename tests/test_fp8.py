@@ -128,9 +128,8 @@ def test_the_row_kernel_matches_numpy(shape, with_c, block, keep):
     x[1, : shape[1] // 2] *= 1e-6
     x[2] = 0.0
     c = np.exp(rng.standard_normal(shape[1])).astype(np.float32) if with_c else None
-    kw = {} if keep is None else dict(keep=keep)
     q, s = quantize_rows(jnp.asarray(x, jnp.bfloat16), None if c is None else jnp.asarray(c),
-                         block=block, interpret=True, **kw)
+                         block=block, keep=keep, interpret=True)
     assert q.dtype == jnp.float8_e4m3fn and q.shape == shape and s.shape == shape[:1]
     xc = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32) * (1 if c is None else c)
     want_q, want_s = quantize_np(xc)
@@ -158,7 +157,7 @@ def test_the_gate_kernels_match_autodiff_and_numpy(C, block, keep):
     h, vjp = jax.vjp(lambda G, U: jax.nn.silu(G) * U, jnp.asarray(G), jnp.asarray(U))
     dG, dU = vjp(jnp.asarray(DH))
     bf = functools.partial(jnp.asarray, dtype=jnp.bfloat16)
-    kw = dict(block=block, interpret=True, **({} if keep is None else dict(keep=keep)))
+    kw = dict(block=block, keep=keep, interpret=True)
     got = [*swiglu_rows(bf(g), bf(u), a, cg, cu, **kw),
            *swiglu_grad_rows(bf(g), bf(u), a, cg, cu, bf(dh), b, **kw)]
     want = [quantize_np(x) for x in (h, np.asarray(dG) * cg, np.asarray(dU) * cu)]
