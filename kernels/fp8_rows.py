@@ -77,16 +77,18 @@ def swiglu_grad_reference(g, u, a, cg, cu, dh, b, dtype=E4M3):
     return (*_quantized(dg * cg, dtype), *_quantized(du * cu, dtype))
 
 
-def _row_kernel(*refs, n_in: int, values, block: int, top: float, once: bool):
+def _row_kernel(*refs, n_in: int, values, block: int, top: float, keep: int):
     """One row: refs = n_in inputs (a (C,) row, or a () row scale, or a (C,) column scale),
     then a (q (C,), s ()) pair per output. values(*inputs) -> the outputs' fp32 values, for
     the columns loaded. Masked columns past C load as 0, which every values() maps to 0.
-    once: read the row once, keeping every block's values (a Python loop, so that the loads
-    of all blocks are in flight together); else twice, in a loop."""
+    keep: where the outputs' values fit in `keep` (or the row is one block), read the row
+    once, keeping every block's values (a Python loop, so that the loads of all blocks are in
+    flight together); else twice, in a loop."""
     ins, outs = refs[:n_in], refs[n_in:]
     outs = list(zip(outs[::2], outs[1::2]))
     n = max(r.shape[0] for r in ins if r.shape)
     steps = pl.cdiv(n, block)
+    once = steps == 1 or len(outs) * steps * block <= keep
 
     def computed(i, evict):   # columns [i * block, (i + 1) * block): (idx, mask, values)
         idx = i * block + jnp.arange(block)
@@ -132,7 +134,7 @@ def _call(values, args, axes, n_out: int, *, dtype, block, keep, interpret, name
     """Run _row_kernel over the rows: args, each (M, C) row-split (axis 0), (M,) row-split
     (axis 0) or (C,) shared (None) as `axes` says -> q (M, C), s (M,) for each of n_out
     outputs, in one flat tuple."""
-    m, n = args[0].shape
+    n = args[0].shape[1]
     whole = max(16, pl.next_power_of_2(n))
     held = (sum(axis == 0 for x, axis in zip(args, axes) if x.ndim == 2) + n_out) * whole
     if block is None:   # a row whole where its inputs and outputs fit in registers
@@ -140,13 +142,10 @@ def _call(values, args, axes, n_out: int, *, dtype, block, keep, interpret, name
     if block < 16 or block & (block - 1):
         raise ValueError(f"block={block} must be a power of two >= 16 (a Triton block)")
     block = min(block, whole)
-    steps = pl.cdiv(n, block)
-    keep = KEEP if keep is None else keep
     warp_values = 1024 if block == whole else 128   # a warp's columns: 16 warps for a block
     row = pl.pallas_call(
         functools.partial(_row_kernel, n_in=len(args), values=values, block=block,
-                          top=float(jnp.finfo(dtype).max),
-                          once=steps == 1 or n_out * steps * block <= keep),
+                          top=float(jnp.finfo(dtype).max), keep=KEEP if keep is None else keep),
         out_shape=[jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((), jnp.float32)]
         * n_out,
         compiler_params=plt.CompilerParams(num_warps=min(16, max(4, block // warp_values)),
